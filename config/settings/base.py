@@ -1,0 +1,140 @@
+"""Settings shared by every environment; environment files override a few names."""
+
+from pathlib import Path
+
+import environ
+
+from ops.logging import build_logging
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+env = environ.Env()
+
+# GENERAL
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+SECRET_KEY = env("DJANGO_SECRET_KEY", default="")
+ALLOWED_HOSTS: list[str] = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+TIME_ZONE = "UTC"
+USE_TZ = True
+LANGUAGE_CODE = "en-us"
+USE_I18N = False
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = None
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# APPS
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "marketdata",
+    "streaming",
+    "ingest",
+    "ops",
+]
+
+MIDDLEWARE = [
+    "ops.middleware.RequestContextMiddleware",
+    "ops.middleware.MetricsMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# DATABASE
+# The backend is django-timescaledb's, subclassed so that it takes the TimescaleDB path
+# only when the extension is available and preloaded, and plain PostgreSQL otherwise.
+DATABASES = {
+    "default": env.db_url(
+        "DATABASE_URL",
+        default="postgres://root@127.0.0.1:5432/marketdata",
+        engine="marketdata.db",
+    ),
+}
+DATABASES["default"]["ATOMIC_REQUESTS"] = False
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"].setdefault("OPTIONS", {})
+
+# REDIS
+REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
+
+# CHANNELS
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL]},
+    },
+}
+
+# STATIC
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+# AUTH
+LOGIN_URL = "/admin/login/"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+# REST FRAMEWORK
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Market-data gateway",
+    "VERSION": "1",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# STREAMING
+# Anonymous WebSocket and history access; production settings refuse to start with it on.
+STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=False)
+
+# DATABENTO
+DATABENTO_API_KEY = env("DATABENTO_API_KEY", default="")
+DATABENTO_LIVE_GATEWAY = env("DATABENTO_LIVE_GATEWAY", default="")
+
+# MARKET DATA
+# Days kept when no retention policy row exists for a (dataset, schema).
+MARKETDATA_DEFAULT_RETENTION_DAYS = 365
+MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS = 7
+
+# LOGGING
+# One JSON event per line, from structlog and from the standard library alike, with the
+# request id and trace id bound by ops.middleware.
+LOG_LEVEL = env("LOG_LEVEL", default="INFO")
+LOGGING = build_logging(LOG_LEVEL)

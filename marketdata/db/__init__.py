@@ -1,0 +1,1 @@
+"""PostgreSQL backend that takes the TimescaleDB path only where the extension exists."""

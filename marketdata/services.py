@@ -1,0 +1,232 @@
+"""Writes to the market-data store. Each function is one transaction and idempotent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from ops import metrics
+
+from .errors import (
+    ERR_BAD_SIDE,
+    ERR_BAD_TIMEFRAME_STORED,
+    ERR_HIGH_LOW,
+    ERR_NAIVE_DATETIME,
+    ERR_OUT_OF_RANGE,
+    ERR_UNDEFINED_PRICE,
+    ValidationError,
+)
+from .storage import BAR_TABLE, SCHEMA_TABLES, TRADE_TABLE
+from .timeframes import SCHEMA_TIMEFRAMES, STORED_TIMEFRAMES
+
+UNDEF_PRICE = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+class BarIn(NamedTuple):
+    """A bar to write; prices in Databento fixed-point (1e-9)."""
+
+    symbol_id: int
+    timeframe: str
+    ts: datetime
+    publisher_id: int
+    open: int
+    high: int
+    low: int
+    close: int
+    volume: int
+    anomalies: int = 0
+
+
+class TradeIn(NamedTuple):
+    """A trade to write; ``ordinal`` numbers prints that share every other key part."""
+
+    symbol_id: int
+    ts_event: datetime
+    ts_recv: datetime
+    publisher_id: int
+    sequence: int
+    ordinal: int
+    price: int
+    size: int
+    side: str
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one batch did: rows received, newly inserted, changed, and already present."""
+
+    received: int
+    inserted: int
+    updated: int
+
+    @property
+    def unchanged(self) -> int:
+        """Rows that were already stored exactly as given (duplicates)."""
+        return self.received - self.inserted - self.updated
+
+
+BAR_COLUMNS = ("symbol_id", "timeframe", "ts", "publisher_id", "open", "high", "low", "close", "volume", "anomalies")
+BAR_TYPES = ("int8", "text", "timestamptz", "int4", "int8", "int8", "int8", "int8", "int8", "int2")
+BAR_KEY = ("symbol_id", "timeframe", "ts", "publisher_id")
+BAR_VALUES = ("open", "high", "low", "close", "volume", "anomalies")
+
+TRADE_COLUMNS = TradeIn._fields
+TRADE_TYPES = ("int8", "timestamptz", "timestamptz", "int4", "int8", "int2", "int8", "int8", "text", "int2")
+TRADE_KEY = ("symbol_id", "ts_event", "publisher_id", "sequence", "ordinal")
+
+_cols = ", ".join
+BAR_UPSERT_SQL = f"""
+WITH written AS (
+    INSERT INTO {BAR_TABLE} AS t ({_cols(BAR_COLUMNS)})
+    SELECT {_cols(BAR_COLUMNS)} FROM bar_stage
+    ON CONFLICT ({_cols(BAR_KEY)}) DO UPDATE SET
+        {_cols(f"{c} = EXCLUDED.{c}" for c in BAR_VALUES)}, ingested_at = statement_timestamp()
+    WHERE ({_cols(f"t.{c}" for c in BAR_VALUES)}) IS DISTINCT FROM ({_cols(f"EXCLUDED.{c}" for c in BAR_VALUES)})
+    RETURNING xmax = 0 AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written
+"""
+TRADE_INSERT_SQL = f"""
+INSERT INTO {TRADE_TABLE} ({_cols(TRADE_COLUMNS)})
+SELECT {_cols(TRADE_COLUMNS)} FROM trade_stage
+ON CONFLICT ({_cols(TRADE_KEY)}) DO NOTHING
+"""
+STAGES = {
+    "bar_stage": (BAR_TABLE, BAR_COLUMNS),
+    "trade_stage": (TRADE_TABLE, TRADE_COLUMNS),
+}
+
+
+def _check_aware(field: str, value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(ERR_NAIVE_DATETIME.format(field=field, value=value), field=field)
+
+
+def _check_int(field: str, value: int, row: Any) -> None:
+    if value == UNDEF_PRICE:
+        raise ValidationError(ERR_UNDEFINED_PRICE.format(field=field, value=row), field=field)
+    if not INT64_MIN <= value < UNDEF_PRICE:
+        raise ValidationError(ERR_OUT_OF_RANGE.format(field=field, value=value), field=field)
+
+
+def _validate_bars(rows: Sequence[BarIn]) -> list[BarIn]:
+    """Check every row and keep the last of rows sharing a key (one statement may not touch a row twice)."""
+    latest: dict[tuple[int, str, datetime, int], BarIn] = {}
+    for row in rows:
+        _check_aware("ts", row.ts)
+        if row.timeframe not in STORED_TIMEFRAMES:
+            raise ValidationError(ERR_BAD_TIMEFRAME_STORED.format(value=row.timeframe), field="timeframe")
+        for field in ("open", "high", "low", "close", "volume"):
+            _check_int(field, getattr(row, field), row)
+        if row.high < row.low:
+            raise ValidationError(ERR_HIGH_LOW.format(field="high", high=row.high, low=row.low), field="high")
+        latest[(row.symbol_id, row.timeframe, row.ts, row.publisher_id)] = row
+    return list(latest.values()) if len(latest) != len(rows) else list(rows)
+
+
+def _validate_trades(rows: Sequence[TradeIn]) -> None:
+    for row in rows:
+        _check_aware("ts_event", row.ts_event)
+        _check_aware("ts_recv", row.ts_recv)
+        _check_int("price", row.price, row)
+        _check_int("size", row.size, row)
+        if row.side not in ("A", "B", "N"):
+            raise ValidationError(ERR_BAD_SIDE.format(value=row.side), field="side")
+
+
+def _ensure_stage(cursor: Any, stage: str) -> None:
+    """Create the session's temporary staging table once per database connection."""
+    raw = connection.connection
+    made: set[str] = getattr(raw, "_marketdata_stages", set())
+    if stage in made:
+        return
+    table, columns = STAGES[stage]
+    cursor.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+        f"SELECT {_cols(columns)} FROM {table} WITH NO DATA"
+    )
+    made.add(stage)
+    raw._marketdata_stages = made  # type: ignore[union-attr]
+
+
+def _copy(cursor: Any, stage: str, columns: Sequence[str], types: Sequence[str], rows: Sequence[tuple]) -> None:
+    with cursor.copy(f"COPY {stage} ({_cols(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
+
+
+def bars_upsert(*, bars: Sequence[BarIn]) -> WriteResult:
+    """Insert or update bars in one transaction: COPY to a staging table, one INSERT ... ON CONFLICT."""
+    if not bars:
+        return WriteResult(0, 0, 0)
+    started = time.perf_counter()
+    rows = _validate_bars(bars)
+    with transaction.atomic(), connection.cursor() as cursor:
+        _ensure_stage(cursor, "bar_stage")
+        _copy(cursor.cursor, "bar_stage", BAR_COLUMNS, BAR_TYPES, rows)
+        cursor.execute(BAR_UPSERT_SQL)
+        inserted, updated = cursor.fetchone()
+    metrics.DB_WRITE_ROWS.labels(BAR_TABLE).inc(inserted + updated)
+    metrics.DB_WRITE_LATENCY.labels(BAR_TABLE).observe(time.perf_counter() - started)
+    return WriteResult(received=len(bars), inserted=inserted, updated=updated)
+
+
+def trades_insert(*, trades: Sequence[TradeIn]) -> WriteResult:
+    """Insert trades in one transaction; a trade already stored is kept once."""
+    if not trades:
+        return WriteResult(0, 0, 0)
+    started = time.perf_counter()
+    _validate_trades(trades)
+    with transaction.atomic(), connection.cursor() as cursor:
+        _ensure_stage(cursor, "trade_stage")
+        _copy(cursor.cursor, "trade_stage", TRADE_COLUMNS, TRADE_TYPES, trades)
+        cursor.execute(TRADE_INSERT_SQL)
+        inserted = cursor.rowcount
+    metrics.DB_WRITE_ROWS.labels(TRADE_TABLE).inc(inserted)
+    metrics.DB_WRITE_LATENCY.labels(TRADE_TABLE).observe(time.perf_counter() - started)
+    return WriteResult(received=len(trades), inserted=inserted, updated=0)
+
+
+RETENTION_BARS_SQL = f"""
+DELETE FROM {BAR_TABLE} b USING marketdata_symbol s
+WHERE b.symbol_id = s.id AND b.timeframe = %(tf)s
+  AND b.ts < %(now)s - make_interval(days => COALESCE(
+      (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
+      %(default)s))
+"""
+RETENTION_TRADES_SQL = f"""
+DELETE FROM {TRADE_TABLE} t USING marketdata_symbol s
+WHERE t.symbol_id = s.id
+  AND t.ts_event < %(now)s - make_interval(days => COALESCE(
+      (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
+      %(default)s))
+"""
+
+
+def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
+    """Delete every bar and trade older than its (dataset, schema) policy; default keep applies elsewhere."""
+    now = now or timezone.now()
+    _check_aware("now", now)
+    deleted: dict[str, int] = {}
+    params: dict[str, Any] = {"now": now, "default": settings.MARKETDATA_DEFAULT_RETENTION_DAYS}
+    with connection.cursor() as cursor:
+        for schema, table in SCHEMA_TABLES.items():
+            with transaction.atomic():
+                if table == BAR_TABLE:
+                    cursor.execute(RETENTION_BARS_SQL, {**params, "schema": schema, "tf": SCHEMA_TIMEFRAMES[schema]})
+                else:
+                    cursor.execute(RETENTION_TRADES_SQL, {**params, "schema": schema})
+                deleted[schema] = cursor.rowcount
+                metrics.RETENTION_DELETED.labels(table).inc(cursor.rowcount)
+    return deleted
+

@@ -1,0 +1,141 @@
+"""Storage paths: TimescaleDB where the extension is installed, plain PostgreSQL otherwise.
+
+Both paths have the same tables and keys. TimescaleDB adds hypertables (created by the
+backend, see marketdata/db), native compression segmented by symbol, retention policies
+and the continuous aggregate ``daily_ohlcv_summary``. Plain PostgreSQL gets a partial
+index for regular hours, retention by ``manage.py retention_apply`` and daily summaries
+by query; these functions are what both the migrations and the admin call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db import connections
+
+BAR_TABLE = "marketdata_bar"
+TRADE_TABLE = "marketdata_trade"
+CAGG = "daily_ohlcv_summary"
+
+REGULAR_HOURS_INDEX_SQL = """
+CREATE INDEX IF NOT EXISTS bar_regular_hours ON marketdata_bar (symbol_id, timeframe, ts)
+WHERE (timezone('America/New_York', ts))::time >= '09:30'
+  AND (timezone('America/New_York', ts))::time < '16:00'
+"""
+
+TIMESCALE_SETUP_SQL = [
+    f"""ALTER TABLE {BAR_TABLE} SET (timescaledb.compress,
+        timescaledb.compress_segmentby = 'symbol_id, timeframe',
+        timescaledb.compress_orderby = 'ts DESC, publisher_id')""",
+    f"""ALTER TABLE {TRADE_TABLE} SET (timescaledb.compress,
+        timescaledb.compress_segmentby = 'symbol_id',
+        timescaledb.compress_orderby = 'ts_event DESC, publisher_id, sequence, ordinal')""",
+    # Daily bars from 1m bars; real-time so a read also sees what is not yet materialised.
+    f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {CAGG}
+        WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+        SELECT symbol_id,
+               time_bucket(INTERVAL '1 day', ts) AS day,
+               first(open, ts) AS open, max(high) AS high, min(low) AS low,
+               last(close, ts) AS close, sum(volume) AS volume,
+               bit_or(anomalies) AS anomalies, count(*) AS bars
+        FROM {BAR_TABLE} WHERE timeframe = '1m'
+        GROUP BY symbol_id, day
+        WITH NO DATA""",
+    f"""SELECT add_continuous_aggregate_policy('{CAGG}',
+        start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 minute',
+        schedule_interval => INTERVAL '5 minutes', if_not_exists => true)""",
+]
+
+TIMESCALE_TEARDOWN_SQL = [
+    f"DROP MATERIALIZED VIEW IF EXISTS {CAGG}",
+]
+
+# Which table holds a schema's records: TimescaleDB policies are per hypertable.
+SCHEMA_TABLES = {
+    "ohlcv-1s": BAR_TABLE,
+    "ohlcv-1m": BAR_TABLE,
+    "ohlcv-1h": BAR_TABLE,
+    "ohlcv-1d": BAR_TABLE,
+    "trades": TRADE_TABLE,
+}
+
+
+def timescaledb_enabled(using: str = "default") -> bool:
+    """Tell whether this database runs the TimescaleDB path."""
+    connection: Any = connections[using]
+    return bool(connection.timescaledb_installed())
+
+
+def storage_setup(*, using: str = "default") -> None:
+    """Create what each path needs beyond the tables (run by migration 0002)."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(REGULAR_HOURS_INDEX_SQL)
+        if timescaledb_enabled(using):
+            for statement in TIMESCALE_SETUP_SQL:
+                cursor.execute(statement)
+    policies_sync(using=using)
+
+
+def storage_teardown(*, using: str = "default") -> None:
+    """Undo storage_setup (migration 0002 backwards)."""
+    with connections[using].cursor() as cursor:
+        if timescaledb_enabled(using):
+            for statement in TIMESCALE_TEARDOWN_SQL:
+                cursor.execute(statement)
+        cursor.execute("DROP INDEX IF EXISTS bar_regular_hours")
+
+
+def table_policies(
+    policies: list[tuple[str, str, int, int]],
+) -> dict[str, tuple[int, int]]:
+    """Fold (dataset, schema, keep_days, compress_after_days) rows into one pair per table.
+
+    A hypertable holds every dataset, so its retention policy keeps the longest window
+    any (dataset, schema) asks for (shorter ones are trimmed row by row by
+    retention_apply) and compresses as early as the earliest asks.
+    """
+    default_keep = settings.MARKETDATA_DEFAULT_RETENTION_DAYS
+    default_compress = settings.MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS
+    result: dict[str, tuple[int, int]] = {}
+    for table in (BAR_TABLE, TRADE_TABLE):
+        rows = [
+            (keep, comp)
+            for _, schema, keep, comp in policies
+            if SCHEMA_TABLES[schema] == table
+        ]
+        keep = max([default_keep] + [r[0] for r in rows]) if rows else default_keep
+        comp = min(r[1] for r in rows) if rows else default_compress
+        result[table] = (keep, comp)
+    return result
+
+
+def policies_sync(*, using: str = "default") -> dict[str, tuple[int, int]]:
+    """Make the TimescaleDB retention and compression policies match the admin's values."""
+    from .models import RetentionPolicy
+
+    rows = list(
+        RetentionPolicy.objects.using(using).values_list(
+            "dataset", "schema", "keep_days", "compress_after_days"
+        )
+    )
+    wanted = table_policies(rows)
+    if not timescaledb_enabled(using):
+        return wanted
+    with connections[using].cursor() as cursor:
+        for table, (keep, compress) in wanted.items():
+            cursor.execute(
+                "SELECT remove_retention_policy(%s, if_exists => true)", [table]
+            )
+            cursor.execute(
+                "SELECT add_retention_policy(%s, make_interval(days => %s))",
+                [table, keep],
+            )
+            cursor.execute(
+                "SELECT remove_compression_policy(%s, if_exists => true)", [table]
+            )
+            cursor.execute(
+                "SELECT add_compression_policy(%s, make_interval(days => %s))",
+                [table, compress],
+            )
+    return wanted

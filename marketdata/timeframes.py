@@ -1,0 +1,148 @@
+"""Timeframes: which are stored, which are served, and the one resampling rule.
+
+Buckets are aligned the way TimescaleDB's ``time_bucket`` aligns them by default: on
+an origin of 2000-01-03T00:00:00Z (a Monday). The SQL path uses ``date_bin`` with the
+same origin, so REST (SQL) and WebSocket (this module, in Python) cut identical buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from .errors import ValidationError
+
+ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)
+
+STORED_TIMEFRAMES = ("1s", "1m", "1h", "1d")
+SERVED_TIMEFRAMES = ("1s", "1m", "5m", "15m", "30m", "1h", "4h", "1d")
+
+DURATIONS = {
+    "1s": timedelta(seconds=1),
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "15m": timedelta(minutes=15),
+    "30m": timedelta(minutes=30),
+    "1h": timedelta(hours=1),
+    "4h": timedelta(hours=4),
+    "1d": timedelta(days=1),
+}
+
+SCHEMA_TIMEFRAMES = {
+    "ohlcv-1s": "1s",
+    "ohlcv-1m": "1m",
+    "ohlcv-1h": "1h",
+    "ohlcv-1d": "1d",
+}
+SCHEMAS = (*SCHEMA_TIMEFRAMES, "trades")
+
+# Anomaly flags, a bit each, kept on the bar.
+ANOMALY_HALT_ZERO_VOLUME = 1
+ANOMALY_VOLUME_SPIKE = 2
+ANOMALY_NAMES = {
+    ANOMALY_HALT_ZERO_VOLUME: "halt_zero_volume",
+    ANOMALY_VOLUME_SPIKE: "volume_spike",
+}
+
+ERR_TIMEFRAME = "unknown timeframe {value!r}: expected one of " + " ".join(
+    SERVED_TIMEFRAMES
+)
+
+
+def anomaly_names(flags: int) -> list[str]:
+    """Name the anomaly bits set in ``flags``."""
+    return [name for bit, name in ANOMALY_NAMES.items() if flags & bit]
+
+
+def validate_timeframe(value: str, *, field: str = "tf") -> str:
+    """Return ``value`` if it is a served timeframe, else raise naming the field."""
+    if value not in DURATIONS:
+        raise ValidationError(ERR_TIMEFRAME.format(value=value), field=field)
+    return value
+
+
+def source_candidates(tf: str) -> list[str]:
+    """Stored timeframes a served one can be built from, preferred first.
+
+    The timeframe itself when it is stored, then the finest stored base that divides it.
+    """
+    duration = DURATIONS[tf]
+    exact = [tf] if tf in STORED_TIMEFRAMES else []
+    finer = [
+        base
+        for base in STORED_TIMEFRAMES
+        if base != tf
+        and DURATIONS[base] < duration
+        and duration % DURATIONS[base] == timedelta(0)
+    ]
+    return exact + finer
+
+
+def bucket_start(ts: datetime, tf: str) -> datetime:
+    """Open time of the ``tf`` bucket holding ``ts`` (``date_bin`` with ORIGIN)."""
+    stride = DURATIONS[tf]
+    return ts - (ts - ORIGIN) % stride
+
+
+def bucket_ceil(ts: datetime, tf: str) -> datetime:
+    """First bucket open at or after ``ts``."""
+    start = bucket_start(ts, tf)
+    return start if start == ts else start + DURATIONS[tf]
+
+
+@dataclass(frozen=True, slots=True)
+class OHLCV:
+    """One bar: open time, fixed-point prices (1e-9), volume, anomaly bits."""
+
+    ts: datetime
+    open: int
+    high: int
+    low: int
+    close: int
+    volume: int
+    anomalies: int = 0
+    publisher_id: int = 0
+
+
+def resample(
+    bars: Iterable[OHLCV], tf: str, *, exclude_anomalies: bool = False
+) -> list[OHLCV]:
+    """Aggregate bars into ``tf`` buckets: first open, max high, min low, last close, sum volume.
+
+    Bars may come in any order and from several publishers; "first" and "last" follow
+    (ts, publisher_id), the order the SQL path uses. Anomaly bits are OR-ed; with
+    ``exclude_anomalies`` flagged bars are dropped before aggregation.
+    """
+    ordered = sorted(bars, key=lambda b: (b.ts, b.publisher_id))
+    out: list[OHLCV] = []
+    current: OHLCV | None = None
+    for bar in ordered:
+        if exclude_anomalies and bar.anomalies:
+            continue
+        start = bucket_start(bar.ts, tf)
+        if current is not None and current.ts == start:
+            current = OHLCV(
+                ts=start,
+                open=current.open,
+                high=max(current.high, bar.high),
+                low=min(current.low, bar.low),
+                close=bar.close,
+                volume=current.volume + bar.volume,
+                anomalies=current.anomalies | bar.anomalies,
+            )
+        else:
+            if current is not None:
+                out.append(current)
+            current = OHLCV(
+                ts=start,
+                open=bar.open,
+                high=bar.high,
+                low=bar.low,
+                close=bar.close,
+                volume=bar.volume,
+                anomalies=bar.anomalies,
+            )
+    if current is not None:
+        out.append(current)
+    return out

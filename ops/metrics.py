@@ -1,0 +1,41 @@
+"""The one Prometheus registry; every metric of the service is declared here or added to it."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prom_multiprocess
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests by route and status class.", ["route", "method", "status"],
+    registry=REGISTRY,
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds", "HTTP request latency by route.", ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+DB_WRITE_ROWS = Counter(
+    "marketdata_rows_written_total", "Rows written by bars_upsert/trades_insert.", ["table"], registry=REGISTRY
+)
+DB_WRITE_LATENCY = Histogram(
+    "marketdata_write_batch_seconds", "Time to write one batch (COPY + upsert + commit).", ["table"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+RETENTION_DELETED = Counter(
+    "marketdata_retention_deleted_rows_total", "Rows deleted by retention_apply.", ["table"], registry=REGISTRY
+)
+READY = Gauge("service_ready", "1 when /readyz last answered ready, else 0.", registry=REGISTRY)
+
+
+def render() -> bytes:
+    """Render the registry, merged across processes when PROMETHEUS_MULTIPROC_DIR is set."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        prom_multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(REGISTRY)

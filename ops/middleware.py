@@ -1,0 +1,82 @@
+"""Bind a request id and the W3C trace id to every log line of a request."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def request_context(headers: dict[str, str]) -> dict[str, str]:
+    """Derive the log context (request id, trace id) from incoming headers."""
+    candidate = headers.get("x-request-id", "")
+    context = {"request_id": candidate if _REQUEST_ID_RE.match(candidate) else uuid.uuid4().hex}
+    match = _TRACEPARENT_RE.match(headers.get("traceparent", ""))
+    if match and match.group(1) != "0" * 32:
+        context["trace_id"] = match.group(1)
+        context["parent_span_id"] = match.group(2)
+    return context
+
+
+class RequestContextMiddleware:
+    """Bind request context for the duration of a request and echo the request id."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def _bind(self, request: HttpRequest) -> dict[str, str]:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        context = request_context(headers)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**context, path=request.path)
+        return context
+
+    def __call__(self, request: HttpRequest):  # type: ignore[no-untyped-def]
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        context = self._bind(request)
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponse)
+        response[REQUEST_ID_HEADER] = context["request_id"]
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        context = self._bind(request)
+        response = await self.get_response(request)  # type: ignore[misc]
+        response[REQUEST_ID_HEADER] = context["request_id"]
+        return response
+
+
+class MetricsMiddleware:
+    """Count requests and time them by route pattern (not raw path: bounded labels)."""
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        from . import metrics
+
+        started = time.perf_counter()
+        response = self.get_response(request)
+        match = getattr(request, "resolver_match", None)
+        route = match.route if match is not None and match.route else "unmatched"
+        metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels(route, request.method, f"{response.status_code // 100}xx").inc()
+        return response
