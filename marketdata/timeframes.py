@@ -45,9 +45,7 @@ ANOMALY_NAMES = {
     ANOMALY_VOLUME_SPIKE: "volume_spike",
 }
 
-ERR_TIMEFRAME = "unknown timeframe {value!r}: expected one of " + " ".join(
-    SERVED_TIMEFRAMES
-)
+ERR_TIMEFRAME = "unknown timeframe {value!r}: expected one of " + " ".join(SERVED_TIMEFRAMES)
 
 
 def anomaly_names(flags: int) -> list[str]:
@@ -72,9 +70,7 @@ def source_candidates(tf: str) -> list[str]:
     finer = [
         base
         for base in STORED_TIMEFRAMES
-        if base != tf
-        and DURATIONS[base] < duration
-        and duration % DURATIONS[base] == timedelta(0)
+        if base != tf and DURATIONS[base] < duration and duration % DURATIONS[base] == timedelta(0)
     ]
     return exact + finer
 
@@ -105,9 +101,7 @@ class OHLCV:
     publisher_id: int = 0
 
 
-def resample(
-    bars: Iterable[OHLCV], tf: str, *, exclude_anomalies: bool = False
-) -> list[OHLCV]:
+def resample(bars: Iterable[OHLCV], tf: str, *, exclude_anomalies: bool = False) -> list[OHLCV]:
     """Aggregate bars into ``tf`` buckets: first open, max high, min low, last close, sum volume.
 
     Bars may come in any order and from several publishers; "first" and "last" follow

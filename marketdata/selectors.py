@@ -1,0 +1,341 @@
+"""Reads from the market-data store. Views and consumers call these, nothing else."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+from .errors import ERR_NAIVE_DATETIME, ERR_UNKNOWN_SYMBOL, UnknownSymbolError, ValidationError
+from .models import Symbol
+from .storage import BAR_TABLE, CAGG, timescaledb_enabled
+from .timeframes import (
+    DURATIONS,
+    OHLCV,
+    ORIGIN,
+    anomaly_names,
+    bucket_ceil,
+    source_candidates,
+    validate_timeframe,
+)
+
+PRICE_SCALE = Decimal(10) ** 9
+MAX_LIMIT = 10_000
+DEFAULT_LIMIT = 1_000
+# How far a read first looks for `limit` buckets, in multiples of limit * timeframe; the
+# window doubles until the page is full or the requested range is exhausted.
+WINDOW_FACTOR = 2
+MAX_WINDOW_STEPS = 12
+
+ERR_LIMIT = "limit must be an integer between 1 and {max}, got {value!r}"
+ERR_CURSOR = "cursor is not one this service issued"
+ERR_RANGE = "start must be before end"
+
+
+def price(value: int) -> Decimal:
+    """Turn a Databento fixed-point price (1e-9) into an exact decimal, shortest form."""
+    return (Decimal(value) / PRICE_SCALE).normalize() + 0
+
+
+@dataclass(frozen=True, slots=True)
+class BarOut:
+    """A served bar: ``ts`` is its open; ``final`` is False while it is still forming."""
+
+    ts: datetime
+    open: int
+    high: int
+    low: int
+    close: int
+    volume: int
+    anomalies: int
+    final: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The protocol's BAR object (prices as exact decimals)."""
+        out: dict[str, Any] = {
+            "ts": self.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "open": price(self.open),
+            "high": price(self.high),
+            "low": price(self.low),
+            "close": price(self.close),
+            "volume": self.volume,
+            "final": self.final,
+        }
+        if self.anomalies:
+            out["anomalies"] = anomaly_names(self.anomalies)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BarPage:
+    """One page of bars and the cursor of the next page (None when there is none)."""
+
+    symbol: str
+    tf: str
+    bars: list[BarOut]
+    next_cursor: str | None
+
+
+def symbol_get(*, ticker: str) -> Symbol:
+    """Return the symbol with this ticker or raise UnknownSymbolError."""
+    try:
+        return Symbol.objects.get(ticker=ticker)
+    except Symbol.DoesNotExist:
+        raise UnknownSymbolError(ERR_UNKNOWN_SYMBOL.format(value=ticker), field="symbol") from None
+
+
+def _aware(field: str, value: datetime | None) -> datetime | None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise ValidationError(ERR_NAIVE_DATETIME.format(field=field, value=value), field=field)
+    return value
+
+
+def cursor_encode(ts: datetime) -> str:
+    """Opaque cursor: the open time of the last bar served, in microseconds."""
+    micros = (ts - ORIGIN) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"v1:{micros}".encode()).decode().rstrip("=")
+
+
+def cursor_decode(cursor: str) -> datetime:
+    """Inverse of cursor_encode; a foreign cursor is a ValidationError on ``cursor``."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, micros = raw.split(":")
+        if version != "v1":
+            raise ValueError(version)
+        return ORIGIN + timedelta(microseconds=int(micros))
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        raise ValidationError(ERR_CURSOR, field="cursor") from None
+
+
+def stored_timeframes(*, symbol_id: int) -> list[str]:
+    """Stored base timeframes that hold at least one bar of this symbol."""
+    sql = " UNION ALL ".join(
+        f"(SELECT %s::text FROM {BAR_TABLE} WHERE symbol_id = %s AND timeframe = %s LIMIT 1)"
+        for _ in ("1s", "1m", "1h", "1d")
+    )
+    params: list[Any] = []
+    for tf in ("1s", "1m", "1h", "1d"):
+        params += [tf, symbol_id, tf]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _source_timeframe(symbol_id: int, tf: str) -> str | None:
+    stored = set(stored_timeframes(symbol_id=symbol_id))
+    for candidate in source_candidates(tf):
+        if candidate in stored:
+            return candidate
+    return None
+
+
+_AGG_SELECT = """
+SELECT {bucket} AS bucket,
+       (array_agg(open ORDER BY ts, publisher_id))[1],
+       max(high), min(low),
+       (array_agg(close ORDER BY ts DESC, publisher_id DESC))[1],
+       sum(volume)::bigint, bit_or(anomalies)::int, max(ts)
+FROM marketdata_bar
+WHERE symbol_id = %(symbol_id)s AND timeframe = %(base)s AND ts >= %(lo)s AND ts < %(hi)s {anomaly_filter}
+GROUP BY bucket ORDER BY bucket {direction} LIMIT %(limit)s
+"""
+
+
+def _aggregate(
+    *, symbol_id: int, base: str, tf: str, lo: datetime, hi: datetime, limit: int, exclude: bool, descending: bool
+) -> list[tuple]:
+    """Bars of ``tf`` built from ``base`` rows with lo <= ts < hi (one row per bucket)."""
+    # Same-timeframe reads group by ts itself, so PostgreSQL streams them off the
+    # primary key; several publishers' bars of one ts are consolidated by the same rule.
+    bucket = "ts" if base == tf else "date_bin(%(stride)s, ts, %(origin)s)"
+    sql = _AGG_SELECT.format(
+        bucket=bucket,
+        anomaly_filter="AND anomalies = 0" if exclude else "",
+        direction="DESC" if descending else "ASC",
+    )
+    params = {
+        "symbol_id": symbol_id,
+        "base": base,
+        "lo": lo,
+        "hi": hi,
+        "limit": limit,
+        "stride": DURATIONS[tf],
+        "origin": ORIGIN,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _earliest(symbol_id: int, base: str) -> datetime | None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT min(ts) FROM {BAR_TABLE} WHERE symbol_id = %s AND timeframe = %s", [symbol_id, base])
+        return cursor.fetchone()[0]
+
+
+def _latest(symbol_id: int, base: str) -> datetime | None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT max(ts) FROM {BAR_TABLE} WHERE symbol_id = %s AND timeframe = %s", [symbol_id, base])
+        return cursor.fetchone()[0]
+
+
+def _bars_window(
+    *,
+    symbol_id: int,
+    base: str,
+    tf: str,
+    lo: datetime | None,
+    hi: datetime,
+    limit: int,
+    exclude: bool,
+    descending: bool,
+) -> list[tuple]:
+    """Up to ``limit`` buckets in [lo, hi), reading a growing window so a page never scans all history."""
+    if base == tf:
+        return _aggregate(
+            symbol_id=symbol_id, base=base, tf=tf, lo=lo or ORIGIN - timedelta(days=365 * 100), hi=hi,
+            limit=limit, exclude=exclude, descending=descending,
+        )  # fmt: skip
+    stride = DURATIONS[tf]
+    bound = (_earliest if descending else _latest)(symbol_id, base)
+    if bound is None:
+        return []
+    width = stride * limit * WINDOW_FACTOR
+    rows: list[tuple] = []
+    for _ in range(MAX_WINDOW_STEPS):
+        if descending:  # the latest buckets before hi: no lower edge was asked for
+            w_lo, w_hi = hi - width, hi
+            exhausted = w_lo <= bound
+        else:
+            assert lo is not None
+            w_lo, w_hi = lo, min(lo + width, hi)
+            exhausted = w_hi >= hi or w_hi > bound
+        rows = _aggregate(
+            symbol_id=symbol_id, base=base, tf=tf, lo=w_lo, hi=w_hi, limit=limit, exclude=exclude,
+            descending=descending,
+        )  # fmt: skip
+        if len(rows) >= limit or exhausted:
+            break
+        width *= 2
+    return rows
+
+
+def _to_bar(row: tuple, tf: str, base: str, now: datetime) -> BarOut:
+    bucket, open_, high, low, close, volume, anomalies, _ = row
+    # A stored bar is final; a resampled one is final once its bucket has closed.
+    final = True if base == tf else bucket + DURATIONS[tf] <= now
+    return BarOut(bucket, open_, high, low, close, volume, anomalies, final)
+
+
+def bar_list(
+    *,
+    ticker: str,
+    tf: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+    exclude_anomalies: bool = False,
+) -> BarPage:
+    """Bars of a symbol with start <= ts < end, ascending.
+
+    With neither start nor cursor, the latest ``limit`` bars before ``end`` (a chart's
+    first load); otherwise a keyset page forward from start (or the cursor), with the
+    cursor of the next page. Timeframes not stored are resampled from the finest
+    stored base (see marketdata.timeframes).
+    """
+    validate_timeframe(tf)
+    _aware("start", start)
+    _aware("end", end)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+        raise ValidationError(ERR_LIMIT.format(max=MAX_LIMIT, value=limit), field="limit")
+    symbol = symbol_get(ticker=ticker)
+    now = timezone.now()
+    end = end or now + DURATIONS[tf]
+    if cursor is not None:
+        start = cursor_decode(cursor) + timedelta(microseconds=1)
+    if start is not None and start >= end:
+        if cursor is not None:
+            return BarPage(symbol.ticker, tf, [], None)
+        raise ValidationError(ERR_RANGE, field="start")
+    base = _source_timeframe(symbol.pk, tf)
+    if base is None:
+        return BarPage(symbol.ticker, tf, [], None)
+    # Only whole buckets inside [start, end): align both edges up to bucket opens.
+    hi = bucket_ceil(end, tf)
+    lo = bucket_ceil(start, tf) if start is not None else None
+    descending = lo is None
+    rows = _bars_window(
+        symbol_id=symbol.pk, base=base, tf=tf, lo=lo, hi=hi, limit=limit + 1,
+        exclude=exclude_anomalies, descending=descending,
+    )  # fmt: skip
+    if descending:
+        rows = rows[:limit][::-1]
+        next_cursor = None
+    else:
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = cursor_encode(rows[-1][0]) if has_more and rows else None
+    return BarPage(symbol.ticker, tf, [_to_bar(r, tf, base, now) for r in rows], next_cursor)
+
+
+def latest_bars(*, tickers: Sequence[str], tf: str) -> dict[str, BarOut | None]:
+    """The most recent bar of each ticker (None where it has none); unknown tickers raise."""
+    validate_timeframe(tf)
+    found = {s.ticker: s for s in Symbol.objects.filter(ticker__in=list(tickers))}
+    missing = [t for t in tickers if t not in found]
+    if missing:
+        raise UnknownSymbolError(ERR_UNKNOWN_SYMBOL.format(value=missing[0]), field="symbols")
+    out: dict[str, BarOut | None] = {}
+    for ticker in tickers:
+        page = bar_list(ticker=ticker, tf=tf, limit=1)
+        out[ticker] = page.bars[-1] if page.bars else None
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class DailySummary:
+    """One symbol's day: OHLCV over the day's 1m bars."""
+
+    symbol_id: int
+    day: datetime
+    bar: OHLCV
+
+
+DAILY_SQL_PLAIN = f"""
+SELECT symbol_id, date_bin(INTERVAL '1 day', ts, %(origin)s) AS day,
+       (array_agg(open ORDER BY ts, publisher_id))[1], max(high), min(low),
+       (array_agg(close ORDER BY ts DESC, publisher_id DESC))[1], sum(volume)::bigint, bit_or(anomalies)::int
+FROM {BAR_TABLE}
+WHERE timeframe = '1m' AND symbol_id = ANY(%(ids)s) AND ts >= %(lo)s AND ts < %(hi)s
+GROUP BY symbol_id, day ORDER BY symbol_id, day
+"""
+DAILY_SQL_TIMESCALE = f"""
+SELECT symbol_id, day, open, high, low, close, volume::bigint, anomalies::int
+FROM {CAGG}
+WHERE symbol_id = ANY(%(ids)s) AND day >= %(lo)s AND day < %(hi)s
+ORDER BY symbol_id, day
+"""
+
+
+def daily_summary(*, symbol_ids: Sequence[int], start: datetime, end: datetime) -> list[DailySummary]:
+    """Daily OHLCV from 1m bars for days in [start, end): the continuous aggregate on TimescaleDB, a query elsewhere."""
+    _aware("start", start)
+    _aware("end", end)
+    sql = DAILY_SQL_TIMESCALE if timescaledb_enabled() else DAILY_SQL_PLAIN
+    params = {"ids": list(symbol_ids), "lo": bucket_ceil(start, "1d"), "hi": bucket_ceil(end, "1d"), "origin": ORIGIN}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [
+        DailySummary(sid, day, OHLCV(ts=day, open=o, high=h, low=low, close=c, volume=v, anomalies=a or 0))
+        for sid, day, o, h, low, c, v, a in rows
+    ]

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real PostgreSQL (pytest-django's test database) and the real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from marketdata.models import Symbol
+from marketdata.storage import timescaledb_enabled
+
+SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "databento"
+
+
+@pytest.fixture
+def samples() -> Path:
+    """The Databento sample files shipped beside the project."""
+    if not SAMPLES.is_dir():
+        pytest.fail(f"Databento samples not found at {SAMPLES}")
+    return SAMPLES
+
+
+@pytest.fixture
+def make_symbol(db: None) -> Callable[..., Symbol]:
+    """Create a symbol (factory)."""
+    counter = iter(range(1_000_000))
+
+    def make(ticker: str | None = None, dataset: str = "XNAS.ITCH", **kwargs: object) -> Symbol:
+        return Symbol.objects.create(ticker=ticker or f"SYM{next(counter)}", dataset=dataset, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """A client on the test Redis database, flushed before and after."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def timescaledb(db: None) -> None:
+    """Skip unless the test database runs the TimescaleDB path."""
+    if not timescaledb_enabled():
+        pytest.skip("TimescaleDB is not installed on this PostgreSQL server (plain PostgreSQL path)")
+
+
+def dbn_records(path: Path) -> list[object]:
+    """Decode a DBN file (plain or zstd) with Databento's own reader."""
+    import databento
+
+    return list(databento.DBNStore.from_file(path))

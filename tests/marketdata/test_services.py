@@ -1,0 +1,141 @@
+"""bars_upsert and trades_insert on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import databento_dbn
+import pytest
+
+from marketdata.errors import ValidationError
+from marketdata.models import Bar, Trade
+from marketdata.services import UNDEF_PRICE, BarIn, TradeIn, bars_upsert, trades_insert
+from tests.conftest import dbn_records
+
+P = 1_000_000_000  # Databento fixed-point units per 1.0
+T0 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+
+
+def _bars(symbol_id: int, n: int = 5, *, close: int = 105_000_000_000) -> list[BarIn]:
+    return [
+        BarIn(symbol_id, "1m", T0 + timedelta(minutes=i), 2, 100 * P, 110 * P, 90 * P, close, 1000 + i)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upsert_twice_changes_nothing(make_symbol):
+    symbol = make_symbol("AAPL")
+    first = bars_upsert(bars=_bars(symbol.pk))
+    stamps = dict(Bar.objects.values_list("ts", "ingested_at"))
+    second = bars_upsert(bars=_bars(symbol.pk))
+
+    assert (first.inserted, first.updated) == (5, 0)
+    assert (second.inserted, second.updated, second.unchanged) == (0, 0, 5)
+    assert dict(Bar.objects.values_list("ts", "ingested_at")) == stamps
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upsert_updates_a_changed_bar(make_symbol):
+    symbol = make_symbol("AAPL")
+    bars_upsert(bars=_bars(symbol.pk))
+    result = bars_upsert(bars=_bars(symbol.pk, n=2, close=107_500_000_000))
+
+    assert (result.inserted, result.updated) == (0, 2)
+    closes = list(Bar.objects.order_by("ts").values_list("close", flat=True))
+    assert closes == [107_500_000_000] * 2 + [105_000_000_000] * 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_duplicate_keys_in_one_batch_keep_the_last(make_symbol):
+    symbol = make_symbol("AAPL")
+    rows = _bars(symbol.pk, n=1) + _bars(symbol.pk, n=1, close=99_000_000_000)
+    result = bars_upsert(bars=rows)
+
+    assert result.inserted == 1
+    assert Bar.objects.get().close == 99_000_000_000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_opra_same_minute_bars_of_four_publishers_are_all_kept(make_symbol, samples):
+    symbol = make_symbol("AAPL  250221C00250000", dataset="OPRA.PILLAR")
+    records = [r for r in dbn_records(samples / "OPRA.PILLAR" / "test_data.ohlcv-1m.dbn.zst")
+               if isinstance(r, databento_dbn.OHLCVMsg)]  # fmt: skip
+    rows = [
+        BarIn(symbol.pk, "1m", datetime.fromtimestamp(r.ts_event / 1e9, UTC), r.publisher_id,
+              r.open, r.high, r.low, r.close, r.volume)
+        for r in records
+    ]  # fmt: skip
+
+    result = bars_upsert(bars=rows)
+
+    assert len({r.ts for r in rows}) == 1
+    assert result.inserted == 4
+    stored = {b.publisher_id: (b.open, b.close, b.volume) for b in Bar.objects.all()}
+    assert stored == {r.publisher_id: (r.open, r.close, r.volume) for r in records}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_naive_time_is_rejected_naming_the_field(make_symbol):
+    symbol = make_symbol("AAPL")
+    naive = _bars(symbol.pk, n=1)[0]._replace(ts=datetime(2024, 1, 2, 14, 30))
+
+    with pytest.raises(ValidationError, match=r"^ts must be timezone-aware \(UTC\), got naive datetime") as info:
+        bars_upsert(bars=[*_bars(symbol.pk, n=3), naive])
+
+    assert info.value.field == "ts"
+    assert "2024, 1, 2, 14, 30" in info.value.message
+    assert not Bar.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("field", ["open", "high", "low", "close"])
+def test_undefined_price_is_rejected_naming_the_field(make_symbol, field):
+    symbol = make_symbol("AAPL")
+    bad = _bars(symbol.pk, n=1)[0]._replace(**{field: UNDEF_PRICE})
+    if field == "low":
+        bad = bad._replace(high=UNDEF_PRICE - 1)
+
+    with pytest.raises(ValidationError, match=rf"^{field} is Databento's undefined price \(2\^63-1\)") as info:
+        bars_upsert(bars=[bad])
+
+    assert info.value.field == field
+    assert str(UNDEF_PRICE) in info.value.message
+    assert not Bar.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_high_below_low_is_rejected(make_symbol):
+    symbol = make_symbol("AAPL")
+    bad = _bars(symbol.pk, n=1)[0]._replace(high=1, low=2)
+    with pytest.raises(ValidationError, match="high 1 is below low 2"):
+        bars_upsert(bars=[bad])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_trade_written_twice_is_kept_once(make_symbol, samples):
+    symbol = make_symbol("QQQ", dataset="EQUS.MINI")
+    records = [r for r in dbn_records(samples / "EQUS.MINI" / "test_data.trades.dbn.zst")
+               if isinstance(r, databento_dbn.TradeMsg)]  # fmt: skip
+    rows = [
+        TradeIn(symbol.pk, datetime.fromtimestamp(r.ts_event // 1000 / 1e6, UTC),
+                datetime.fromtimestamp(r.ts_recv // 1000 / 1e6, UTC), r.publisher_id, r.sequence, 0,
+                r.price, r.size, str(r.side), int(r.flags))
+        for r in records
+    ]  # fmt: skip
+
+    first = trades_insert(trades=rows)
+    second = trades_insert(trades=rows)
+
+    # Two of the sample's prints share ts_event and ts_recv: the sequence tells them apart.
+    assert (first.inserted, second.inserted, second.unchanged) == (len(rows), 0, len(rows))
+    assert Trade.objects.count() == len(rows) == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_trade_with_naive_time_is_rejected(make_symbol):
+    symbol = make_symbol("QQQ")
+    naive = TradeIn(symbol.pk, datetime(2024, 1, 2), T0, 1, 1, 0, 100, 1, "B", 0)
+    with pytest.raises(ValidationError, match=r"^ts_event must be timezone-aware") as info:
+        trades_insert(trades=[naive])
+    assert info.value.field == "ts_event"
