@@ -18,9 +18,7 @@ ticker_validator = RegexValidator(
     r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$",
     "A ticker is printable ASCII with no leading or trailing space.",
 )
-dataset_validator = RegexValidator(
-    r"^[A-Z0-9]+\.[A-Z0-9]+$", "A dataset looks like XNAS.ITCH or GLBX.MDP3."
-)
+dataset_validator = RegexValidator(r"^[A-Z0-9]+\.[A-Z0-9]+$", "A dataset looks like XNAS.ITCH or GLBX.MDP3.")
 
 TIMEFRAME_CHOICES = [(tf, tf) for tf in STORED_TIMEFRAMES]
 SCHEMA_CHOICES = [(s, s) for s in SCHEMAS]
@@ -29,12 +27,8 @@ SCHEMA_CHOICES = [(s, s) for s in SCHEMAS]
 class Symbol(models.Model):
     """A tradable instrument as the service names it."""
 
-    ticker = models.CharField(
-        max_length=TICKER_MAX_LENGTH, unique=True, validators=[ticker_validator]
-    )
-    dataset = models.CharField(
-        max_length=32, validators=[dataset_validator], db_index=True
-    )
+    ticker = models.CharField(max_length=TICKER_MAX_LENGTH, unique=True, validators=[ticker_validator])
+    dataset = models.CharField(max_length=32, validators=[dataset_validator], db_index=True)
     active = models.BooleanField(default=True)
     description = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -49,14 +43,10 @@ class Symbol(models.Model):
 class InstrumentMapping(models.Model):
     """Databento instrument_id of a symbol over [valid_from, valid_until): ids change over time."""
 
-    symbol = models.ForeignKey(
-        Symbol, on_delete=models.CASCADE, related_name="instruments"
-    )
+    symbol = models.ForeignKey(Symbol, on_delete=models.CASCADE, related_name="instruments")
     instrument_id = models.BigIntegerField(validators=[MinValueValidator(0)])
     valid_from = models.DateTimeField()
-    valid_until = models.DateTimeField(
-        null=True, blank=True, help_text="Exclusive; empty means open-ended."
-    )
+    valid_until = models.DateTimeField(null=True, blank=True, help_text="Exclusive; empty means open-ended.")
 
     class Meta:
         ordering = ["symbol", "valid_from"]
@@ -66,16 +56,11 @@ class InstrumentMapping(models.Model):
                 name="instrument_mapping_unique",
             ),
             models.CheckConstraint(
-                condition=Q(valid_until__isnull=True)
-                | Q(valid_until__gt=models.F("valid_from")),
+                condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
                 name="instrument_mapping_range",
             ),
         ]
-        indexes = [
-            models.Index(
-                fields=["instrument_id", "valid_from"], name="instrument_mapping_lookup"
-            )
-        ]
+        indexes = [models.Index(fields=["instrument_id", "valid_from"], name="instrument_mapping_lookup")]
 
     def __str__(self) -> str:
         return f"{self.symbol} = {self.instrument_id} from {self.valid_from:%Y-%m-%d}"
@@ -115,9 +100,7 @@ class Bar(models.Model):
 class Trade(models.Model):
     """One trade print. ``ordinal`` tells apart prints that share every other key part."""
 
-    pk = models.CompositePrimaryKey(
-        "symbol", "ts_event", "publisher_id", "sequence", "ordinal"
-    )
+    pk = models.CompositePrimaryKey("symbol", "ts_event", "publisher_id", "sequence", "ordinal")
     symbol = models.ForeignKey(
         Symbol,
         on_delete=models.PROTECT,
@@ -132,9 +115,7 @@ class Trade(models.Model):
     ordinal = models.SmallIntegerField(default=0)
     price = models.BigIntegerField()
     size = models.BigIntegerField()
-    side = models.CharField(
-        max_length=1, choices=[("A", "ask"), ("B", "bid"), ("N", "none")]
-    )
+    side = models.CharField(max_length=1, choices=[("A", "ask"), ("B", "bid"), ("N", "none")])
     flags = models.SmallIntegerField(default=0)
     ingested_at = models.DateTimeField(db_default=Now())
 
@@ -147,22 +128,14 @@ class RetentionPolicy(models.Model):
 
     dataset = models.CharField(max_length=32, validators=[dataset_validator])
     schema = models.CharField(max_length=16, choices=SCHEMA_CHOICES)
-    keep_days = models.PositiveIntegerField(
-        default=365, validators=[MinValueValidator(1)]
-    )
-    compress_after_days = models.PositiveIntegerField(
-        default=7, validators=[MinValueValidator(1)]
-    )
+    keep_days = models.PositiveIntegerField(default=365, validators=[MinValueValidator(1)])
+    compress_after_days = models.PositiveIntegerField(default=7, validators=[MinValueValidator(1)])
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         verbose_name_plural = "retention policies"
         ordering = ["dataset", "schema"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["dataset", "schema"], name="retention_policy_unique"
-            )
-        ]
+        constraints = [models.UniqueConstraint(fields=["dataset", "schema"], name="retention_policy_unique")]
 
     def __str__(self) -> str:
         return f"{self.dataset} {self.schema}: keep {self.keep_days} days"
@@ -176,9 +149,7 @@ class FeedStatus(models.Model):
     source = models.CharField(max_length=16, blank=True)
     last_record_ts = models.DateTimeField(null=True, blank=True)
     last_batch_at = models.DateTimeField(null=True, blank=True)
-    lag_seconds = models.FloatField(
-        null=True, blank=True, help_text="Batch commit time minus record time."
-    )
+    lag_seconds = models.FloatField(null=True, blank=True, help_text="Batch commit time minus record time.")
     records_written = models.BigIntegerField(default=0)
     duplicates = models.BigIntegerField(default=0)
     skipped = models.BigIntegerField(default=0)
@@ -190,11 +161,7 @@ class FeedStatus(models.Model):
     class Meta:
         verbose_name_plural = "feed status"
         ordering = ["dataset", "schema"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["dataset", "schema"], name="feed_status_unique"
-            )
-        ]
+        constraints = [models.UniqueConstraint(fields=["dataset", "schema"], name="feed_status_unique")]
 
     def __str__(self) -> str:
         return f"{self.dataset} {self.schema}"
@@ -203,13 +170,9 @@ class FeedStatus(models.Model):
 class ApiToken(models.Model):
     """An API token; only its SHA-256 is stored, the token itself is shown once."""
 
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
-    )
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100)
-    prefix = models.CharField(
-        max_length=12, editable=False, help_text="First characters, to recognise it."
-    )
+    prefix = models.CharField(max_length=12, editable=False, help_text="First characters, to recognise it.")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -226,19 +189,13 @@ class ApiToken(models.Model):
 class Entitlement(models.Model):
     """A user's right to a dataset's data."""
 
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="entitlements"
-    )
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="entitlements")
     dataset = models.CharField(max_length=32, validators=[dataset_validator])
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["user", "dataset"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["user", "dataset"], name="entitlement_unique"
-            )
-        ]
+        constraints = [models.UniqueConstraint(fields=["user", "dataset"], name="entitlement_unique")]
 
     def __str__(self) -> str:
         return f"{self.user} -> {self.dataset}"

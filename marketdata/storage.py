@@ -99,11 +99,7 @@ def table_policies(
     default_compress = settings.MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS
     result: dict[str, tuple[int, int]] = {}
     for table in (BAR_TABLE, TRADE_TABLE):
-        rows = [
-            (keep, comp)
-            for _, schema, keep, comp in policies
-            if SCHEMA_TABLES[schema] == table
-        ]
+        rows = [(keep, comp) for _, schema, keep, comp in policies if SCHEMA_TABLES[schema] == table]
         keep = max([default_keep] + [r[0] for r in rows]) if rows else default_keep
         comp = min(r[1] for r in rows) if rows else default_compress
         result[table] = (keep, comp)
@@ -115,25 +111,19 @@ def policies_sync(*, using: str = "default") -> dict[str, tuple[int, int]]:
     from .models import RetentionPolicy
 
     rows = list(
-        RetentionPolicy.objects.using(using).values_list(
-            "dataset", "schema", "keep_days", "compress_after_days"
-        )
+        RetentionPolicy.objects.using(using).values_list("dataset", "schema", "keep_days", "compress_after_days")
     )
     wanted = table_policies(rows)
     if not timescaledb_enabled(using):
         return wanted
     with connections[using].cursor() as cursor:
         for table, (keep, compress) in wanted.items():
-            cursor.execute(
-                "SELECT remove_retention_policy(%s, if_exists => true)", [table]
-            )
+            cursor.execute("SELECT remove_retention_policy(%s, if_exists => true)", [table])
             cursor.execute(
                 "SELECT add_retention_policy(%s, make_interval(days => %s))",
                 [table, keep],
             )
-            cursor.execute(
-                "SELECT remove_compression_policy(%s, if_exists => true)", [table]
-            )
+            cursor.execute("SELECT remove_compression_policy(%s, if_exists => true)", [table])
             cursor.execute(
                 "SELECT add_compression_policy(%s, make_interval(days => %s))",
                 [table, compress],

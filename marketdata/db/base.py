@@ -19,9 +19,7 @@ AVAILABLE_SQL = """
 SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
    AND current_setting('shared_preload_libraries') ~ '(^|[ ,])timescaledb($|[ ,])'
 """
-INSTALLED_SQL = (
-    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
-)
+INSTALLED_SQL = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
 
 
 class SchemaEditor(TimescaleSchemaEditor):
@@ -29,9 +27,7 @@ class SchemaEditor(TimescaleSchemaEditor):
 
     connection: DatabaseWrapper
 
-    def _create_hypertable(
-        self, model: Any, field: Any, should_migrate: bool = False
-    ) -> None:
+    def _create_hypertable(self, model: Any, field: Any, should_migrate: bool = False) -> None:
         if self.connection.timescaledb_installed():
             super()._create_hypertable(model, field, should_migrate)
 
