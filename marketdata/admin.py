@@ -124,3 +124,12 @@ class EntitlementAdmin(admin.ModelAdmin):
     list_display = ("user", "dataset", "created_at")
     list_filter = ("dataset",)
     search_fields = ("user__username", "dataset")
+
+
+@admin.register(InstrumentMapping)
+class InstrumentMappingAdmin(admin.ModelAdmin):
+    list_display = ("instrument_id", "symbol", "valid_from", "valid_until")
+    list_filter = ("symbol__dataset",)
+    search_fields = ("=instrument_id", "symbol__ticker")
+    list_select_related = ("symbol",)
+    autocomplete_fields = ("symbol",)

@@ -10,3 +10,8 @@ SECRET_KEY = env(
 )
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=True)
+
+# STATIC
+# Serve from the app directories while developing; collectstatic is for production images.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = True

@@ -19,3 +19,8 @@ CHANNEL_LAYERS = {
 STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+
+# STATIC
+# Serve from the app directories while developing; collectstatic is for production images.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = True
