@@ -161,7 +161,7 @@ def _aggregate(
         anomaly_filter="AND anomalies = 0" if exclude else "",
         direction="DESC" if descending else "ASC",
     )
-    params = {
+    params: dict[str, Any] = {
         "symbol_id": symbol_id,
         "base": base,
         "lo": lo,
@@ -331,7 +331,12 @@ def daily_summary(*, symbol_ids: Sequence[int], start: datetime, end: datetime) 
     _aware("start", start)
     _aware("end", end)
     sql = DAILY_SQL_TIMESCALE if timescaledb_enabled() else DAILY_SQL_PLAIN
-    params = {"ids": list(symbol_ids), "lo": bucket_ceil(start, "1d"), "hi": bucket_ceil(end, "1d"), "origin": ORIGIN}
+    params: dict[str, Any] = {
+        "ids": list(symbol_ids),
+        "lo": bucket_ceil(start, "1d"),
+        "hi": bucket_ceil(end, "1d"),
+        "origin": ORIGIN,
+    }
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()

@@ -10,11 +10,15 @@ from prometheus_client import multiprocess as prom_multiprocess
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HTTP_REQUESTS = Counter(
-    "http_requests_total", "HTTP requests by route and status class.", ["route", "method", "status"],
+    "http_requests_total",
+    "HTTP requests by route and status class.",
+    ["route", "method", "status"],
     registry=REGISTRY,
 )
 HTTP_LATENCY = Histogram(
-    "http_request_duration_seconds", "HTTP request latency by route.", ["route"],
+    "http_request_duration_seconds",
+    "HTTP request latency by route.",
+    ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
@@ -22,7 +26,9 @@ DB_WRITE_ROWS = Counter(
     "marketdata_rows_written_total", "Rows written by bars_upsert/trades_insert.", ["table"], registry=REGISTRY
 )
 DB_WRITE_LATENCY = Histogram(
-    "marketdata_write_batch_seconds", "Time to write one batch (COPY + upsert + commit).", ["table"],
+    "marketdata_write_batch_seconds",
+    "Time to write one batch (COPY + upsert + commit).",
+    ["table"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )

@@ -45,7 +45,7 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(**context, path=request.path)
         return context
 
-    def __call__(self, request: HttpRequest):  # type: ignore[no-untyped-def]
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         if iscoroutinefunction(self):
             return self.__acall__(request)
         context = self._bind(request)

@@ -92,7 +92,7 @@ def test_naive_time_is_rejected_naming_the_field(make_symbol):
 @pytest.mark.parametrize("field", ["open", "high", "low", "close"])
 def test_undefined_price_is_rejected_naming_the_field(make_symbol, field):
     symbol = make_symbol("AAPL")
-    bad = _bars(symbol.pk, n=1)[0]._replace(**{field: UNDEF_PRICE})
+    bad = _bars(symbol.pk, n=1)[0]._replace(**{field: UNDEF_PRICE})  # type: ignore[arg-type]
     if field == "low":
         bad = bad._replace(high=UNDEF_PRICE - 1)
 

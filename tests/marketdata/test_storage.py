@@ -8,6 +8,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -163,7 +164,7 @@ def test_continuous_aggregate_refreshes_and_matches_the_query_path(timescaledb, 
         cursor.execute(f"CALL refresh_continuous_aggregate('{CAGG}', NULL, NULL)")
     from_cagg = [(d.day, d.bar) for d in daily_summary(symbol_ids=[symbol.pk], start=day, end=day + timedelta(days=4))]
     with connection.cursor() as cursor:
-        params = {"ids": [symbol.pk], "lo": day, "hi": day + timedelta(days=4), "origin": ORIGIN}
+        params: dict[str, Any] = {"ids": [symbol.pk], "lo": day, "hi": day + timedelta(days=4), "origin": ORIGIN}
         cursor.execute(DAILY_SQL_PLAIN, params)
         by_query = [(row[1], row[2:7]) for row in cursor.fetchall()]
     assert [(d, (b.open, b.high, b.low, b.close, b.volume)) for d, b in from_cagg] == by_query
