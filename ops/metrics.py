@@ -45,3 +45,17 @@ def render() -> bytes:
         prom_multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
     return generate_latest(REGISTRY)
+
+
+# INGEST
+INGEST_RECORDS = Counter("ingest_records_total", "Records written by the ingester.", ["table"], registry=REGISTRY)
+INGEST_BATCH_SECONDS = Histogram(
+    "ingest_batch_seconds", "Write time of one ingest batch.", ["table"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)  # fmt: skip
+INGEST_QUEUE_DEPTH = Gauge("ingest_queue_depth", "Records waiting for the batch writer.", registry=REGISTRY)
+INGEST_LAG = Gauge("ingest_lag_seconds", "Now minus the newest written record's time.", ["dataset"], registry=REGISTRY)
+INGEST_BACKPRESSURE = Counter(
+    "ingest_backpressure_waits_total", "Times the source waited on a full queue.", registry=REGISTRY
+)

@@ -1,0 +1,347 @@
+"""Source -> bounded queue -> batch writer -> commit -> publish.
+
+The source runs in the calling thread and only normalises and enqueues; a full queue
+blocks it (back-pressure: nothing is dropped while the database is slow). One writer
+thread drains the queue into batches of up to BATCH_BARS bars / BATCH_TRADES trades or
+FLUSH_SECONDS of waiting, writes each with one COPY-based upsert transaction, and
+publishes what it wrote only after the commit. SIGTERM and Ctrl-C stop the source;
+everything already queued is still written before the run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from django.db import close_old_connections, connection, connections
+from django.utils import timezone
+
+from marketdata.errors import MarketDataError
+from marketdata.models import FeedStatus
+from marketdata.services import BarIn, TradeIn, bars_upsert, trades_insert
+from marketdata.wire import bar_json, trade_json
+from ops import metrics
+from streaming.publish import Message, Publisher
+from streaming.streams import bars_stream, trades_stream
+
+from .records import Normaliser, Stats
+from .symbology import Resolver
+
+log = logging.getLogger(__name__)
+
+BATCH_BARS = 1000
+BATCH_TRADES = 5000
+FLUSH_SECONDS = 0.05
+QUEUE_MAX = 20_000
+FEED_STATUS_EVERY_S = 1.0
+_STOP = object()
+
+ERR_LOCKED = (
+    "another ingester already runs for {dataset} {schema} (PostgreSQL advisory lock held); "
+    "stop it first or ingest another (dataset, schema)"
+)
+
+
+class IngestLockedError(MarketDataError):
+    """A second ingester for the same (dataset, schema)."""
+
+    code = "locked"
+
+
+def advisory_key(dataset: str, schema: str) -> int:
+    """A stable 63-bit key for pg_advisory_lock from (dataset, schema)."""
+    return zlib.crc32(f"ingest:{dataset}:{schema}".encode()) | (0x4D44 << 32)
+
+
+@dataclass
+class FeedLock:
+    """Session-level advisory locks held on a connection of their own for the whole run."""
+
+    held: set[tuple[str, str]] = field(default_factory=set)
+
+    def acquire(self, dataset: str, schema: str) -> None:
+        if (dataset, schema) in self.held:
+            return
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", [advisory_key(dataset, schema)])
+            if not cursor.fetchone()[0]:
+                raise IngestLockedError(ERR_LOCKED.format(dataset=dataset, schema=schema))
+        self.held.add((dataset, schema))
+
+    def release(self) -> None:
+        with connection.cursor() as cursor:
+            for dataset, schema in self.held:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [advisory_key(dataset, schema)])
+        self.held.clear()
+
+
+class Pipeline:
+    """One ingest run: feed it records with ``feed``; ``close`` flushes and stops."""
+
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        source: str,
+        symbols: Iterable[str] | None = None,
+        publish: bool = True,
+        queue_max: int = QUEUE_MAX,
+        batch_bars: int = BATCH_BARS,
+        batch_trades: int = BATCH_TRADES,
+        flush_seconds: float = FLUSH_SECONDS,
+        progress: Callable[[Stats, float], None] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.source = source
+        self.stats = Stats()
+        self.resolver = Resolver(dataset=dataset, allowed=frozenset(symbols) if symbols else None)
+        self.resolver.load()
+        self.normalise = Normaliser(self.resolver, self.stats)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_max)
+        self.batch_bars = batch_bars
+        self.batch_trades = batch_trades
+        self.flush_seconds = flush_seconds
+        self.publish_enabled = publish
+        self.progress = progress
+        self.stopping = threading.Event()
+        self.schemas: set[str] = set()
+        self.failure: BaseException | None = None
+        self.started = time.monotonic()
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self._writer.start()
+
+    # -- source side ---------------------------------------------------------------
+
+    def feed(self, record: object) -> None:
+        """Normalise one decoded record and enqueue it (blocks while the queue is full)."""
+        row = self.normalise(record)
+        if row is None:
+            return
+        while True:
+            if self.failure is not None:
+                raise RuntimeError("ingest writer failed") from self.failure
+            try:
+                self.queue.put(row, timeout=0.5)
+                return
+            except queue.Full:
+                metrics.INGEST_BACKPRESSURE.inc()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the source; what is queued is still written."""
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("stop requested", extra={"signal": signum})
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def close(self) -> Stats:
+        """Flush everything queued, stop the writer and return the run's stats."""
+        self.queue.put(_STOP)
+        self._writer.join()
+        if self.failure is not None:
+            raise RuntimeError("ingest writer failed") from self.failure
+        return self.stats
+
+    # -- writer side ---------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        publisher = Publisher() if self.publish_enabled else None
+        bars: list[BarIn] = []
+        trades: list[TradeIn] = []
+        deadline: float | None = None
+        last_status = 0.0
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    item = self.queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    self._flush(bars, trades, publisher)
+                    self._feed_status(force=True)
+                    return
+                if isinstance(item, BarIn):
+                    bars.append(item)
+                elif isinstance(item, TradeIn):
+                    trades.append(item)
+                if deadline is None and item is not None:
+                    deadline = time.monotonic() + self.flush_seconds
+                metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
+                if item is None or len(bars) >= self.batch_bars or len(trades) >= self.batch_trades:
+                    self._flush(bars, trades, publisher)
+                    bars, trades, deadline = [], [], None
+                    now = time.monotonic()
+                    if now - last_status >= FEED_STATUS_EVERY_S:
+                        self._feed_status()
+                        last_status = now
+                        if self.progress:
+                            self.progress(self.stats, now - self.started)
+        except BaseException as exc:  # the source must learn of it; nothing else may swallow it
+            self.failure = exc
+            log.exception("ingest writer failed")
+            self._record_error(exc)
+            # Unblock a source waiting on a full queue.
+            while not self.queue.empty():
+                self.queue.get_nowait()
+        finally:
+            if publisher is not None:
+                publisher.close()
+            connections.close_all()
+
+    def _flush(self, bars: list[BarIn], trades: list[TradeIn], publisher: Publisher | None) -> None:
+        close_old_connections()
+        messages: list[Message] = []
+        tickers = self.resolver.tickers
+        for rows, write, table in ((bars, bars_upsert, "bars"), (trades, trades_insert, "trades")):
+            if not rows:
+                continue
+            started = time.perf_counter()
+            result = write(**{table: rows})  # type: ignore[operator]
+            metrics.INGEST_BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
+            metrics.INGEST_RECORDS.labels(table).inc(len(rows))
+            self.stats.written += result.inserted + result.updated
+            self.stats.duplicates += result.unchanged
+            if result.inserted + result.updated == 0:
+                continue  # a replay of what is stored: nothing new to tell clients
+            if table == "bars":
+                for b in rows:
+                    data = bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True)
+                    messages.append(Message(bars_stream(b.timeframe, tickers[b.symbol_id]), "bar", data))
+            else:
+                for t in rows:
+                    data = trade_json(t.ts_event, t.price, t.size, t.side)
+                    messages.append(Message(trades_stream(tickers[t.symbol_id]), "trade", data))
+        last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
+        if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
+            self.stats.last_ts = last
+            metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
+        if publisher is not None and messages:
+            publisher.publish(messages)
+
+    def _feed_status(self, *, force: bool = False) -> None:
+        stats = self.stats
+        now = datetime.now(UTC)
+        for schema in self.schemas or {"unknown"}:
+            FeedStatus.objects.update_or_create(
+                dataset=self.dataset,
+                schema=schema,
+                defaults={
+                    "source": self.source,
+                    "last_record_ts": stats.last_ts,
+                    "last_batch_at": now,
+                    "lag_seconds": (now - stats.last_ts).total_seconds() if stats.last_ts else None,
+                    "records_written": stats.written,
+                    "duplicates": stats.duplicates,
+                    "skipped": sum(stats.skipped.values()),
+                    "errors": sum(stats.errors.values()),
+                    "last_error": stats.last_error[:2000],
+                    "last_error_at": now if stats.last_error else None,
+                },
+            )
+
+    def _record_error(self, exc: BaseException) -> None:
+        self.stats.error(type(exc).__name__, str(exc))
+        try:
+            self._feed_status(force=True)
+        except Exception:
+            log.exception("could not record the failure in feed status")
+
+
+def _unit_ns(metadata: Any) -> int:
+    """The time step a looped file is shifted by, so shifted bars stay on their bucket edges."""
+    schema = str(metadata.schema or "")
+    return {"ohlcv-1h": 3600, "ohlcv-1d": 86400}.get(schema, 60) * 1_000_000_000
+
+
+def _record_ts(record: object) -> int | None:
+    ts = getattr(record, "ts_event", None)
+    return ts if isinstance(ts, int) else None
+
+
+def run_replay(
+    *,
+    paths: list[Any],
+    speed: float | None,
+    loop: bool,
+    symbols: list[str] | None,
+    publish: bool = True,
+    progress: Callable[[Stats, float], None] | None = None,
+    install_signals: bool = True,
+    max_loops: int | None = None,
+) -> dict[str, Stats]:
+    """Replay DBN files into the store (and out to clients); one pipeline per dataset."""
+    from .sources.replay import FileStart, Pacer, file_records
+
+    pipelines: dict[str, Pipeline] = {}
+    unread = Stats()  # errors of files that never got as far as their metadata
+    locks = FeedLock()
+    stopping = threading.Event()
+    if install_signals:
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("stop requested", extra={"signal": signum})
+            stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    pacer = Pacer(speed, stopping) if speed else None
+    passes = 0
+    try:
+        while not stopping.is_set():
+            passes += 1
+            shift_ns: int | None = None if loop else 0
+            for path in paths:
+                pipeline: Pipeline | None = None
+                file_stats = Stats()
+                unit = 60_000_000_000
+                for record in file_records(path, file_stats):
+                    if stopping.is_set():
+                        break
+                    if isinstance(record, FileStart):
+                        meta = record.metadata
+                        dataset, schema = str(meta.dataset), str(meta.schema or "mixed")
+                        locks.acquire(dataset, schema)
+                        if dataset not in pipelines:
+                            pipelines[dataset] = Pipeline(
+                                dataset=dataset, source="replay", symbols=symbols, publish=publish, progress=progress
+                            )
+                        pipeline = pipelines[dataset]
+                        pipeline.schemas.add(schema)
+                        pipeline.resolver.add_metadata_mappings(meta.mappings)
+                        unit = _unit_ns(meta)
+                        continue
+                    if pipeline is None:
+                        continue
+                    ts = _record_ts(record)
+                    if ts is not None:
+                        if shift_ns is None:  # a looped pass acts live: its first record is now
+                            shift_ns = (time.time_ns() - ts) // unit * unit
+                        pipeline.normalise.shift_ns = shift_ns
+                        if pacer is not None:
+                            pacer.wait(ts)
+                    pipeline.feed(record)
+                target = pipeline.stats if pipeline is not None else unread
+                target.errors.update(file_stats.errors)
+                target.last_error = file_stats.last_error or target.last_error
+            if not loop or (max_loops is not None and passes >= max_loops):
+                break
+            if pacer is not None:
+                pacer.reset()
+    finally:
+        results = {name: p.close() for name, p in pipelines.items()}
+        locks.release()
+    if unread.errors:
+        results["(unreadable files)"] = unread
+    return results

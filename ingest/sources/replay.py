@@ -1,0 +1,81 @@
+"""Replay DBN files (v1-v3, plain or zstd) as a source, as fast as possible or paced."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import databento_dbn as dbn
+
+from ..records import Stats
+
+CHUNK = 1 << 20
+ERR_TRUNCATED = "{path}: file ends inside a record ({count} bytes after the last whole record)"
+ERR_CORRUPT = "{path}: not decodable as DBN: {error}"
+ERR_MISSING = "{path}: no such file"
+
+
+@dataclass(frozen=True, slots=True)
+class FileStart:
+    """Emitted before a file's records: its metadata (dataset, schema, symbology)."""
+
+    path: Path
+    metadata: dbn.Metadata
+
+
+def dbn_decoder(path: Path) -> dbn.DBNDecoder:
+    """A streaming decoder that upgrades DBN v1/v2 records to v3."""
+    zstd = path.suffix == ".zst" or path.name.endswith(".dbn.zst")
+    return dbn.DBNDecoder(
+        upgrade_policy=dbn.VersionUpgradePolicy.UPGRADE_TO_V3,
+        compression=dbn.Compression.ZSTD if zstd else dbn.Compression.NONE,
+    )
+
+
+def file_records(path: Path, stats: Stats) -> Iterator[object]:
+    """Yield FileStart then every whole record of ``path``; a cut or corrupt tail is counted."""
+    if not path.is_file():
+        stats.error("missing_file", ERR_MISSING.format(path=path))
+        return
+    decoder = dbn_decoder(path)
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            try:
+                records = decoder.write_and_decode(chunk)
+            except dbn.DBNError as exc:
+                stats.error("corrupt_file", ERR_CORRUPT.format(path=path, error=exc))
+                return
+            for record in records:
+                if isinstance(record, dbn.Metadata):
+                    yield FileStart(path, record)
+                else:
+                    yield record
+    leftover = len(decoder.buffer())
+    if leftover:
+        stats.error("truncated_file", ERR_TRUNCATED.format(path=path, count=leftover))
+
+
+class Pacer:
+    """Sleeps so records go out at ``speed`` times the pace of their own timestamps."""
+
+    def __init__(self, speed: float, stopping: threading.Event) -> None:
+        self.speed = speed
+        self.stopping = stopping
+        self.origin: tuple[int, float] | None = None
+
+    def wait(self, ts_ns: int) -> None:
+        """Return when the record of ``ts_ns`` is due (or at once when stopping)."""
+        if self.origin is None:
+            self.origin = (ts_ns, time.monotonic())
+            return
+        first_ts, first_wall = self.origin
+        due = first_wall + (ts_ns - first_ts) / 1e9 / self.speed
+        delay = due - time.monotonic()
+        if delay > 0:
+            self.stopping.wait(delay)
+
+    def reset(self) -> None:
+        self.origin = None

@@ -1,0 +1,49 @@
+"""The JSON text of prices, times, bars and trades, shared by REST and WebSocket.
+
+Prices are printed from the exact fixed-point integer as the shortest decimal (no binary
+float ever touches them); times are RFC 3339 UTC with a ``Z``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from .timeframes import anomaly_names
+
+SCALE = 1_000_000_000
+
+
+def price_text(value: int) -> str:
+    """Shortest decimal text of a 1e-9 fixed-point price: 189120000000 -> '189.12'."""
+    sign = "-" if value < 0 else ""
+    whole, frac = divmod(abs(value), SCALE)
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:09d}".rstrip("0")
+
+
+def ts_text(ts: datetime) -> str:
+    """RFC 3339 UTC; microseconds only when present."""
+    ts = ts.astimezone(UTC)
+    if ts.microsecond:
+        return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def bar_json(
+    ts: datetime, open_: int, high: int, low: int, close: int, volume: int, anomalies: int, final: bool
+) -> str:
+    """The protocol's BAR object as JSON text."""
+    flags = ""
+    if anomalies:
+        flags = ',"anomalies":[' + ",".join(f'"{n}"' for n in anomaly_names(anomalies)) + "]"
+    return (
+        f'{{"ts":"{ts_text(ts)}","open":{price_text(open_)},"high":{price_text(high)},'
+        f'"low":{price_text(low)},"close":{price_text(close)},"volume":{volume},'
+        f'"final":{"true" if final else "false"}{flags}}}'
+    )
+
+
+def trade_json(ts: datetime, price: int, size: int, side: str) -> str:
+    """The protocol's trade data object as JSON text."""
+    return f'{{"ts":"{ts_text(ts)}","price":{price_text(price)},"size":{size},"side":"{side}"}}'
