@@ -4,7 +4,7 @@ from .base import *  # noqa: F403
 from .base import env
 
 DEBUG = False
-SECRET_KEY = "test-INSECURE-placeholder-secret-key"
+SECRET_KEY = "test-INSECURE-placeholder-secret-key"  # noqa: S105 (tests only)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=True)
 ALLOWED_HOSTS = ["*"]
