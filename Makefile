@@ -60,15 +60,17 @@ fmt: venv ## Format and autofix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: venv ## Run every bench/*.py with the venv's python (results are printed)
+bench: venv ## Run every bench/*.py (not _*.py) with the venv's python; figures are printed
 	@scripts/services.sh
 	@shopt -s nullglob; files=(bench/*.py); \
 	if (( $${#files[@]} == 0 )); then echo "bench: no bench/*.py yet"; exit 0; fi; \
+	failed=(); \
 	for f in "$${files[@]}"; do \
 		case "$${f##*/}" in _*) continue ;; esac; \
 		echo "== $$f"; \
-		PYTHONPATH=$(CURDIR) $(BIN)/python "$$f"; \
-	done
+		PYTHONPATH=$(CURDIR) $(BIN)/python "$$f" || failed+=("$$f"); \
+	done; \
+	if (( $${#failed[@]} )); then echo "bench: FAILED: $${failed[*]}" >&2; exit 1; fi
 
 clean: ## Remove caches and collected static files (keeps .venv and var/)
 	rm -rf .mypy_cache .ruff_cache .pytest_cache .hypothesis staticfiles
