@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase as HttpResponse
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -51,7 +52,7 @@ class RequestContextMiddleware:
             return self.__acall__(request)
         context = self._bind(request)
         response = self.get_response(request)
-        assert isinstance(response, HttpResponse)
+        assert isinstance(response, HttpResponse)  # any response: plain, streaming, file
         response[REQUEST_ID_HEADER] = context["request_id"]
         return response
 

@@ -48,3 +48,8 @@ def test_request_id_is_echoed_or_made(client):
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"})["X-Request-ID"] == "abc-123"
     made = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})["X-Request-ID"]
     assert len(made) == 32
+
+
+def test_static_files_are_served(client):
+    response = client.get("/static/admin/css/base.css")
+    assert response.status_code == 200
