@@ -30,6 +30,7 @@ from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, bars_upsert, trades_insert
 from marketdata.wire import bar_json, trade_json
 from ops import metrics
+from streaming.derive import Deriver, load_stored
 from streaming.publish import Message, Publisher
 from streaming.streams import bars_stream, trades_stream
 
@@ -106,6 +107,7 @@ class Pipeline:
         self.resolver = Resolver(dataset=dataset, allowed=frozenset(symbols) if symbols else None)
         self.resolver.load()
         self.normalise = Normaliser(self.resolver, self.stats)
+        self.deriver = Deriver(load=load_stored)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_max)
         self.batch_bars = batch_bars
         self.batch_trades = batch_trades
@@ -215,10 +217,16 @@ class Pipeline:
             self.stats.duplicates += result.unchanged
             if result.inserted + result.updated == 0:
                 continue  # a replay of what is stored: nothing new to tell clients
+            if publisher is None:
+                continue
             if table == "bars":
                 for b in rows:
                     data = bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True)
                     messages.append(Message(bars_stream(b.timeframe, tickers[b.symbol_id]), "bar", data))
+                for d in self.deriver.add(rows):  # type: ignore[arg-type]
+                    bar = d.bar
+                    data = bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
+                    messages.append(Message(bars_stream(d.tf, tickers[d.symbol_id]), "bar", data))
             else:
                 for t in rows:
                     data = trade_json(t.ts_event, t.price, t.size, t.side)
