@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
-from marketdata.services import BarIn, TradeIn, bars_upsert, trades_insert
+from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
 from marketdata.wire import bar_json, trade_json
 from ops import metrics
 from streaming.derive import Deriver, load_stored
@@ -205,38 +205,53 @@ class Pipeline:
     def _flush(self, bars: list[BarIn], trades: list[TradeIn], publisher: Publisher | None) -> None:
         close_old_connections()
         messages: list[Message] = []
-        tickers = self.resolver.tickers
-        for rows, write, table in ((bars, bars_upsert, "bars"), (trades, trades_insert, "trades")):
-            if not rows:
-                continue
-            started = time.perf_counter()
-            result = write(**{table: rows})  # type: ignore[operator]
-            metrics.INGEST_BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
-            metrics.INGEST_RECORDS.labels(table).inc(len(rows))
-            self.stats.written += result.inserted + result.updated
-            self.stats.duplicates += result.unchanged
-            if result.inserted + result.updated == 0:
-                continue  # a replay of what is stored: nothing new to tell clients
-            if publisher is None:
-                continue
-            if table == "bars":
-                for b in rows:
-                    data = bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True)
-                    messages.append(Message(bars_stream(b.timeframe, tickers[b.symbol_id]), "bar", data))
-                for d in self.deriver.add(rows):  # type: ignore[arg-type]
-                    bar = d.bar
-                    data = bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
-                    messages.append(Message(bars_stream(d.tf, tickers[d.symbol_id]), "bar", data))
-            else:
-                for t in rows:
-                    data = trade_json(t.ts_event, t.price, t.size, t.side)
-                    messages.append(Message(trades_stream(tickers[t.symbol_id]), "trade", data))
+        if bars:
+            result = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
+            if publisher is not None and result.inserted + result.updated:
+                messages += self._bar_messages(bars)
+        if trades:
+            result = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
+            if publisher is not None and result.inserted:
+                tickers = self.resolver.tickers
+                messages += [
+                    Message(
+                        trades_stream(tickers[t.symbol_id]), "trade", trade_json(t.ts_event, t.price, t.size, t.side)
+                    )
+                    for t in trades
+                ]
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
         if publisher is not None and messages:
             publisher.publish(messages)
+
+    def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> WriteResult:
+        """Run one batch write (its own transaction) and account for it."""
+        started = time.perf_counter()
+        result = write()
+        metrics.INGEST_BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
+        metrics.INGEST_RECORDS.labels(table).inc(count)
+        self.stats.written += result.inserted + result.updated
+        self.stats.duplicates += result.unchanged
+        return result
+
+    def _bar_messages(self, bars: list[BarIn]) -> list[Message]:
+        """Every written bar (final), then the derived and forming bars of coarser timeframes."""
+        tickers = self.resolver.tickers
+        messages = [
+            Message(
+                bars_stream(b.timeframe, tickers[b.symbol_id]),
+                "bar",
+                bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True),
+            )
+            for b in bars
+        ]
+        for d in self.deriver.add(bars):
+            bar = d.bar
+            data = bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
+            messages.append(Message(bars_stream(d.tf, tickers[d.symbol_id]), "bar", data))
+        return messages
 
     def _feed_status(self, *, force: bool = False) -> None:
         stats = self.stats

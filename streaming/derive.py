@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from itertools import groupby
 
 from marketdata.services import BarIn
@@ -25,6 +26,10 @@ def targets(base: str) -> list[str]:
     """Served timeframes that are built from ``base``."""
     step = DURATIONS[base]
     return [tf for tf in SERVED_TIMEFRAMES if DURATIONS[tf] > step and DURATIONS[tf] % step == timedelta(0)]
+
+
+def _bucket_of(member: OHLCV, tf: str) -> datetime:
+    return bucket_start(member.ts, tf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +72,7 @@ class Deriver:
                 members.setdefault((bar.symbol_id, tf), []).append(member)
         out: dict[tuple[int, str, datetime], Derived] = {}
         for (symbol_id, tf), group in members.items():
-            for start, bucket in groupby(group, key=lambda m, tf=tf: bucket_start(m.ts, tf)):
+            for start, bucket in groupby(group, key=partial(_bucket_of, tf=tf)):
                 self._fold(symbol_id, bases[symbol_id], tf, start, list(bucket), out)
         return list(out.values())
 

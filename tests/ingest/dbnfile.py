@@ -34,7 +34,7 @@ def bar(instrument_id: int, ts_s: int, close: int, *, volume: int = 100, rtype: 
     """One OHLCV record (prices in whole units, turned into 1e-9 fixed point)."""
     return bytes(
         dbn.OHLCVMsg(
-            rtype=rtype,
+            rtype=int(rtype),
             publisher_id=publisher_id,
             instrument_id=instrument_id,
             ts_event=ts_s * NS,

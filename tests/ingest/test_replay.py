@@ -128,7 +128,7 @@ def test_corrupt_and_missing_files_are_reported_and_the_rest_goes_on(tmp_path):
 
 def test_unknown_instrument_and_undefined_price_are_counted_not_stored(tmp_path):
     undefined = bytes(
-        dbn.OHLCVMsg(rtype=dbn.RType.OHLCV_1M, publisher_id=2, instrument_id=7, ts_event=(T0 + 60) * 10**9,
+        dbn.OHLCVMsg(rtype=int(dbn.RType.OHLCV_1M), publisher_id=2, instrument_id=7, ts_event=(T0 + 60) * 10**9,
                      open=dbn.UNDEF_PRICE, high=dbn.UNDEF_PRICE, low=dbn.UNDEF_PRICE, close=dbn.UNDEF_PRICE, volume=0)
     )  # fmt: skip
     path = write(tmp_path / "bad.dbn", metadata(symbols={"AAPL": 7}), [bar(7, T0, 100), undefined, bar(999, T0, 5)])
