@@ -137,16 +137,6 @@ class Pipeline:
             except queue.Full:
                 metrics.INGEST_BACKPRESSURE.inc()
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT stop the source; what is queued is still written."""
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            log.info("stop requested", extra={"signal": signum})
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-
     def close(self) -> Stats:
         """Flush everything queued, stop the writer and return the run's stats."""
         self.queue.put(_STOP)
@@ -282,6 +272,60 @@ class Pipeline:
             log.exception("could not record the failure in feed status")
 
 
+def stop_on_signals(stopping: threading.Event) -> None:
+    """SIGTERM and SIGINT (Ctrl-C) set ``stopping``: sources stop, queued records are still written."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("stop requested", extra={"signal": signum})
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+@dataclass(frozen=True, slots=True)
+class Mappings:
+    """A source's symbology update: Databento metadata mappings {raw_symbol: [intervals]}."""
+
+    mappings: dict[str, list[dict[str, Any]]]
+
+
+def run_feed(
+    *,
+    dataset: str,
+    schema: str,
+    source: str,
+    records: Iterable[object],
+    symbols: list[str] | None,
+    publish: bool = True,
+    progress: Callable[[Stats, float], None] | None = None,
+    stopping: threading.Event | None = None,
+) -> Stats:
+    """Run one feed (historical or live) through a pipeline under the feed's advisory lock.
+
+    ``records`` yields decoded DBN records, and ``Mappings`` wherever the source learns
+    symbology (live symbol-mapping records are handled by the normaliser itself). The
+    source should watch ``stopping`` and end its iteration when it is set.
+    """
+    lock = FeedLock()
+    lock.acquire(dataset, schema)
+    pipeline: Pipeline | None = None
+    try:
+        pipeline = Pipeline(dataset=dataset, source=source, symbols=symbols, publish=publish, progress=progress)
+        pipeline.schemas.add(schema)
+        for record in records:
+            if isinstance(record, Mappings):
+                pipeline.resolver.add_metadata_mappings(record.mappings)
+            else:
+                pipeline.feed(record)
+            if stopping is not None and stopping.is_set():
+                break
+    finally:
+        stats = pipeline.close() if pipeline is not None else Stats()
+        lock.release()
+    return stats
+
+
 def _unit_ns(metadata: Any) -> int:
     """The time step a looped file is shifted by, so shifted bars stay on their bucket edges."""
     schema = str(metadata.schema or "")
@@ -312,13 +356,7 @@ def run_replay(
     locks = FeedLock()
     stopping = threading.Event()
     if install_signals:
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            log.info("stop requested", extra={"signal": signum})
-            stopping.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        stop_on_signals(stopping)
     pacer = Pacer(speed, stopping) if speed else None
     passes = 0
     try:
