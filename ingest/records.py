@@ -89,10 +89,10 @@ class Normaliser:
             )
             return None
         if isinstance(record, dbn.InstrumentDefMsg):
-            # A definition names the instrument from its day on, until a later mapping says otherwise.
+            # A definition names the instrument for its day; Databento sends them again each day.
             day = record.ts_recv - record.ts_recv % DAY_NS
             self.resolver.add_mapping(
-                ticker=record.raw_symbol, instrument_id=record.instrument_id, start_ns=day, end_ns=None
+                ticker=record.raw_symbol, instrument_id=record.instrument_id, start_ns=day, end_ns=day + DAY_NS
             )
             return None
         if isinstance(record, dbn.ErrorMsg):

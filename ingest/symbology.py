@@ -85,19 +85,20 @@ class Resolver:
             return
         symbol = self.symbol_for(ticker)
         known = self.by_id.get(instrument_id, [])
-        if any(
-            i.symbol_id == symbol.pk and i.start_ns <= start_ns and (end_ns or OPEN_END_NS) <= i.end_ns for i in known
-        ):
+        end = end_ns or OPEN_END_NS
+        if any(i.symbol_id == symbol.pk and i.start_ns <= start_ns and end <= i.end_ns for i in known):
             return
-        valid_until = ns_datetime(end_ns) if end_ns is not None and end_ns != OPEN_END_NS else None
+        valid_until = ns_datetime(end) if end != OPEN_END_NS else None
         with transaction.atomic():
-            InstrumentMapping.objects.update_or_create(
-                symbol=symbol,
-                instrument_id=instrument_id,
-                valid_from=ns_datetime(start_ns),
+            row, created = InstrumentMapping.objects.select_for_update().get_or_create(
+                symbol=symbol, instrument_id=instrument_id, valid_from=ns_datetime(start_ns),
                 defaults={"valid_until": valid_until},
-            )
-        self._add(instrument_id, start_ns, end_ns or OPEN_END_NS, symbol)
+            )  # fmt: skip
+            # A range is only ever extended, never cut short by a narrower source.
+            if not created and row.valid_until is not None and (valid_until is None or valid_until > row.valid_until):
+                row.valid_until = valid_until
+                row.save(update_fields=["valid_until"])
+        self._add(instrument_id, start_ns, end, symbol)
 
     def add_metadata_mappings(self, mappings: Mapping[str, Iterable[Mapping[str, object]]]) -> None:
         """Apply a DBN file's symbology (raw symbol -> instrument_id per date range)."""
