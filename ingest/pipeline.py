@@ -25,6 +25,7 @@ from typing import Any
 from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
+from marketdata.cache import versions_bump
 from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
@@ -195,12 +196,17 @@ class Pipeline:
     def _flush(self, bars: list[BarIn], trades: list[TradeIn], publisher: Publisher | None) -> None:
         close_old_connections()
         messages: list[Message] = []
+        changed: set[int] = set()
         if bars:
             result = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
-            if publisher is not None and result.inserted + result.updated:
-                messages += self._bar_messages(bars)
+            if result.inserted + result.updated:
+                changed.update(b.symbol_id for b in bars)
+                if publisher is not None:
+                    messages += self._bar_messages(bars)
         if trades:
             result = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
+            if result.inserted:
+                changed.update(t.symbol_id for t in trades)
             if publisher is not None and result.inserted:
                 tickers = self.resolver.tickers
                 messages += [
@@ -209,6 +215,7 @@ class Pipeline:
                     )
                     for t in trades
                 ]
+        versions_bump(symbol_ids=changed)
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last

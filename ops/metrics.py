@@ -59,3 +59,9 @@ INGEST_LAG = Gauge("ingest_lag_seconds", "Now minus the newest written record's 
 INGEST_BACKPRESSURE = Counter(
     "ingest_backpressure_waits_total", "Times the source waited on a full queue.", registry=REGISTRY
 )
+
+# CACHE
+CACHE_REQUESTS = Counter("cache_requests_total", "Hot-cache lookups by result.", ["result"], registry=REGISTRY)
+CACHE_ERRORS = Counter(
+    "cache_errors_total", "Hot-cache operations that failed (Redis down).", ["op"], registry=REGISTRY
+)
