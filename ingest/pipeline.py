@@ -16,7 +16,8 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
@@ -279,15 +280,20 @@ class Pipeline:
             log.exception("could not record the failure in feed status")
 
 
-def stop_on_signals(stopping: threading.Event) -> None:
-    """SIGTERM and SIGINT (Ctrl-C) set ``stopping``: sources stop, queued records are still written."""
+@contextmanager
+def stop_on_signals(stopping: threading.Event) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT (Ctrl-C) set ``stopping``: sources stop, queued records are written."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("stop requested", extra={"signal": signum})
         stopping.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,14 +362,30 @@ def run_replay(
     max_loops: int | None = None,
 ) -> dict[str, Stats]:
     """Replay DBN files into the store (and out to clients); one pipeline per dataset."""
+    stopping = threading.Event()
+    with stop_on_signals(stopping) if install_signals else nullcontext():
+        return _replay(
+            paths=paths, speed=speed, loop=loop, symbols=symbols, publish=publish, progress=progress,
+            stopping=stopping, max_loops=max_loops,
+        )  # fmt: skip
+
+
+def _replay(
+    *,
+    paths: list[Any],
+    speed: float | None,
+    loop: bool,
+    symbols: list[str] | None,
+    publish: bool,
+    progress: Callable[[Stats, float], None] | None,
+    stopping: threading.Event,
+    max_loops: int | None,
+) -> dict[str, Stats]:
     from .sources.replay import FileStart, Pacer, file_records
 
     pipelines: dict[str, Pipeline] = {}
     unread = Stats()  # errors of files that never got as far as their metadata
     locks = FeedLock()
-    stopping = threading.Event()
-    if install_signals:
-        stop_on_signals(stopping)
     pacer = Pacer(speed, stopping) if speed else None
     passes = 0
     try:
