@@ -10,7 +10,6 @@ everything already queued is still written before the run ends.
 
 from __future__ import annotations
 
-import logging
 import queue
 import signal
 import threading
@@ -23,6 +22,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+import structlog
 from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
@@ -39,7 +39,7 @@ from streaming.streams import bars_stream, trades_stream
 from .records import Normaliser, Stats
 from .symbology import Resolver
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 BATCH_BARS = 1000
 BATCH_TRADES = 5000
@@ -285,7 +285,7 @@ def stop_on_signals(stopping: threading.Event) -> Iterator[None]:
     """While inside, SIGTERM and SIGINT (Ctrl-C) set ``stopping``: sources stop, queued records are written."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        log.info("stop requested", extra={"signal": signum})
+        log.info("stop requested", signal=signum)
         stopping.set()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -416,8 +416,13 @@ def _replay(
                         continue
                     ts = _record_ts(record)
                     if ts is not None:
-                        if shift_ns is None:  # a looped pass acts live: its first record is now
-                            shift_ns = (time.time_ns() - ts) // unit * unit
+                        if shift_ns is None:
+                            # A looped pass acts live: shifted by whole units (bars keep their bucket
+                            # edges) to start at the next edge, and paced on the wall clock from there.
+                            now_ns = time.time_ns()
+                            shift_ns = -((ts - now_ns) // unit) * unit
+                            if pacer is not None:
+                                pacer.anchor(ts, wall_ns=ts + shift_ns)
                         pipeline.normalise.shift_ns = shift_ns
                         if pacer is not None:
                             pacer.wait(ts)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import databento_dbn as dbn
+import structlog
 
 from marketdata.services import UNDEF_PRICE, BarIn, TradeIn
 
 from .anomalies import AnomalyDetector
 from .symbology import DAY_NS, UNDEF_TIMESTAMP, Resolver
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BAR_RTYPES = {
@@ -45,7 +45,7 @@ class Stats:
     def error(self, cause: str, message: str) -> None:
         self.errors[cause] += 1
         self.last_error = message
-        log.warning("ingest error", extra={"cause": cause, "detail": message})
+        log.warning("ingest error", cause=cause, detail=message)
 
     def summary(self) -> str:
         """One line for the end of a run."""

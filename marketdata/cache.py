@@ -7,15 +7,15 @@ version they read first, so an entry made before a write is simply never read ag
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import redis
+import structlog
 from django.conf import settings
 
 from ops import metrics
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 VERSION_KEY = "md:ver:{symbol_id}"
 ENTRY_KEY = "md:cache:{symbol_id}:{version}:{what}"
@@ -44,7 +44,7 @@ def versions_bump(*, symbol_ids: Iterable[int]) -> None:
     except redis.RedisError as exc:
         # Entries expire; until Redis is back readers cannot read entries either.
         metrics.CACHE_ERRORS.labels("bump").inc()
-        log.warning("cache version bump failed", extra={"error": str(exc)})
+        log.warning("cache version bump failed", error=str(exc))
 
 
 def cached_get(*, symbol_id: int, what: str) -> tuple[bytes | None, str | None]:

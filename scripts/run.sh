@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The tail of `make run`, once the venv and the services are up: migrate, make sure an
-# admin user exists, load demo data, then replace this shell with the gateway (daphne).
+# admin user exists, load demo data and start the live demo feed, then serve (daphne).
 #
 # Environment:
 #   ADMIN_PASSWORD          password for a newly created `admin` user (default: admin;
@@ -19,7 +19,6 @@ ADMIN_USER=admin
 export ADMIN_PASSWORD="${ADMIN_PASSWORD:-admin}"
 
 manage() { "$BIN/python" manage.py "$@"; }
-has_command() { manage help "$1" >/dev/null 2>&1; }
 
 manage migrate --noinput
 
@@ -37,15 +36,17 @@ else:
     print("created")
 ' | tail -n 1)"
 
-# Demo data: `demo_data` where it exists (a later issue adds it); until then the sample
-# files through `load_samples`, where that exists; else nothing.
-if has_command demo_data; then
-    manage demo_data
-elif has_command load_samples; then
-    manage load_samples
-else
-    echo "run: no demo_data or load_samples command yet; starting with the data already stored"
-fi
+# Demo data: days of 1m history (stored and published), then a live feed: the live file
+# replayed in a loop at real speed, its times shifted to now, in the background.
+DEMO_DIR="${DEMO_DIR:-var/demo}"
+manage demo_data --out "$DEMO_DIR"
+manage ingest replay "$DEMO_DIR/history.ohlcv-1m.dbn.zst" --max
+mkdir -p var/log
+"$BIN/python" manage.py ingest replay "$DEMO_DIR/live.dbn.zst" --loop --speed 1 >>var/log/live-feed.log 2>&1 &
+feed_pid=$!
+# The feed stops (and flushes) when the server does, however the server ends.
+trap 'kill -TERM "$feed_pid" 2>/dev/null; wait "$feed_pid" 2>/dev/null' EXIT
+echo "run: live demo feed started (pid $feed_pid, log var/log/live-feed.log)"
 
 cat <<EOF
 
@@ -61,4 +62,4 @@ fi
 echo "  Stop with Ctrl+C."
 echo
 
-exec "$BIN/daphne" -b "$HOST" -p "$PORT" config.asgi:application
+"$BIN/daphne" -b "$HOST" -p "$PORT" config.asgi:application

@@ -77,5 +77,9 @@ class Pacer:
         if delay > 0:
             self.stopping.wait(delay)
 
+    def anchor(self, ts_ns: int, *, wall_ns: int) -> None:
+        """Make the record of ``ts_ns`` due at the wall-clock time ``wall_ns`` (epoch ns)."""
+        self.origin = (ts_ns, time.monotonic() + (wall_ns - time.time_ns()) / 1e9)
+
     def reset(self) -> None:
         self.origin = None
