@@ -101,6 +101,19 @@ class OHLCV:
     publisher_id: int = 0
 
 
+def combine(a: OHLCV, b: OHLCV, ts: datetime) -> OHLCV:
+    """Merge two consecutive pieces of one bucket (``a`` before ``b``): the one aggregation rule."""
+    return OHLCV(
+        ts=ts,
+        open=a.open,
+        high=a.high if a.high >= b.high else b.high,
+        low=a.low if a.low <= b.low else b.low,
+        close=b.close,
+        volume=a.volume + b.volume,
+        anomalies=a.anomalies | b.anomalies,
+    )
+
+
 def resample(bars: Iterable[OHLCV], tf: str, *, exclude_anomalies: bool = False) -> list[OHLCV]:
     """Aggregate bars into ``tf`` buckets: first open, max high, min low, last close, sum volume.
 
@@ -108,35 +121,13 @@ def resample(bars: Iterable[OHLCV], tf: str, *, exclude_anomalies: bool = False)
     (ts, publisher_id), the order the SQL path uses. Anomaly bits are OR-ed; with
     ``exclude_anomalies`` flagged bars are dropped before aggregation.
     """
-    ordered = sorted(bars, key=lambda b: (b.ts, b.publisher_id))
     out: list[OHLCV] = []
-    current: OHLCV | None = None
-    for bar in ordered:
+    for bar in sorted(bars, key=lambda b: (b.ts, b.publisher_id)):
         if exclude_anomalies and bar.anomalies:
             continue
         start = bucket_start(bar.ts, tf)
-        if current is not None and current.ts == start:
-            current = OHLCV(
-                ts=start,
-                open=current.open,
-                high=max(current.high, bar.high),
-                low=min(current.low, bar.low),
-                close=bar.close,
-                volume=current.volume + bar.volume,
-                anomalies=current.anomalies | bar.anomalies,
-            )
+        if out and out[-1].ts == start:
+            out[-1] = combine(out[-1], bar, start)
         else:
-            if current is not None:
-                out.append(current)
-            current = OHLCV(
-                ts=start,
-                open=bar.open,
-                high=bar.high,
-                low=bar.low,
-                close=bar.close,
-                volume=bar.volume,
-                anomalies=bar.anomalies,
-            )
-    if current is not None:
-        out.append(current)
+            out.append(OHLCV(start, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies))
     return out

@@ -12,11 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
-from itertools import groupby
 
 from marketdata.services import BarIn
-from marketdata.timeframes import DURATIONS, OHLCV, SERVED_TIMEFRAMES, STORED_TIMEFRAMES, bucket_start, resample
+from marketdata.timeframes import (
+    DURATIONS,
+    OHLCV,
+    SERVED_TIMEFRAMES,
+    STORED_TIMEFRAMES,
+    bucket_start,
+    combine,
+    resample,
+)
 
 Loader = Callable[[int, str, datetime, datetime], list[OHLCV]]
 _ORDER = {tf: i for i, tf in enumerate(SERVED_TIMEFRAMES)}
@@ -26,10 +32,6 @@ def targets(base: str) -> list[str]:
     """Served timeframes that are built from ``base``."""
     step = DURATIONS[base]
     return [tf for tf in SERVED_TIMEFRAMES if DURATIONS[tf] > step and DURATIONS[tf] % step == timedelta(0)]
-
-
-def _bucket_of(member: OHLCV, tf: str) -> datetime:
-    return bucket_start(member.ts, tf)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +44,35 @@ class Derived:
     final: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """Part of one bucket built from this batch: its aggregate and the span of member times."""
+
+    bar: OHLCV
+    first_ts: datetime
+    last_ts: datetime
+
+
 @dataclass
 class _Forming:
     bar: OHLCV
     last_ts: datetime
+
+
+def _pieces(items: list[_Piece], tf: str) -> list[_Piece]:
+    """Fold consecutive items into one piece per ``tf`` bucket (items in time order)."""
+    out: list[_Piece] = []
+    for item in items:
+        start = bucket_start(item.bar.ts, tf)
+        if out and out[-1].bar.ts == start:
+            last = out[-1]
+            out[-1] = _Piece(combine(last.bar, item.bar, start), last.first_ts, item.last_ts)
+        else:
+            b = item.bar
+            out.append(
+                _Piece(OHLCV(start, b.open, b.high, b.low, b.close, b.volume, b.anomalies), item.first_ts, item.last_ts)
+            )
+    return out
 
 
 @dataclass
@@ -57,43 +84,51 @@ class Deriver:
     finest: dict[int, str] = field(default_factory=dict)
 
     def add(self, bars: Iterable[BarIn]) -> list[Derived]:
-        """Fold a committed batch in; return what to publish: the latest state per stream and bucket."""
-        members: dict[tuple[int, str], list[OHLCV]] = {}
-        bases: dict[int, str] = {}
+        """Fold a committed batch in; return what to publish: the latest state per stream and bucket.
+
+        Each timeframe is built from the pieces of the one below it (1m from 1s, 5m from 1m,
+        15m from 5m, ...): they all share one origin and each divides the next, and the
+        aggregation is associative, so this equals resampling the base bars directly.
+        """
+        members: dict[int, list[_Piece]] = {}
         for bar in bars:
             finest = self.finest.get(bar.symbol_id)
             if finest is None or _ORDER[bar.timeframe] < _ORDER[finest]:
                 self.finest[bar.symbol_id] = finest = bar.timeframe
+                members.pop(bar.symbol_id, None)
             if bar.timeframe != finest:
                 continue  # derived from the finest input only, so one rule feeds each stream
-            bases[bar.symbol_id] = finest
             member = OHLCV(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, bar.publisher_id)
-            for tf in targets(finest):
-                members.setdefault((bar.symbol_id, tf), []).append(member)
+            members.setdefault(bar.symbol_id, []).append(_Piece(member, bar.ts, bar.ts))
         out: dict[tuple[int, str, datetime], Derived] = {}
-        for (symbol_id, tf), group in members.items():
-            for start, bucket in groupby(group, key=partial(_bucket_of, tf=tf)):
-                self._fold(symbol_id, bases[symbol_id], tf, start, list(bucket), out)
+        for symbol_id, items in members.items():
+            base = self.finest[symbol_id]
+            items.sort(key=lambda p: (p.bar.ts, p.bar.publisher_id))
+            for tf in targets(base):
+                items = _pieces(items, tf)
+                for piece in items:
+                    self._merge(symbol_id, base, tf, piece, out)
         return list(out.values())
 
-    def _fold(self, symbol_id: int, base: str, tf: str, start: datetime, bucket: list[OHLCV], out: dict) -> None:
+    def _merge(self, symbol_id: int, base: str, tf: str, piece: _Piece, out: dict) -> None:
         key = (symbol_id, tf)
+        start = piece.bar.ts
         state = self.forming.get(key)
-        newest = max(m.ts for m in bucket)
-        if state is None or (start == state.bar.ts and min(m.ts for m in bucket) <= state.last_ts):
+        if state is None or (start == state.bar.ts and piece.first_ts <= state.last_ts):
             # First sight of this stream, or a correction inside the bucket: rebuild it from the
             # store, which already holds this committed batch.
             stored = self.load(symbol_id, base, start, start + DURATIONS[tf])
-            state = _Forming(resample(stored or bucket, tf)[0], max([newest] + [m.ts for m in stored]))
+            bar = resample(stored, tf)[0] if stored else piece.bar
+            state = _Forming(bar, max([piece.last_ts] + [m.ts for m in stored]))
         elif start > state.bar.ts:
             out[(symbol_id, tf, state.bar.ts)] = Derived(symbol_id, tf, state.bar, final=True)
-            state = _Forming(resample(bucket, tf)[0], newest)
+            state = _Forming(piece.bar, piece.last_ts)
         elif start < state.bar.ts:
             return  # a late bar of a closed bucket: stored, and its final was already sent
         else:
-            state = _Forming(resample([state.bar, *bucket], tf)[0], newest)
+            state = _Forming(combine(state.bar, piece.bar, start), piece.last_ts)
         self.forming[key] = state
-        out[(symbol_id, tf, state.bar.ts)] = Derived(symbol_id, tf, state.bar, final=False)
+        out[(symbol_id, tf, start)] = Derived(symbol_id, tf, state.bar, final=False)
 
 
 def load_stored(symbol_id: int, base: str, start: datetime, end: datetime) -> list[OHLCV]:

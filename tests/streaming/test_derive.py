@@ -1,0 +1,57 @@
+"""Derived and forming bars equal resampling the base bars, however the batches are cut."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marketdata.services import BarIn
+from marketdata.timeframes import OHLCV, resample
+from streaming.derive import Deriver, targets
+
+T0 = datetime(2024, 3, 10, 5, 58, tzinfo=UTC)  # near a 4h edge and the US DST change
+P = 1_000_000_000
+
+
+def _bars(raw: list[tuple[int, int, int]]) -> list[BarIn]:
+    out = {}
+    for offset, close, volume in raw:
+        ts = T0 + timedelta(seconds=offset)
+        out[ts] = BarIn(1, "1s", ts, 2, close * P, (close + 2) * P, (close - 1) * P, close * P, volume)
+    return [out[ts] for ts in sorted(out)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    raw=st.lists(
+        st.tuples(st.integers(0, 4 * 3600), st.integers(2, 500), st.integers(0, 100)), min_size=1, max_size=80
+    ),
+    cuts=st.lists(st.integers(1, 79), max_size=6),
+)
+def test_latest_state_per_bucket_equals_resampling_everything(raw, cuts):
+    bars = _bars(raw)
+    stored: list[BarIn] = []
+
+    def load(symbol_id, base, start, end):
+        return [OHLCV(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.publisher_id)
+                for b in stored if start <= b.ts < end]  # fmt: skip
+
+    deriver = Deriver(load=load)
+    latest: dict[tuple[str, datetime], tuple[OHLCV, bool]] = {}
+    edges = [0, *sorted({c for c in cuts if c < len(bars)}), len(bars)]
+    for lo, hi in pairwise(edges):
+        batch = bars[lo:hi]
+        stored.extend(batch)  # committed before derivation, as in the pipeline
+        for d in deriver.add(batch):
+            latest[(d.tf, d.bar.ts)] = (d.bar, d.final)
+
+    members = [OHLCV(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.publisher_id) for b in bars]
+    for tf in targets("1s"):
+        expected = resample(members, tf)
+        got = sorted((ts, bar) for (t, ts), (bar, _) in latest.items() if t == tf)
+        assert [bar for _, bar in got] == expected, tf
+        finals = [latest[(tf, b.ts)][1] for b in expected]
+        assert finals == [True] * (len(expected) - 1) + [False], tf  # only the last bucket is still forming
