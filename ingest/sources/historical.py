@@ -1,0 +1,271 @@
+"""Databento's historical API as a source: get_range in chunks, resumed from what is stored.
+
+Each chunk is one ``timeseries.get_range`` request, spooled to a temporary file by the
+client and decoded from there, so only one chunk is on disk and only the decoder's buffer
+is in memory. The chunk's symbology goes into the pipeline first, then its records.
+
+Resume: a run starts at the later of ``start`` and the earliest of the requested
+symbols' latest stored timestamps inside [start, end) (a symbol with nothing stored there
+starts at ``start``). The stored series is a time-ordered prefix of what was fetched, so
+refetching from that point leaves no gap; the timestamp itself is fetched again, which
+the idempotent upserts absorb, so there is no duplicate either.
+
+Retries: 5xx answers, 408/429, timeouts and dropped connections are retried with capped
+exponential backoff, a bounded number of times. Any other 4xx is counted as an error with
+Databento's message. Either way the run stops at that chunk, so no later data is stored
+past a hole that a resumed run would not go back to fill.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import databento
+import requests
+from databento.common.enums import HistoricalGateway
+from databento.common.error import BentoClientError, BentoError
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Max
+
+from marketdata.errors import ERR_NAIVE_DATETIME, ValidationError
+from marketdata.models import Bar, Symbol, Trade, dataset_validator
+from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
+
+from ..pipeline import Mappings, run_feed
+from ..records import Stats
+from .keys import api_key_get
+
+log = logging.getLogger(__name__)
+
+SOURCE = "historical"
+# Statuses worth asking again: the request timed out, or the client is being throttled.
+RETRY_STATUSES = frozenset({408, 429})
+# Error causes that mean the window was not fetched to its end.
+API_ERRORS = ("api_client_error", "api_unavailable")
+
+ERR_SCHEMA = "schema {value!r} is not ingested: expected one of " + " ".join(SCHEMAS)
+ERR_RANGE = "start {start} must be before end {end}"
+ERR_SYMBOLS = "symbols must name at least one raw symbol, e.g. AAPL,MSFT"
+ERR_DATASET = "dataset must be a Databento dataset code such as XNAS.ITCH, got {value!r}"
+ERR_CHUNK = "chunk must be a positive duration, got {value}"
+ERR_API_REFUSED = "historical API refused {dataset} {schema} {lo}..{hi}: {error}"
+ERR_API_GAVE_UP = "historical API failed {attempts} times for {dataset} {schema} {lo}..{hi}; last: {error}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff: ``attempts`` tries in all, waiting base, 2*base, ... up to cap."""
+
+    attempts: int = 6
+    base_s: float = 1.0
+    cap_s: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+
+
+@dataclass
+class HistoricalStats(Stats):
+    """A historical run's stats, with where it resumed and how far it fetched."""
+
+    resumed_from: datetime | None = None
+    fetched_until: datetime | None = None
+    complete: bool = False
+    requests: int = 0
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        resumed = self.resumed_from.isoformat() if self.resumed_from else "no (nothing stored in the window)"
+        until = self.fetched_until.isoformat() if self.fetched_until else "nothing"
+        return (
+            f"{super().summary()}; resumed: {resumed}; fetched until: {until}"
+            f"{'' if self.complete else ' (INCOMPLETE)'}; requests={self.requests}"
+        )
+
+
+def run_historical(
+    *,
+    dataset: str,
+    schema: str,
+    symbols: list[str],
+    start: datetime,
+    end: datetime,
+    key: str | None = None,
+    gateway: str | None = None,
+    chunk: timedelta = timedelta(days=1),
+    publish: bool = True,
+    progress: Callable[[Stats, float], None] | None = None,
+    stopping: threading.Event | None = None,
+    backoff: Backoff = Backoff(),  # frozen: one shared default is safe
+) -> HistoricalStats:
+    """Fetch [start, end) of ``schema`` for ``symbols`` in chunks and ingest it, resuming from the store.
+
+    ``key`` is checked (or read from DATABENTO_API_KEY when None) before any request;
+    a missing or malformed key raises ApiKeyError. Bad arguments raise ValidationError.
+    """
+    symbols = _validated(dataset=dataset, schema=schema, symbols=symbols, start=start, end=end, chunk=chunk)
+    key = api_key_get(source=SOURCE, environ=None if key is None else {"DATABENTO_API_KEY": key})
+    start, end = start.astimezone(UTC), end.astimezone(UTC)
+
+    stored = stored_until(dataset=dataset, schema=schema, symbols=symbols, start=start, end=end)
+    first = max(start, stored) if stored is not None else start
+    notes = HistoricalStats(resumed_from=stored)
+    # The details go in the message itself: the JSON log renders a stdlib record's message, not its extras.
+    if stored is None:
+        log.info("historical %s %s %s: fetching %s..%s", dataset, schema, ",".join(symbols), start, end)
+    else:
+        log.info(
+            "historical %s %s %s: resuming from %s (the earliest of the symbols' latest stored), fetching to %s",
+            dataset, schema, ",".join(symbols), first, end,
+        )  # fmt: skip
+    client = databento.Historical(key=key, gateway=gateway or HistoricalGateway.BO1)
+    with tempfile.TemporaryDirectory(prefix="ingest-historical-") as spool:
+        records = _records(
+            client, dataset=dataset, schema=schema, symbols=symbols, windows=chunk_windows(start, first, end, chunk),
+            notes=notes, stopping=stopping, backoff=backoff, spool=Path(spool),
+        )  # fmt: skip
+        try:
+            stats = run_feed(
+                dataset=dataset, schema=schema, source=SOURCE, records=records, symbols=symbols, publish=publish,
+                progress=progress, stopping=stopping,
+            )  # fmt: skip
+        finally:
+            records.close()  # release the spooled chunk before its directory goes
+    result = HistoricalStats(**vars(stats))
+    result.errors.update(notes.errors)
+    result.warnings.update(notes.warnings)
+    result.last_error = notes.last_error or result.last_error
+    result.resumed_from, result.fetched_until, result.requests = stored, notes.fetched_until, notes.requests
+    result.complete = notes.fetched_until == end and not (stopping is not None and stopping.is_set())
+    log.info("historical %s %s done: %s", dataset, schema, result.summary())
+    return result
+
+
+def stored_until(*, dataset: str, schema: str, symbols: list[str], start: datetime, end: datetime) -> datetime | None:
+    """The earliest of the symbols' latest stored times in [start, end), or None when any has none."""
+    ids = list(Symbol.objects.filter(dataset=dataset, ticker__in=symbols).values_list("pk", flat=True))
+    if len(ids) < len(set(symbols)):
+        return None
+    timeframe = SCHEMA_TIMEFRAMES.get(schema)
+    if timeframe is not None:
+        bars = Bar.objects.filter(symbol_id__in=ids, timeframe=timeframe, ts__gte=start, ts__lt=end)
+        latest = [row["last"] for row in bars.values("symbol_id").annotate(last=Max("ts"))]
+    else:
+        trades = Trade.objects.filter(symbol_id__in=ids, ts_event__gte=start, ts_event__lt=end)
+        latest = [row["last"] for row in trades.values("symbol_id").annotate(last=Max("ts_event"))]
+    if len(latest) < len(ids):
+        return None
+    return min(latest)
+
+
+def chunk_windows(
+    start: datetime, first: datetime, end: datetime, chunk: timedelta
+) -> Iterator[tuple[datetime, datetime]]:
+    """[lo, hi) windows from ``first`` to ``end``, cut on the grid start + k * chunk.
+
+    Keeping the grid of the original start means a resumed run asks for the rest of the
+    interrupted chunk, then the same chunks the first run would have asked for.
+    """
+    k = (first - start) // chunk
+    lo = first
+    while lo < end:
+        k += 1
+        hi = min(start + k * chunk, end)
+        if hi > lo:
+            yield lo, hi
+        lo = hi
+
+
+def _records(
+    client: databento.Historical, *, dataset: str, schema: str, symbols: list[str],
+    windows: Iterator[tuple[datetime, datetime]], notes: HistoricalStats, stopping: threading.Event | None,
+    backoff: Backoff, spool: Path,
+) -> Generator[object, None, None]:  # fmt: skip
+    """Each window's Mappings, then its records; ends early on an API error or a stop request."""
+    for lo, hi in windows:
+        if stopping is not None and stopping.is_set():
+            return
+        path = _fetch(
+            client, dataset=dataset, schema=schema, symbols=symbols, lo=lo, hi=hi, notes=notes, stopping=stopping,
+            backoff=backoff, spool=spool,
+        )  # fmt: skip
+        if path is None:
+            return
+        try:
+            store = databento.DBNStore.from_file(path)
+            yield Mappings({ticker: [dict(i) for i in spans] for ticker, spans in store.metadata.mappings.items()})
+            yield from store
+        finally:
+            path.unlink(missing_ok=True)
+        notes.fetched_until = hi
+
+
+def _fetch(
+    client: databento.Historical, *, dataset: str, schema: str, symbols: list[str], lo: datetime, hi: datetime,
+    notes: HistoricalStats, stopping: threading.Event | None, backoff: Backoff, spool: Path,
+) -> Path | None:  # fmt: skip
+    """Download one window to a file in ``spool``, retrying what is transient; None when it gave up."""
+    where = {"dataset": dataset, "schema": schema, "lo": lo.isoformat(), "hi": hi.isoformat()}
+    for attempt in range(1, backoff.attempts + 1):
+        path = spool / f"{int(lo.timestamp() * 1e6)}-{attempt}.dbn.zst"
+        notes.requests += 1
+        try:
+            client.timeseries.get_range(
+                dataset=dataset, schema=schema, symbols=symbols, stype_in="raw_symbol", start=lo, end=hi, path=path
+            )
+            return path
+        except BentoClientError as exc:
+            if exc.http_status not in RETRY_STATUSES:
+                notes.error("api_client_error", ERR_API_REFUSED.format(error=exc, **where))
+                return None
+            error: Exception = exc
+        except (BentoError, requests.ConnectionError, requests.Timeout) as exc:
+            # BentoServerError (5xx), or the connection dropped while the body streamed.
+            error = exc
+        path.unlink(missing_ok=True)
+        if attempt == backoff.attempts:
+            notes.error("api_unavailable", ERR_API_GAVE_UP.format(attempts=attempt, error=error, **where))
+            return None
+        delay = backoff.delay(attempt)
+        notes.warnings["api_retry"] += 1
+        log.warning(
+            "historical %s %s %s..%s: attempt %d failed (%s); retrying in %.1fs",
+            dataset, schema, where["lo"], where["hi"], attempt, error, delay,
+        )  # fmt: skip
+        if stopping is not None:
+            if stopping.wait(delay):
+                return None
+        else:
+            time.sleep(delay)
+    return None
+
+
+def _validated(
+    *, dataset: str, schema: str, symbols: list[str], start: datetime, end: datetime, chunk: timedelta
+) -> list[str]:
+    """The symbols, stripped and deduplicated in order; ValidationError naming the field otherwise."""
+    if schema not in SCHEMAS:
+        raise ValidationError(ERR_SCHEMA.format(value=schema), field="schema")
+    try:
+        dataset_validator(dataset)
+    except DjangoValidationError:
+        raise ValidationError(ERR_DATASET.format(value=dataset), field="dataset") from None
+    cleaned = list(dict.fromkeys(s.strip() for s in symbols if s.strip()))
+    if not cleaned:
+        raise ValidationError(ERR_SYMBOLS, field="symbols")
+    for name, value in (("start", start), ("end", end)):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(ERR_NAIVE_DATETIME.format(field=name, value=value), field=name)
+    if not start < end:
+        raise ValidationError(ERR_RANGE.format(start=start.isoformat(), end=end.isoformat()), field="start")
+    if chunk <= timedelta(0):
+        raise ValidationError(ERR_CHUNK.format(value=chunk), field="chunk")
+    return cleaned
