@@ -8,6 +8,7 @@ import structlog
 
 SHARED_PROCESSORS: list[Any] = [
     structlog.contextvars.merge_contextvars,
+    structlog.stdlib.ExtraAdder(),  # stdlib `extra=` fields become keys too
     structlog.stdlib.add_logger_name,
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import threading
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ingest.pipeline import IngestLockedError, run_replay
+from ingest.pipeline import IngestLockedError, run_replay, stop_on_signals
 from ingest.records import Stats
+from ingest.sources.keys import ApiKeyError, api_key_get
+from marketdata.errors import ValidationError
+from marketdata.timeframes import SCHEMAS
+from marketdata.timeparse import time_parse
 
 
 def _symbols(value: str) -> list[str]:
@@ -17,6 +25,16 @@ def _symbols(value: str) -> list[str]:
     if not symbols:
         raise argparse.ArgumentTypeError("--symbols needs at least one symbol, e.g. AAPL,MSFT")
     return symbols
+
+
+def _time(field: str) -> Callable[[str], datetime]:
+    def parse(value: str) -> datetime:
+        try:
+            return time_parse(value, field=field)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    return parse
 
 
 def _speed(value: str) -> float:
@@ -33,7 +51,7 @@ class Command(BaseCommand):
     help = "Ingest Databento data (DBN files, historical API, live API) into the store, then publish it."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="source", required=True, parser_class=argparse.ArgumentParser)
+        sub = parser.add_subparsers(dest="source", required=True)
         replay = sub.add_parser("replay", help="replay DBN files (v1-v3, .dbn or .dbn.zst)")
         replay.add_argument("files", nargs="+", type=Path, metavar="FILE")
         pace = replay.add_mutually_exclusive_group()
@@ -43,9 +61,32 @@ class Command(BaseCommand):
         replay.add_argument("--symbols", type=_symbols, help="only these symbols, e.g. AAPL,MSFT")
         replay.add_argument("--no-publish", action="store_true", help="store only; publish nothing")
 
+        historical = sub.add_parser("historical", help="fetch from Databento's historical API (DATABENTO_API_KEY)")
+        live = sub.add_parser("live", help="stream from Databento's live API (DATABENTO_API_KEY)")
+        for p in (historical, live):
+            p.add_argument("--dataset", required=True, help="e.g. XNAS.ITCH")
+            p.add_argument("--schema", required=True, choices=SCHEMAS)
+            p.add_argument("--symbols", type=_symbols, required=True, help="raw symbols, e.g. AAPL,MSFT")
+            p.add_argument("--no-publish", action="store_true", help="store only; publish nothing")
+        historical.add_argument("--start", type=_time("start"), required=True, help="RFC 3339 or epoch ms")
+        historical.add_argument("--end", type=_time("end"), required=True, help="RFC 3339 or epoch ms")
+        historical.add_argument("--gateway", help="another historical gateway URL (https)")
+        live.add_argument("--start", type=_time("start"), help="intraday replay from this time (RFC 3339)")
+        live.add_argument(
+            "--gateway", default=settings.DATABENTO_LIVE_GATEWAY or None,
+            help="HOST:PORT of another live gateway (default: DATABENTO_LIVE_GATEWAY, else Databento's)",
+        )  # fmt: skip
+
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["source"] == "replay":
-            self._replay(options)
+        try:
+            if options["source"] == "replay":
+                self._replay(options)
+            elif options["source"] == "historical":
+                self._historical(options)
+            else:
+                self._live(options)
+        except (IngestLockedError, ApiKeyError, ValidationError) as exc:
+            raise CommandError(exc.message) from None
 
     def _progress(self, stats: Stats, elapsed: float) -> None:
         rate = stats.written / elapsed if elapsed else 0.0
@@ -57,16 +98,40 @@ class Command(BaseCommand):
         self.stderr.write(f"records={stats.records} written={stats.written} rate={rate:,.0f}/s lag={lag}")
 
     def _replay(self, options: dict[str, Any]) -> None:
-        try:
-            results = run_replay(
-                paths=options["files"],
-                speed=options["speed"],
-                loop=options["loop"],
-                symbols=options["symbols"],
-                publish=not options["no_publish"],
-                progress=self._progress,
-            )
-        except IngestLockedError as exc:
-            raise CommandError(exc.message) from None
+        results = run_replay(
+            paths=options["files"],
+            speed=options["speed"],
+            loop=options["loop"],
+            symbols=options["symbols"],
+            publish=not options["no_publish"],
+            progress=self._progress,
+        )
         for dataset, stats in results.items():
             self.stdout.write(f"{dataset}: {stats.summary()}")
+
+    def _historical(self, options: dict[str, Any]) -> None:
+        from ingest.sources.historical import API_ERRORS, run_historical
+
+        stopping = threading.Event()
+        with stop_on_signals(stopping):
+            stats = run_historical(
+                dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"],
+                start=options["start"], end=options["end"], gateway=options["gateway"],
+                publish=not options["no_publish"], progress=self._progress, stopping=stopping,
+            )  # fmt: skip
+        self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
+        if not stats.complete or any(stats.errors[cause] for cause in API_ERRORS):
+            raise CommandError("historical fetch incomplete: run the same command again to resume from the store")
+
+    def _live(self, options: dict[str, Any]) -> None:
+        from ingest.sources.live import run_live
+
+        key = api_key_get(source="ingest live")
+        stopping = threading.Event()
+        with stop_on_signals(stopping):
+            stats = run_live(
+                dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"], key=key,
+                start=options["start"], gateway=options["gateway"], publish=not options["no_publish"],
+                progress=self._progress, stopping=stopping,
+            )  # fmt: skip
+        self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
