@@ -187,12 +187,13 @@ def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
                 return
             if message["type"] != "message":
                 continue
-            frame = json.loads(msgpack.unpackb(message["data"])["frame"])
-            with psycopg.connect(_dsn()) as conn:
-                ts = datetime.fromisoformat(frame["data"]["ts"])
-                row = conn.execute("SELECT count(*) FROM marketdata_bar WHERE ts = %s", [ts]).fetchone()
-                seen_in_db_at_receipt.append(row[0] if row else 0)
-            frames.append(frame)
+            for text in msgpack.unpackb(message["data"])["frames"]:
+                frame = json.loads(text)
+                with psycopg.connect(_dsn()) as conn:
+                    ts = datetime.fromisoformat(frame["data"]["ts"])
+                    row = conn.execute("SELECT count(*) FROM marketdata_bar WHERE ts = %s", [ts]).fetchone()
+                    seen_in_db_at_receipt.append(row[0] if row else 0)
+                frames.append(frame)
 
     listener = threading.Thread(target=listen)
     listener.start()
@@ -203,8 +204,15 @@ def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
     assert [f["seq"] for f in frames] == [1, 2, 3, 4, 5]
     assert [f["data"]["close"] for f in frames] == [100, 101, 102, 103, 104]
     assert seen_in_db_at_receipt == [1] * 5  # each bar was committed before it was published
-    buffered = redis_client.xrange("md:buf:bars:1m:AAPL")
-    assert [int(entry_id.split(b"-")[0]) for entry_id, _ in buffered] == [1, 2, 3, 4, 5]
+    assert [f["seq"] for f in buffer_frames(redis_client, "bars:1m:AAPL")] == [1, 2, 3, 4, 5]
+
+
+def buffer_frames(client: redis.Redis, stream: str) -> list[dict]:
+    """Every frame in a stream's replay buffer, in order."""
+    frames = []
+    for _, fields in client.xrange(f"md:buf:{stream}"):
+        frames += [json.loads(line) for line in fields[b"f"].split(b"\n")]
+    return frames
 
 
 def _dsn() -> str:
@@ -217,7 +225,7 @@ def test_forming_bars_derived_from_seconds(tmp_path, redis_client):
     path = write(tmp_path / "live.dbn", metadata(symbols={"AAPL": 7}, schema=None), seconds)
     run_replay(paths=[path], speed=None, loop=False, symbols=None, publish=True, install_signals=False)
 
-    frames = [json.loads(fields[b"f"]) for _, fields in redis_client.xrange("md:buf:bars:1m:AAPL")]
+    frames = buffer_frames(redis_client, "bars:1m:AAPL")
     last_by_ts: dict[str, dict] = {}
     for frame in frames:
         last_by_ts[frame["data"]["ts"]] = frame["data"]
@@ -230,7 +238,7 @@ def test_forming_bars_derived_from_seconds(tmp_path, redis_client):
         3,
     )
     assert last_by_ts["2024-01-02T14:31:00Z"]["final"] is False
-    five = [json.loads(fields[b"f"])["data"] for _, fields in redis_client.xrange("md:buf:bars:5m:AAPL")]
+    five = [frame["data"] for frame in buffer_frames(redis_client, "bars:5m:AAPL")]
     assert five[-1]["ts"] == "2024-01-02T14:30:00Z"
     assert five[-1]["volume"] == 4
     assert five[-1]["final"] is False

@@ -1,0 +1,39 @@
+"""The replay buffer keeps at least the last 1,000 messages or 10 minutes, whichever is more."""
+
+from __future__ import annotations
+
+import time
+
+from streaming.publish import Message, Publisher
+from tests.ingest.test_replay import buffer_frames
+
+STREAM = "bars:1m:BRN FMJ0024!"
+
+
+def _publish(publisher: Publisher, count: int, now_ms: int) -> None:
+    for _ in range(count // 100):
+        publisher.publish([Message(STREAM, "bar", '{"x":1}')] * 100, now_ms=now_ms)
+
+
+def test_old_messages_beyond_the_last_thousand_are_trimmed(redis_client):
+    publisher = Publisher()
+    now = int(time.time() * 1000)
+    _publish(publisher, 2500, now - 20 * 60 * 1000)
+    _publish(publisher, 100, now)
+
+    seqs = [f["seq"] for f in buffer_frames(redis_client, STREAM)]
+    assert seqs == list(range(seqs[0], 2601))  # consecutive up to the newest
+    assert 2600 - seqs[0] + 1 >= 1000  # at least the last thousand
+    assert seqs[0] <= 1601  # and not much more: the rest was older than ten minutes
+
+
+def test_young_messages_are_all_kept(redis_client):
+    publisher = Publisher()
+    _publish(publisher, 2500, int(time.time() * 1000))
+    assert [f["seq"] for f in buffer_frames(redis_client, STREAM)] == list(range(1, 2501))
+
+
+def test_frames_carry_the_stream_and_seq(redis_client):
+    lasts = Publisher().publish([Message(STREAM, "bar", '{"a":1}'), Message("trades:X", "trade", '{"b":2}')])
+    assert lasts == {STREAM: 1, "trades:X": 1}
+    assert buffer_frames(redis_client, STREAM) == [{"type": "bar", "stream": STREAM, "seq": 1, "data": {"a": 1}}]
