@@ -10,11 +10,11 @@ everything already queued is still written before the run ends.
 
 from __future__ import annotations
 
-import queue
 import signal
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from django.db import close_old_connections, connection, connections
+from django.db import connection, connections
 from django.utils import timezone
 
 from marketdata.cache import versions_bump
@@ -46,6 +46,7 @@ BATCH_TRADES = 5000
 FLUSH_SECONDS = 0.05
 QUEUE_MAX = 20_000
 FEED_STATUS_EVERY_S = 1.0
+FEED_CHUNK = 256
 _STOP = object()
 
 ERR_LOCKED = (
@@ -87,6 +88,56 @@ class FeedLock:
         self.held.clear()
 
 
+class RowQueue:
+    """A queue bounded in rows whose items are lists of rows, so a source can hand over many at once."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._items: deque[list[Any]] = deque()
+        self._rows = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def put(self, rows: list[Any], timeout: float) -> bool:
+        """Add ``rows``; wait while that would pass the bound (an empty queue takes any list). False on timeout."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._rows or self._rows + len(rows) <= self.max_rows, timeout):
+                return False
+            self._items.append(rows)
+            self._rows += len(rows)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float | None) -> Any:
+        """The next list of rows; None on timeout; _STOP once closed and drained."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
+                return None
+            if not self._items:
+                return _STOP
+            rows = self._items.popleft()
+            self._rows -= len(rows)
+            self._cond.notify_all()
+            return rows
+
+    def close(self) -> None:
+        """No more puts: get drains what is queued, then returns _STOP."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        """Drop everything queued (the writer failed) and release waiting producers."""
+        with self._cond:
+            self._items.clear()
+            self._rows = 0
+            self._cond.notify_all()
+
+    def qsize(self) -> int:
+        """Rows waiting."""
+        return self._rows
+
+
 class Pipeline:
     """One ingest run: feed it records with ``feed``; ``close`` flushes and stops."""
 
@@ -110,7 +161,8 @@ class Pipeline:
         self.resolver.load()
         self.normalise = Normaliser(self.resolver, self.stats)
         self.deriver = Deriver(load=load_stored)
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_max)
+        self.queue = RowQueue(queue_max)
+        self.feed_chunk = max(1, min(FEED_CHUNK, queue_max // 4))
         self.batch_bars = batch_bars
         self.batch_trades = batch_trades
         self.flush_seconds = flush_seconds
@@ -127,21 +179,26 @@ class Pipeline:
 
     def feed(self, record: object) -> None:
         """Normalise one decoded record and enqueue it (blocks while the queue is full)."""
-        row = self.normalise(record)
-        if row is None:
-            return
-        while True:
-            if self.failure is not None:
-                raise RuntimeError("ingest writer failed") from self.failure
-            try:
-                self.queue.put(row, timeout=0.5)
-                return
-            except queue.Full:
+        self.feed_many([record])
+
+    def feed_many(self, records: Iterable[object]) -> None:
+        """Normalise decoded records and enqueue them in chunks (blocks while the queue is full)."""
+        normalise = self.normalise
+        rows = [row for row in map(normalise, records) if row is not None]
+        for start in range(0, len(rows), self.feed_chunk):
+            chunk = rows[start : start + self.feed_chunk]
+            while not self.queue.put(chunk, timeout=0.5):
                 metrics.INGEST_BACKPRESSURE.inc()
+                self._raise_if_failed()
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError("ingest writer failed") from self.failure
 
     def close(self) -> Stats:
         """Flush everything queued, stop the writer and return the run's stats."""
-        self.queue.put(_STOP)
+        self.queue.close()
         self._writer.join()
         if self.failure is not None:
             raise RuntimeError("ingest writer failed") from self.failure
@@ -158,18 +215,16 @@ class Pipeline:
         try:
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    item = self.queue.get(timeout=timeout)
-                except queue.Empty:
-                    item = None
+                item = self.queue.get(timeout=timeout)
                 if item is _STOP:
                     self._flush(bars, trades, publisher)
                     self._feed_status(force=True)
                     return
-                if isinstance(item, BarIn):
-                    bars.append(item)
-                elif isinstance(item, TradeIn):
-                    trades.append(item)
+                for row in item or ():
+                    if type(row) is BarIn:
+                        bars.append(row)
+                    else:
+                        trades.append(row)
                 if deadline is None and item is not None:
                     deadline = time.monotonic() + self.flush_seconds
                 metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
@@ -186,16 +241,13 @@ class Pipeline:
             self.failure = exc
             log.exception("ingest writer failed")
             self._record_error(exc)
-            # Unblock a source waiting on a full queue.
-            while not self.queue.empty():
-                self.queue.get_nowait()
+            self.queue.clear()  # unblock a source waiting on a full queue
         finally:
             if publisher is not None:
                 publisher.close()
             connections.close_all()
 
     def _flush(self, bars: list[BarIn], trades: list[TradeIn], publisher: Publisher | None) -> None:
-        close_old_connections()
         messages: list[Message] = []
         changed: set[int] = set()
         if bars:
@@ -396,11 +448,11 @@ def _replay(
                 pipeline: Pipeline | None = None
                 file_stats = Stats()
                 unit = 60_000_000_000
-                for record in file_records(path, file_stats):
+                for item in file_records(path, file_stats):
                     if stopping.is_set():
                         break
-                    if isinstance(record, FileStart):
-                        meta = record.metadata
+                    if isinstance(item, FileStart):
+                        meta = item.metadata
                         dataset, schema = str(meta.dataset), str(meta.schema or "mixed")
                         locks.acquire(dataset, schema)
                         if dataset not in pipelines:
@@ -414,19 +466,25 @@ def _replay(
                         continue
                     if pipeline is None:
                         continue
-                    ts = _record_ts(record)
-                    if ts is not None:
-                        if shift_ns is None:
-                            # A looped pass acts live: shifted by whole units (bars keep their bucket
-                            # edges) to start at the next edge, and paced on the wall clock from there.
-                            now_ns = time.time_ns()
-                            shift_ns = -((ts - now_ns) // unit) * unit
+                    if shift_ns is None:
+                        # A looped pass acts live: shifted by whole units (bars keep their bucket
+                        # edges) to start at the next edge, and paced on the wall clock from there.
+                        first_ts = next((ts for ts in map(_record_ts, item) if ts is not None), None)
+                        if first_ts is not None:
+                            shift_ns = -((first_ts - time.time_ns()) // unit) * unit
                             if pacer is not None:
-                                pacer.anchor(ts, wall_ns=ts + shift_ns)
-                        pipeline.normalise.shift_ns = shift_ns
-                        if pacer is not None:
+                                pacer.anchor(first_ts, wall_ns=first_ts + shift_ns)
+                    pipeline.normalise.shift_ns = shift_ns or 0
+                    if pacer is None:
+                        pipeline.feed_many(item)
+                        continue
+                    for record in item:
+                        if stopping.is_set():
+                            break
+                        ts = _record_ts(record)
+                        if ts is not None:
                             pacer.wait(ts)
-                    pipeline.feed(record)
+                        pipeline.feed(record)
                 target = pipeline.stats if pipeline is not None else unread
                 target.errors.update(file_stats.errors)
                 target.last_error = file_stats.last_error or target.last_error

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from marketdata.services import BarIn
 from marketdata.timeframes import (
@@ -34,8 +35,7 @@ def targets(base: str) -> list[str]:
     return [tf for tf in SERVED_TIMEFRAMES if DURATIONS[tf] > step and DURATIONS[tf] % step == timedelta(0)]
 
 
-@dataclass(frozen=True, slots=True)
-class Derived:
+class Derived(NamedTuple):
     """A derived bar to publish on ``bars:<tf>:<symbol>``."""
 
     symbol_id: int
@@ -44,8 +44,7 @@ class Derived:
     final: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _Piece:
+class _Piece(NamedTuple):
     """Part of one bucket built from this batch: its aggregate and the span of member times."""
 
     bar: OHLCV
@@ -53,8 +52,7 @@ class _Piece:
     last_ts: datetime
 
 
-@dataclass
-class _Forming:
+class _Forming(NamedTuple):
     bar: OHLCV
     last_ts: datetime
 
