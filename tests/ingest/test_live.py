@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,6 +14,7 @@ import databento_dbn as dbn
 import psycopg
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection
 
 from ingest.pipeline import FeedLock
@@ -467,3 +470,33 @@ def test_parse_gateway(value, expected):
 def test_parse_gateway_rejects(value):
     with pytest.raises(ValidationError):
         parse_gateway(value)
+
+
+# -- the management command ---------------------------------------------------------------------
+
+
+def test_command_restarted_without_start_resumes_from_the_last_stored_bar(monkeypatch):
+    records = bars(30)
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    with LiveGateway(keys=[KEY], symbols=SYMBOLS, records=records, heartbeat_s=0.2) as gateway:
+        # A first run stored the first ten bars, then the process went away.
+        with Ingester(start=start_of(records), gateway=gateway.address) as first:
+            wait_for(lambda: Bar.objects.count() >= 10)
+            first.stop()
+        stored_before = Bar.objects.count()
+        last_stored = max(Bar.objects.values_list("ts", flat=True))
+
+        stopper = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        stopper.start()
+        try:
+            call_command(
+                "ingest", "live", "--dataset", "XNAS.ITCH", "--schema", "ohlcv-1m", "--symbols", ",".join(SYMBOLS),
+                "--gateway", gateway.address, "--no-publish",
+            )  # fmt: skip
+        finally:
+            stopper.cancel()
+        restart = gateway.connections[-1].subscriptions[0]
+
+    assert stored_before >= 10
+    assert restart.start == us(last_stored) * 1000  # no --start: it asked for replay from what it had
+    assert stored_bars() == expected_bars(records)

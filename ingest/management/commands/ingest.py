@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -124,14 +125,27 @@ class Command(BaseCommand):
             raise CommandError("historical fetch incomplete: run the same command again to resume from the store")
 
     def _live(self, options: dict[str, Any]) -> None:
-        from ingest.sources.live import run_live
+        from ingest.sources.live import INTRADAY_REPLAY_NS, LiveAuthError, last_stored_ns, run_live
+        from ingest.symbology import ns_datetime
 
         key = api_key_get(source="ingest live")
+        start = options["start"]
+        if start is None:
+            # A restarted feed first fills what it missed while down (intraday replay reaches a day back).
+            stored = last_stored_ns(schema=options["schema"], symbols=options["symbols"])
+            if stored is not None and time.time_ns() - stored < INTRADAY_REPLAY_NS:
+                start = ns_datetime(stored)
+                self.stderr.write(f"live: resuming from the last stored record, {start.isoformat()}")
         stopping = threading.Event()
-        with stop_on_signals(stopping):
-            stats = run_live(
-                dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"], key=key,
-                start=options["start"], gateway=options["gateway"], publish=not options["no_publish"],
-                progress=self._progress, stopping=stopping,
-            )  # fmt: skip
+        try:
+            with stop_on_signals(stopping):
+                stats = run_live(
+                    dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"], key=key,
+                    start=start, gateway=options["gateway"], publish=not options["no_publish"],
+                    progress=self._progress, stopping=stopping,
+                )  # fmt: skip
+        except LiveAuthError as exc:
+            raise CommandError(exc.message) from None
         self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
+        if stats.errors["reconnects_exhausted"]:
+            raise CommandError("live feed gave up reconnecting; see the log for the last error")
