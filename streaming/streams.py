@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from marketdata.errors import ValidationError
 from marketdata.timeframes import SERVED_TIMEFRAMES
@@ -59,6 +60,7 @@ def trades_stream(ticker: str) -> str:
     return f"trades:{ticker}"
 
 
+@lru_cache(maxsize=65536)
 def group_name(stream: str) -> str:
     """The Channels group of a stream: valid for Channels whatever the ticker holds."""
     escaped = "".join(c if c in _SAFE else f"_{ord(c):02x}" for c in stream.replace(":", "."))
