@@ -1,3 +1,5 @@
+# mypy: disable-error-code="union-attr,attr-defined,arg-type"
+# (DBNStore yields a union of every DBN record type; these tests know each file's schema.)
 """The demo feed (ingest.demo, manage.py demo_data): realistic DBN files that the ingester stores."""
 
 from __future__ import annotations

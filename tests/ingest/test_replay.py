@@ -6,6 +6,7 @@ import json
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import databento_dbn as dbn
 import psycopg
@@ -209,8 +210,9 @@ def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
 
 def buffer_frames(client: redis.Redis, stream: str) -> list[dict]:
     """Every frame in a stream's replay buffer, in order."""
-    frames = []
-    for _, fields in client.xrange(f"md:buf:{stream}"):
+    frames: list[dict] = []
+    entries: Any = client.xrange(f"md:buf:{stream}")
+    for _, fields in entries:
         frames += [json.loads(line) for line in fields[b"f"].split(b"\n")]
     return frames
 
