@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import NamedTuple
 
 from marketdata.services import BarIn
@@ -73,6 +74,39 @@ def _pieces(items: list[_Piece], tf: str) -> list[_Piece]:
     return out
 
 
+def _first_pieces(bars: list[BarIn], tf: str) -> list[_Piece]:
+    """The first level from base bars in time order: ``combine`` unrolled into locals.
+
+    This runs once per ingested bar, so it avoids building an object per bar; the
+    property test in tests/streaming/test_derive.py holds it equal to ``resample``.
+    """
+    out: list[_Piece] = []
+    start: datetime | None = None
+    o = h = low = c = v = a = 0
+    first = last = None
+    for b in bars:
+        s = bucket_start(b.ts, tf)
+        if s != start:
+            if start is not None:
+                out.append(_Piece(OHLCV(start, o, h, low, c, v, a), first, last))  # type: ignore[arg-type]
+            start, o, h, low, c, v, a, first = s, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.ts
+        else:
+            if b.high > h:
+                h = b.high
+            if b.low < low:
+                low = b.low
+            c = b.close
+            v += b.volume
+            a |= b.anomalies
+        last = b.ts
+    if start is not None:
+        out.append(_Piece(OHLCV(start, o, h, low, c, v, a), first, last))  # type: ignore[arg-type]
+    return out
+
+
+_BAR_ORDER = itemgetter(2, 3)  # BarIn (ts, publisher_id): the order "first" and "last" follow
+
+
 @dataclass
 class Deriver:
     """Per (symbol, timeframe) state of the bucket being formed."""
@@ -88,22 +122,23 @@ class Deriver:
         15m from 5m, ...): they all share one origin and each divides the next, and the
         aggregation is associative, so this equals resampling the base bars directly.
         """
-        members: dict[int, list[_Piece]] = {}
+        members: dict[int, list[BarIn]] = {}
+        finest_of = self.finest
         for bar in bars:
-            finest = self.finest.get(bar.symbol_id)
-            if finest is None or _ORDER[bar.timeframe] < _ORDER[finest]:
-                self.finest[bar.symbol_id] = finest = bar.timeframe
+            finest = finest_of.get(bar.symbol_id)
+            if finest != bar.timeframe:
+                if finest is not None and _ORDER[bar.timeframe] > _ORDER[finest]:
+                    continue  # derived from the finest input only, so one rule feeds each stream
+                finest_of[bar.symbol_id] = bar.timeframe
                 members.pop(bar.symbol_id, None)
-            if bar.timeframe != finest:
-                continue  # derived from the finest input only, so one rule feeds each stream
-            member = OHLCV(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, bar.publisher_id)
-            members.setdefault(bar.symbol_id, []).append(_Piece(member, bar.ts, bar.ts))
+            members.setdefault(bar.symbol_id, []).append(bar)
         out: dict[tuple[int, str, datetime], Derived] = {}
-        for symbol_id, items in members.items():
-            base = self.finest[symbol_id]
-            items.sort(key=lambda p: (p.bar.ts, p.bar.publisher_id))
-            for tf in targets(base):
-                items = _pieces(items, tf)
+        for symbol_id, base_bars in members.items():
+            base = finest_of[symbol_id]
+            base_bars.sort(key=_BAR_ORDER)
+            items: list[_Piece] = []
+            for level, tf in enumerate(targets(base)):
+                items = _first_pieces(base_bars, tf) if level == 0 else _pieces(items, tf)
                 for piece in items:
                     self._merge(symbol_id, base, tf, piece, out)
         return list(out.values())
