@@ -1,0 +1,253 @@
+"""Benchmark: ``ingest replay --max`` of 1,000,000 ohlcv-1m bars and 1,000,000 trades.
+
+Run from the repository root::
+
+    .venv/bin/python bench/ingest.py [--records 1000000] [--symbols 50] [--no-publish]
+
+It writes two DBN files with databento_dbn's encoder (the decoder path of real files),
+then runs the real command, ``python manage.py ingest replay FILE --max``, in a child
+process against a database of its own (``marketdata_bench_ingest``, created and migrated
+here, emptied before each run) and Redis database 14, so it never touches the development
+data. Decode, normalise, upsert, derive and publish are all inside the timing. Beside it,
+in the same run, the baseline: a plain binary COPY of the same rows into an unindexed
+table. Figures are printed, never asserted (SPEC section 8); the stored row counts are
+checked so that a wrong run fails loudly instead of looking fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BENCH_DB = "marketdata_bench_ingest"
+BENCH_REDIS_DB = 14
+NS = 1_000_000_000
+TICK = 10_000_000  # $0.01 in fixed point
+T0 = int(datetime(2024, 1, 2, 14, 30, tzinfo=UTC).timestamp())
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=1_000_000, help="bars, and trades, to ingest")
+    parser.add_argument("--symbols", type=int, default=50, help="distinct symbols (default 50)")
+    parser.add_argument("--no-publish", action="store_true", help="store only (publish is on by default)")
+    parser.add_argument("--timeout", type=int, default=1800, help="give up on one ingest after this many seconds")
+    args = parser.parse_args()
+    if not 1_000 <= args.records <= 20_000_000:
+        parser.error("--records must be within 1,000..20,000,000")
+    if not 1 <= args.symbols <= 5000:
+        parser.error("--symbols must be within 1..5000")
+    return args
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()}"
+
+
+def metadata(schema: object, symbols: dict[str, int]) -> bytes:
+    import databento_dbn as dbn
+
+    day = datetime(2024, 1, 1).date()
+    end = datetime(2025, 1, 1).date()
+    mappings = [
+        SimpleNamespace(raw_symbol=s, intervals=[SimpleNamespace(start_date=day, end_date=end, symbol=str(i))])
+        for s, i in symbols.items()
+    ]
+    return dbn.Metadata(
+        dataset="XNAS.ITCH", schema=schema, start=T0 * NS, stype_in=dbn.SType.RAW_SYMBOL,
+        stype_out=dbn.SType.INSTRUMENT_ID, symbols=list(symbols), partial=[], not_found=[], mappings=mappings,
+        end=None, limit=None, ts_out=False, version=3,
+    ).encode()  # fmt: skip
+
+
+def write_files(out: Path, n: int, n_symbols: int) -> tuple[Path, Path, list[tuple], list[tuple]]:
+    """The bar and trade files, and the same rows as COPY tuples for the baseline."""
+    import databento_dbn as dbn
+    import zstandard
+
+    rng = random.Random(20240102)
+    symbols = {f"SYM{i:04d}": 10_000 + i for i in range(n_symbols)}
+    ids = list(symbols.values())
+    prices = [rng.randint(1_000, 50_000) * TICK for _ in ids]
+    bar_bytes, bar_rows = [], []
+    for k in range(n):
+        i = k % n_symbols
+        minute = k // n_symbols
+        p = prices[i] = max(TICK, prices[i] + rng.randint(-20, 20) * TICK)
+        high, low = p + rng.randint(0, 10) * TICK, max(TICK, p - rng.randint(0, 10) * TICK)
+        ts = (T0 + 60 * minute) * NS
+        volume = rng.randint(100, 10_000)
+        record = dbn.OHLCVMsg(rtype=int(dbn.RType.OHLCV_1M), publisher_id=2, instrument_id=ids[i], ts_event=ts,
+                              open=p, high=high, low=low, close=p, volume=volume)  # fmt: skip
+        bar_bytes.append(bytes(record))
+        bar_rows.append((i + 1, "1m", ts // 1000, 2, p, high, low, p, volume, 0))
+    trade_bytes, trade_rows = [], []
+    for k in range(n):
+        i = rng.randrange(n_symbols)
+        ts = T0 * NS + k * 20_000_000  # 50 trades a second across the symbols
+        p = prices[i] = max(TICK, prices[i] + rng.randint(-2, 2) * TICK)
+        size = rng.randint(1, 500)
+        side = rng.choice([dbn.Side.ASK, dbn.Side.BID])
+        trade_bytes.append(bytes(dbn.TradeMsg(publisher_id=2, instrument_id=ids[i], ts_event=ts, ts_recv=ts + 5_000,
+                                              price=p, size=size, action=dbn.Action.TRADE, side=side, flags=0,
+                                              depth=0, ts_in_delta=0, sequence=k)))  # fmt: skip
+        trade_rows.append((i + 1, ts // 1000, (ts + 5_000) // 1000, 2, k, 0, p, size, str(side.value), 0))
+    compressor = zstandard.ZstdCompressor()
+    bars_path, trades_path = out / "bench.ohlcv-1m.dbn.zst", out / "bench.trades.dbn.zst"
+    bars_path.write_bytes(compressor.compress(metadata(dbn.Schema.OHLCV_1M, symbols) + b"".join(bar_bytes)))
+    trades_path.write_bytes(compressor.compress(metadata(dbn.Schema.TRADES, symbols) + b"".join(trade_bytes)))
+    return bars_path, trades_path, bar_rows, trade_rows
+
+
+def bench_env() -> dict[str, str]:
+    import environ
+
+    base = environ.Env.db_url_config(os.environ.get("DATABASE_URL", "postgres://root@127.0.0.1:5432/marketdata"))
+    host, port, user = base.get("HOST") or "127.0.0.1", base.get("PORT") or 5432, base.get("USER") or "root"
+    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{BENCH_DB}",
+        "REDIS_URL": f"{redis}/{BENCH_REDIS_DB}",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def dsn(env: dict[str, str], dbname: str) -> str:
+    import environ
+
+    cfg = environ.Env.db_url_config(env["DATABASE_URL"])
+    return f"host={cfg['HOST']} port={cfg['PORT'] or 5432} user={cfg['USER']} dbname={dbname}"
+
+
+def prepare_db(env: dict[str, str]) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn(env, "postgres"), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DB]).fetchone():
+            conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=300)
+
+
+def empty(env: dict[str, str]) -> None:
+    import psycopg
+    import redis
+
+    with psycopg.connect(dsn(env, BENCH_DB), autocommit=True) as conn:
+        conn.execute(
+            "TRUNCATE marketdata_bar, marketdata_trade, marketdata_instrumentmapping, marketdata_feedstatus, "
+            "marketdata_symbol CASCADE"
+        )
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+
+
+def count(env: dict[str, str], table: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn(env, BENCH_DB)) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else 0
+
+
+def ingest(env: dict[str, str], path: Path, publish: bool, timeout: int) -> float:
+    """Seconds of the ingest command itself: its wall time minus the same process doing nothing."""
+    args = [sys.executable, "manage.py", "ingest", "replay", str(path), "--max", *([] if publish else ["--no-publish"])]
+    started = time.perf_counter()
+    subprocess.run(args, cwd=ROOT, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def startup(env: dict[str, str]) -> float:
+    """What loading Django and the command costs before any record (subtracted from the ingest time)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "manage.py", "ingest", "--help"], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    return time.perf_counter() - started
+
+
+def baseline(env: dict[str, str], rows: list[tuple], columns: str, types: list[str]) -> float:
+    """Rows/s of one plain binary COPY of the same rows into an unindexed table."""
+    import psycopg
+
+    with psycopg.connect(dsn(env, BENCH_DB)) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_baseline")
+        conn.execute(f"CREATE TABLE bench_baseline ({columns})")
+        conn.commit()
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy("COPY bench_baseline FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        elapsed = time.perf_counter() - started
+        conn.execute("DROP TABLE bench_baseline")
+        conn.commit()
+    return len(rows) / elapsed
+
+
+BAR_COLUMNS = (
+    "symbol_id bigint, timeframe text, ts bigint, publisher_id int, open bigint, high bigint, low bigint, "
+    "close bigint, volume bigint, anomalies smallint"
+)
+BAR_TYPES = ["int8", "text", "int8", "int4", "int8", "int8", "int8", "int8", "int8", "int2"]
+TRADE_COLUMNS = (
+    "symbol_id bigint, ts_event bigint, ts_recv bigint, publisher_id int, sequence bigint, ordinal smallint, "
+    "price bigint, size bigint, side text, flags smallint"
+)
+TRADE_TYPES = ["int8", "int8", "int8", "int4", "int8", "int2", "int8", "int8", "text", "int2"]
+
+
+def main() -> None:
+    args = parse_args()
+    env = bench_env()
+    print(f"machine: {machine()}")
+    prepare_db(env)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        t = time.perf_counter()
+        bars_path, trades_path, bar_rows, trade_rows = write_files(Path(tmp), args.records, args.symbols)
+        print(f"wrote {args.records:,} bars and {args.records:,} trades in {time.perf_counter() - t:.1f} s")
+        overhead = startup(env)
+        print(f"process start (subtracted): {overhead:.2f} s; publish: {'off' if args.no_publish else 'on'}")
+        for label, path, table, rows, columns, types in (
+            ("bars", bars_path, "marketdata_bar", bar_rows, BAR_COLUMNS, BAR_TYPES),
+            ("trades", trades_path, "marketdata_trade", trade_rows, TRADE_COLUMNS, TRADE_TYPES),
+        ):
+            empty(env)
+            elapsed = ingest(env, path, not args.no_publish, args.timeout) - overhead
+            stored = count(env, table)
+            if stored != args.records:
+                raise SystemExit(f"{label}: stored {stored:,} rows, expected {args.records:,}")
+            rate = args.records / elapsed
+            base = baseline(env, rows, columns, types)
+            print(
+                f"{label:6s}: ingest replay --max {rate:10,.0f} records/s ({elapsed:.1f} s)   "
+                f"plain COPY {base:10,.0f} rows/s   ratio {rate / base:.2f}   target 150,000/s"
+            )
+        empty(env)
+
+
+if __name__ == "__main__":
+    main()
