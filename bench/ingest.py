@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -37,6 +38,7 @@ BENCH_REDIS_DB = 14
 NS = 1_000_000_000
 TICK = 10_000_000  # $0.01 in fixed point
 T0 = int(datetime(2024, 1, 2, 14, 30, tzinfo=UTC).timestamp())
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +67,7 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()}"
 
 
-def metadata(schema: object, symbols: dict[str, int]) -> bytes:
+def metadata(schema: Any, symbols: dict[str, int]) -> bytes:
     import databento_dbn as dbn
 
     day = datetime(2024, 1, 1).date()
@@ -101,7 +103,7 @@ def write_files(out: Path, n: int, n_symbols: int) -> tuple[Path, Path, list[tup
         record = dbn.OHLCVMsg(rtype=int(dbn.RType.OHLCV_1M), publisher_id=2, instrument_id=ids[i], ts_event=ts,
                               open=p, high=high, low=low, close=p, volume=volume)  # fmt: skip
         bar_bytes.append(bytes(record))
-        bar_rows.append((i + 1, "1m", ts // 1000, 2, p, high, low, p, volume, 0))
+        bar_rows.append((i + 1, "1m", EPOCH + timedelta(microseconds=ts // 1000), 2, p, high, low, p, volume, 0))
     trade_bytes, trade_rows = [], []
     for k in range(n):
         i = rng.randrange(n_symbols)
@@ -112,7 +114,8 @@ def write_files(out: Path, n: int, n_symbols: int) -> tuple[Path, Path, list[tup
         trade_bytes.append(bytes(dbn.TradeMsg(publisher_id=2, instrument_id=ids[i], ts_event=ts, ts_recv=ts + 5_000,
                                               price=p, size=size, action=dbn.Action.TRADE, side=side, flags=0,
                                               depth=0, ts_in_delta=0, sequence=k)))  # fmt: skip
-        trade_rows.append((i + 1, ts // 1000, (ts + 5_000) // 1000, 2, k, 0, p, size, str(side.value), 0))
+        when = EPOCH + timedelta(microseconds=ts // 1000)
+        trade_rows.append((i + 1, when, when, 2, k, 0, p, size, str(side.value), 0))
     compressor = zstandard.ZstdCompressor()
     bars_path, trades_path = out / "bench.ohlcv-1m.dbn.zst", out / "bench.trades.dbn.zst"
     bars_path.write_bytes(compressor.compress(metadata(dbn.Schema.OHLCV_1M, symbols) + b"".join(bar_bytes)))
@@ -209,15 +212,15 @@ def baseline(env: dict[str, str], rows: list[tuple], columns: str, types: list[s
 
 
 BAR_COLUMNS = (
-    "symbol_id bigint, timeframe text, ts bigint, publisher_id int, open bigint, high bigint, low bigint, "
+    "symbol_id bigint, timeframe text, ts timestamptz, publisher_id int, open bigint, high bigint, low bigint, "
     "close bigint, volume bigint, anomalies smallint"
 )
-BAR_TYPES = ["int8", "text", "int8", "int4", "int8", "int8", "int8", "int8", "int8", "int2"]
+BAR_TYPES = ["int8", "text", "timestamptz", "int4", "int8", "int8", "int8", "int8", "int8", "int2"]
 TRADE_COLUMNS = (
-    "symbol_id bigint, ts_event bigint, ts_recv bigint, publisher_id int, sequence bigint, ordinal smallint, "
+    "symbol_id bigint, ts_event timestamptz, ts_recv timestamptz, publisher_id int, sequence bigint, ordinal smallint, "
     "price bigint, size bigint, side text, flags smallint"
 )
-TRADE_TYPES = ["int8", "int8", "int8", "int4", "int8", "int2", "int8", "int8", "text", "int2"]
+TRADE_TYPES = ["int8", "timestamptz", "timestamptz", "int4", "int8", "int2", "int8", "int8", "text", "int2"]
 
 
 def main() -> None:
