@@ -133,6 +133,10 @@ DATABENTO_LIVE_GATEWAY = env("DATABENTO_LIVE_GATEWAY", default="")
 MARKETDATA_DEFAULT_RETENTION_DAYS = 365
 MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS = 7
 
+# OPERATIONS
+# /readyz fails when a live feed has written nothing for this long (0: not checked).
+READYZ_FEED_MAX_AGE_S = env.int("READYZ_FEED_MAX_AGE_S", default=300)
+
 # LOGGING
 # One JSON event per line, from structlog and from the standard library alike, with the
 # request id and trace id bound by ops.middleware.

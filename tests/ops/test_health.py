@@ -53,3 +53,25 @@ def test_request_id_is_echoed_or_made(client):
 def test_static_files_are_served(client):
     response = client.get("/static/admin/css/base.css")
     assert response.status_code == 200
+
+
+def test_readyz_names_a_live_feed_that_stopped(client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from marketdata.models import FeedStatus
+
+    now = timezone.now()
+    FeedStatus.objects.create(dataset="XNAS.ITCH", schema="ohlcv-1m", source="live", last_batch_at=now)
+    FeedStatus.objects.create(
+        dataset="GLBX.MDP3", schema="trades", source="replay", last_batch_at=now - timedelta(days=3)
+    )
+    assert client.get("/readyz").status_code == 200  # a finished replay is not expected to write
+
+    FeedStatus.objects.filter(dataset="XNAS.ITCH").update(last_batch_at=now - timedelta(minutes=10))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failing"] == ["feed XNAS.ITCH ohlcv-1m"]
+    assert body["checks"]["feed XNAS.ITCH ohlcv-1m"].startswith("no data for 600 s")
