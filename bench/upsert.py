@@ -45,6 +45,8 @@ SESSION_START_UTC = timedelta(hours=9)
 SESSION_MINUTES = 960
 FIRST_DAY = datetime(2024, 1, 2, tzinfo=UTC)
 MAX_ROWS = 50_000_000  # the rows are generated in memory (~400 bytes each)
+LOCK_KEY = 0x62656E6368  # pg advisory lock: one run at a time in BENCH_DB ("bench")
+LOCK_WAIT_S = 900
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,9 +119,10 @@ def make_bars(n_rows: int, n_symbols: int, symbol_ids: list[int], seed: int) -> 
             day += timedelta(days=1)
         if day.weekday() >= 5:
             day += timedelta(days=7 - day.weekday())
-        ts = day + SESSION_START_UTC + timedelta(minutes=minute)
+        start = day + SESSION_START_UTC + timedelta(minutes=minute)
         minute += 1
         for i in range(min(n_symbols, n_rows - len(bars))):
+            ts = start.replace()  # an object of its own, as a decoder makes (hashes are not shared)
             open_ = prices[i]
             close = max(10_000_000, open_ + rng.randint(-200, 200) * 1_000_000)
             high = max(open_, close) + rng.randint(0, 50) * 1_000_000
@@ -127,6 +130,22 @@ def make_bars(n_rows: int, n_symbols: int, symbol_ids: list[int], seed: int) -> 
             prices[i] = close
             bars.append(BarIn(symbol_ids[i], "1m", ts, 1, open_, high, low, close, rng.randint(100, 250_000)))
     return bars
+
+
+def lock_bench_db() -> None:
+    """Hold a session lock so two runs (say, two `make bench`) neither mix rows nor share the CPU."""
+    from django.db import connection
+
+    deadline = time.monotonic() + LOCK_WAIT_S
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
+            if cursor.fetchone()[0]:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"another bench/upsert.py run held {BENCH_DB} for {LOCK_WAIT_S} s; giving up")
+            print(f"waiting for another bench/upsert.py run on {BENCH_DB} to finish ...", flush=True)
+            time.sleep(5)
 
 
 def reset_tables(symbol_count: int) -> list[int]:
@@ -233,6 +252,7 @@ def main() -> None:
 
     from django.core.management import call_command
 
+    lock_bench_db()
     call_command("migrate", verbosity=0, interactive=False)
     symbol_ids = reset_tables(args.symbols)
 
