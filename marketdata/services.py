@@ -156,14 +156,28 @@ def _validate_bars(rows: Sequence[BarIn]) -> Sequence[BarIn]:
     return list({row[:4]: row for row in rows}.values())
 
 
+def _check_trade(row: TradeIn) -> None:
+    """Raise the ValidationError for the first thing wrong with ``row``, in a fixed order of checks."""
+    _check_aware("ts_event", row.ts_event)
+    _check_aware("ts_recv", row.ts_recv)
+    _check_int("price", row.price, row)
+    _check_int("size", row.size, row)
+    if row.side not in ("A", "B", "N"):
+        raise ValidationError(ERR_BAD_SIDE.format(value=row.side), field="side")
+
+
 def _validate_trades(rows: Sequence[TradeIn]) -> None:
+    """Check every row: one expression per row, _check_trade only to name what is wrong (as for bars)."""
     for row in rows:
-        _check_aware("ts_event", row.ts_event)
-        _check_aware("ts_recv", row.ts_recv)
-        _check_int("price", row.price, row)
-        _check_int("size", row.size, row)
-        if row.side not in ("A", "B", "N"):
-            raise ValidationError(ERR_BAD_SIDE.format(value=row.side), field="side")
+        _, ts_event, ts_recv, _, _, _, price, size, side, _ = row
+        if (
+            ts_event.utcoffset() is None
+            or ts_recv.utcoffset() is None
+            or not INT64_MIN <= price < UNDEF_PRICE
+            or not INT64_MIN <= size < UNDEF_PRICE
+            or side not in ("A", "B", "N")
+        ):
+            _check_trade(row)
 
 
 @contextmanager
