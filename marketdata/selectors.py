@@ -22,6 +22,7 @@ from .timeframes import (
     ORIGIN,
     anomaly_names,
     bucket_ceil,
+    bucket_start,
     source_candidates,
     validate_timeframe,
 )
@@ -175,16 +176,14 @@ def _aggregate(
         return cursor.fetchall()
 
 
-def _earliest(symbol_id: int, base: str) -> datetime | None:
+def _span(symbol_id: int, base: str) -> tuple[datetime | None, datetime | None]:
+    """Open times of the first and the last stored ``base`` bar of a symbol (two index probes)."""
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT min(ts) FROM {BAR_TABLE} WHERE symbol_id = %s AND timeframe = %s", [symbol_id, base])
-        return cursor.fetchone()[0]
-
-
-def _latest(symbol_id: int, base: str) -> datetime | None:
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT max(ts) FROM {BAR_TABLE} WHERE symbol_id = %s AND timeframe = %s", [symbol_id, base])
-        return cursor.fetchone()[0]
+        cursor.execute(
+            f"SELECT min(ts), max(ts) FROM {BAR_TABLE} WHERE symbol_id = %s AND timeframe = %s", [symbol_id, base]
+        )
+        first, last = cursor.fetchone()
+    return first, last
 
 
 def _bars_window(
@@ -198,26 +197,36 @@ def _bars_window(
     exclude: bool,
     descending: bool,
 ) -> list[tuple]:
-    """Up to ``limit`` buckets in [lo, hi), reading a growing window so a page never scans all history."""
+    """Up to ``limit`` buckets in [lo, hi), reading a growing window so a page never scans all history.
+
+    The window starts at the stored bars' edge (not at a far-off start or end), doubles
+    while the page is short, and its last step covers the whole rest of the range, so a
+    page is never cut short by gaps in the data.
+    """
     if base == tf:
         return _aggregate(
             symbol_id=symbol_id, base=base, tf=tf, lo=lo or ORIGIN - timedelta(days=365 * 100), hi=hi,
             limit=limit, exclude=exclude, descending=descending,
         )  # fmt: skip
     stride = DURATIONS[tf]
-    bound = (_earliest if descending else _latest)(symbol_id, base)
-    if bound is None:
+    first, last = _span(symbol_id, base)
+    if first is None or last is None:
+        return []
+    # Clamp to the buckets that hold stored bars.
+    hi = min(hi, bucket_start(last, tf) + stride)
+    lo = max(lo, bucket_start(first, tf)) if lo is not None else bucket_start(first, tf)
+    if lo >= hi:
         return []
     width = stride * limit * WINDOW_FACTOR
     rows: list[tuple] = []
-    for _ in range(MAX_WINDOW_STEPS):
-        if descending:  # the latest buckets before hi: no lower edge was asked for
-            w_lo, w_hi = hi - width, hi
-            exhausted = w_lo <= bound
+    for step in range(MAX_WINDOW_STEPS):
+        whole = step == MAX_WINDOW_STEPS - 1
+        if descending:  # the latest buckets before hi
+            w_lo, w_hi = (lo if whole else max(lo, hi - width)), hi
+            exhausted = w_lo <= lo
         else:
-            assert lo is not None
-            w_lo, w_hi = lo, min(lo + width, hi)
-            exhausted = w_hi >= hi or w_hi > bound
+            w_lo, w_hi = lo, (hi if whole else min(lo + width, hi))
+            exhausted = w_hi >= hi
         rows = _aggregate(
             symbol_id=symbol_id, base=base, tf=tf, lo=w_lo, hi=w_hi, limit=limit, exclude=exclude,
             descending=descending,
@@ -344,3 +353,217 @@ def daily_summary(*, symbol_ids: Sequence[int], start: datetime, end: datetime) 
         DailySummary(sid, day, OHLCV(ts=day, open=o, high=h, low=low, close=c, volume=v, anomalies=a or 0))
         for sid, day, o, h, low, c, v, a in rows
     ]
+
+
+# TRADES
+
+ERR_TRADE_CURSOR = "cursor is not a trades cursor this service issued"
+
+
+@dataclass(frozen=True, slots=True)
+class TradeOut:
+    """A served trade; (ts_event, publisher_id, sequence, ordinal) is its place in the order."""
+
+    ts_event: datetime
+    publisher_id: int
+    sequence: int
+    ordinal: int
+    price: int
+    size: int
+    side: str
+
+
+@dataclass(frozen=True, slots=True)
+class TradePage:
+    """One page of trades and the cursor of the next page (None when there is none)."""
+
+    symbol: str
+    trades: list[TradeOut]
+    next_cursor: str | None
+
+
+TradeKey = tuple[datetime, int, int, int]
+
+
+def trade_cursor_encode(trade: TradeOut) -> str:
+    """Opaque cursor: the full key of the last trade served (prints may share a microsecond)."""
+    micros = (trade.ts_event - ORIGIN) // timedelta(microseconds=1)
+    raw = f"t1:{micros}:{trade.publisher_id}:{trade.sequence}:{trade.ordinal}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def trade_cursor_decode(cursor: str) -> TradeKey:
+    """Inverse of trade_cursor_encode; anything else is a ValidationError on ``cursor``."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, micros, publisher, sequence, ordinal = raw.split(":")
+        if version != "t1":
+            raise ValueError(version)
+        return ORIGIN + timedelta(microseconds=int(micros)), int(publisher), int(sequence), int(ordinal)
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        raise ValidationError(ERR_TRADE_CURSOR, field="cursor") from None
+
+
+_TRADE_SELECT = """
+SELECT ts_event, publisher_id, sequence, ordinal, price, size, side
+FROM marketdata_trade
+WHERE symbol_id = %(symbol_id)s {where}
+ORDER BY ts_event {direction}, publisher_id {direction}, sequence {direction}, ordinal {direction}
+LIMIT %(limit)s
+"""
+
+
+def trade_list(
+    *,
+    ticker: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> TradePage:
+    """Trades of a symbol with start <= ts_event < end, ascending by their key.
+
+    With neither start nor cursor, the latest ``limit`` trades before ``end``; otherwise
+    a keyset page forward from start (or after the cursor's trade), with the next cursor.
+    """
+    _aware("start", start)
+    _aware("end", end)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+        raise ValidationError(ERR_LIMIT.format(max=MAX_LIMIT, value=limit), field="limit")
+    after = trade_cursor_decode(cursor) if cursor is not None else None
+    if after is None and start is not None and end is not None and start >= end:
+        raise ValidationError(ERR_RANGE, field="start")
+    symbol = symbol_get(ticker=ticker)
+    where: list[str] = []
+    params: dict[str, Any] = {"symbol_id": symbol.pk, "limit": limit + 1}
+    if after is not None:
+        # A row comparison on the primary key's own columns: an index range, not a filter.
+        where.append(
+            "(symbol_id, ts_event, publisher_id, sequence, ordinal)"
+            " > (%(symbol_id)s, %(a_ts)s, %(a_pub)s, %(a_seq)s, %(a_ord)s)"
+        )
+        params.update(a_ts=after[0], a_pub=after[1], a_seq=after[2], a_ord=after[3])
+    if start is not None:
+        where.append("ts_event >= %(start)s")
+        params["start"] = start
+    if end is not None:
+        where.append("ts_event < %(end)s")
+        params["end"] = end
+    descending = start is None and after is None
+    sql = _TRADE_SELECT.format(where="".join(f" AND {w}" for w in where), direction="DESC" if descending else "ASC")
+    with connection.cursor() as db:
+        db.execute(sql, params)
+        rows = [TradeOut(*row) for row in db.fetchall()]
+    if descending:
+        return TradePage(symbol.ticker, rows[:limit][::-1], None)
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return TradePage(symbol.ticker, rows, trade_cursor_encode(rows[-1]) if has_more and rows else None)
+
+
+# LEADERBOARD
+
+LEADERBOARD_METRICS = ("volume", "change_pct")
+LEADERBOARD_DEFAULT_LIMIT = 10
+LEADERBOARD_MAX_LIMIT = 1_000
+ERR_METRIC = "unknown metric {value!r}: expected one of " + " ".join(LEADERBOARD_METRICS)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderboardRow:
+    """A symbol's latest ``tf`` bar, the close before it, and its change in percent."""
+
+    rank: int
+    ticker: str
+    dataset: str
+    bar: BarOut
+    prev_close: int | None
+    change_pct: Decimal | None
+
+
+# Per active symbol: the first source timeframe holding its bars (the rule bar_list
+# follows), the bucket of its latest bar, that bucket aggregated by the one rule, and
+# the last close before the bucket (the previous bar's close). One statement, a few
+# primary-key probes per symbol.
+_LEADERBOARD_SQL = f"""
+WITH src AS (
+    SELECT s.id, s.ticker, s.dataset, c.base, date_bin(%(stride)s, c.last_ts, %(origin)s) AS bucket
+    FROM marketdata_symbol s
+    CROSS JOIN LATERAL (
+        SELECT cand.base, m.last_ts
+        FROM unnest(%(candidates)s::text[]) WITH ORDINALITY AS cand(base, n)
+        CROSS JOIN LATERAL (
+            SELECT max(b.ts) AS last_ts FROM {BAR_TABLE} b WHERE b.symbol_id = s.id AND b.timeframe = cand.base
+        ) m
+        WHERE m.last_ts IS NOT NULL
+        ORDER BY cand.n LIMIT 1
+    ) c
+    WHERE s.active {{dataset_filter}}
+), board AS (
+    SELECT src.ticker, src.dataset, src.base, src.bucket, agg.open, agg.high, agg.low, agg.close, agg.volume,
+           agg.anomalies, prev.close AS prev_close,
+           round((agg.close - prev.close)::numeric * 100 / NULLIF(prev.close, 0), 4) AS change_pct
+    FROM src
+    CROSS JOIN LATERAL (
+        SELECT (array_agg(b.open ORDER BY b.ts, b.publisher_id))[1] AS open, max(b.high) AS high,
+               min(b.low) AS low, (array_agg(b.close ORDER BY b.ts DESC, b.publisher_id DESC))[1] AS close,
+               sum(b.volume)::bigint AS volume, bit_or(b.anomalies)::int AS anomalies
+        FROM {BAR_TABLE} b
+        WHERE b.symbol_id = src.id AND b.timeframe = src.base
+          AND b.ts >= src.bucket AND b.ts < src.bucket + %(stride)s
+    ) agg
+    LEFT JOIN LATERAL (
+        SELECT b.close FROM {BAR_TABLE} b
+        WHERE b.symbol_id = src.id AND b.timeframe = src.base AND b.ts < src.bucket
+        ORDER BY b.ts DESC, b.publisher_id DESC LIMIT 1
+    ) prev ON true
+)
+SELECT ticker, dataset, base, bucket, open, high, low, close, volume, anomalies, prev_close, change_pct
+FROM board {{metric_filter}}
+ORDER BY {{metric}} DESC, ticker
+LIMIT %(limit)s
+"""
+
+
+def leaderboard(
+    *,
+    metric: str,
+    tf: str = "1d",
+    limit: int = LEADERBOARD_DEFAULT_LIMIT,
+    datasets: set[str] | None = None,
+) -> list[LeaderboardRow]:
+    """Active symbols ranked by their latest ``tf`` bar's volume or change from the previous close.
+
+    Each symbol's own latest bar counts (a symbol that has not traded today shows its last
+    day; the row's ``ts`` says which). ``change_pct`` ranks only symbols with a previous
+    close. ``datasets`` limits the symbols (None: every dataset).
+    """
+    if metric not in LEADERBOARD_METRICS:
+        raise ValidationError(ERR_METRIC.format(value=metric), field="metric")
+    validate_timeframe(tf)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= LEADERBOARD_MAX_LIMIT:
+        raise ValidationError(ERR_LIMIT.format(max=LEADERBOARD_MAX_LIMIT, value=limit), field="limit")
+    if datasets is not None and not datasets:
+        return []
+    sql = _LEADERBOARD_SQL.format(
+        dataset_filter="" if datasets is None else "AND s.dataset = ANY(%(datasets)s)",
+        metric_filter="WHERE change_pct IS NOT NULL" if metric == "change_pct" else "",
+        metric=metric,
+    )
+    params: dict[str, Any] = {
+        "stride": DURATIONS[tf],
+        "origin": ORIGIN,
+        "candidates": source_candidates(tf),
+        "limit": limit,
+        "datasets": sorted(datasets or ()),
+    }
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    out: list[LeaderboardRow] = []
+    for rank, (ticker, dataset, base, bucket, o, h, low, c, v, a, prev_close, change) in enumerate(rows, start=1):
+        # As in bar_list: a stored bar is final, a resampled one once its bucket has closed.
+        bar = BarOut(bucket, o, h, low, c, v, a or 0, base == tf or bucket + DURATIONS[tf] <= now)
+        out.append(LeaderboardRow(rank, ticker, dataset, bar, prev_close, change))
+    return out
