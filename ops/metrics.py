@@ -65,3 +65,8 @@ CACHE_REQUESTS = Counter("cache_requests_total", "Hot-cache lookups by result.",
 CACHE_ERRORS = Counter(
     "cache_errors_total", "Hot-cache operations that failed (Redis down).", ["op"], registry=REGISTRY
 )
+
+# API
+API_THROTTLED = Counter(
+    "api_throttled_total", "History API requests refused with 429, by throttle scope.", ["scope"], registry=REGISTRY
+)

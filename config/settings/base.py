@@ -109,12 +109,39 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 # REST FRAMEWORK
+# The history API (marketdata/api). Throttle rates ("N/s", "N/min", "N/hour", "N/day"; empty
+# turns a scope off) are counted in Redis per principal (API token, else user) and per client
+# IP, and are generous: they stop runaway clients, not charts.
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "marketdata.api.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["marketdata.api.permissions.HasApiAccess"],
+    "DEFAULT_THROTTLE_CLASSES": ["marketdata.api.throttling.ApiRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "principal": env("API_THROTTLE_PRINCIPAL", default="6000/min"),
+        "ip": env("API_THROTTLE_IP", default="12000/min"),
+    },
+    # Proxies in front of the gateway whose X-Forwarded-For is trusted (0: the peer address).
+    "NUM_PROXIES": env.int("API_NUM_PROXIES", default=0),
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "marketdata.api.exceptions.exception_handler",
 }
+# /v1/ohlcv and /v1/latest through the Redis hot cache; off only to measure what it saves.
+API_HOT_CACHE = env.bool("API_HOT_CACHE", default=True)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Market-data gateway",
+    "DESCRIPTION": (
+        "History of bars and trades (REST API v1). Times are UTC; give start and end as RFC 3339 with an "
+        "offset or Z, or as epoch milliseconds. Prices are exact decimals. Errors are "
+        '`{"error": {"code", "message", "field"}}`.'
+    ),
     "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

@@ -1,0 +1,1 @@
+"""The REST history API v1 (SPEC section 6): DRF views over marketdata.selectors."""

@@ -1,0 +1,72 @@
+"""API tokens for DRF (``Authorization: Token <token>`` or ``?token=``), and their OpenAPI description."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.request import Request
+
+from marketdata.access import ERR_BAD_TOKEN, user_from_token
+from marketdata.tokens import token_hash
+
+KEYWORDS = (b"token", b"bearer")
+QUERY_PARAM = "token"
+WWW_AUTHENTICATE = 'Token realm="api"'
+
+
+class TokenAuthentication(BaseAuthentication):
+    """An API token from the Authorization header or the ``token`` query parameter.
+
+    A token that is given but unknown, revoked or expired is refused (401) rather than
+    ignored, so a client with a dead token learns it instead of falling back to anonymous.
+    """
+
+    def authenticate(self, request: Request) -> tuple[Any, str] | None:
+        token = self._token(request)
+        if token is None:
+            return None
+        user = user_from_token(token)
+        if user is None:
+            raise AuthenticationFailed(ERR_BAD_TOKEN)
+        # request.auth names the token (by hash) so throttling can count per token.
+        return user, "token:" + token_hash(token)[:32]
+
+    def authenticate_header(self, request: Request) -> str:
+        return WWW_AUTHENTICATE
+
+    @staticmethod
+    def _token(request: Request) -> str | None:
+        parts = get_authorization_header(request).split()
+        if parts and parts[0].lower() in KEYWORDS:
+            if len(parts) != 2:
+                raise AuthenticationFailed(ERR_BAD_TOKEN)
+            try:
+                return parts[1].decode("ascii")
+            except UnicodeDecodeError:
+                raise AuthenticationFailed(ERR_BAD_TOKEN) from None
+        value = request.query_params.get(QUERY_PARAM)
+        return value or None
+
+
+class TokenAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Describe both ways of passing a token in the OpenAPI document."""
+
+    target_class = "marketdata.api.authentication.TokenAuthentication"
+    name = ["tokenHeader", "tokenQuery"]
+
+    def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
+        return [{name: []} for name in self.name]  # either one, not both
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, str]]:
+        return [
+            {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": "`Token <token>` (an API token from the admin).",
+            },
+            {"type": "apiKey", "in": "query", "name": QUERY_PARAM, "description": "The API token itself."},
+        ]
