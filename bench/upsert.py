@@ -204,6 +204,58 @@ def run_baseline(bars: list) -> float:
     return elapsed
 
 
+class OtherLoad:
+    """How much of the machine's CPU other processes took while a phase ran (Linux, local server only).
+
+    Everything but this process and its database backend; the machine is shared, so a
+    figure measured beside a busy neighbour says so.
+    """
+
+    def __init__(self, backend_pid: int | None) -> None:
+        self.backend_pid = backend_pid
+        self.start: tuple[float, float, float] | None = None
+        self.share: float | None = None
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        if self.backend_pid is None:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                cpu = [int(x) for x in f.readline().split()[1:]]
+            with open(f"/proc/{self.backend_pid}/stat", encoding="ascii", errors="replace") as f:
+                backend = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, ValueError):
+            return None
+        busy = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+        ours = (int(backend[11]) + int(backend[12])) / tick + sum(os.times()[:2])
+        return busy, ours, time.monotonic()
+
+    def __enter__(self) -> OtherLoad:
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        if self.start is not None and end is not None and end[2] > self.start[2]:
+            others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+            self.share = max(0.0, others / ((end[2] - self.start[2]) * (os.cpu_count() or 1)))
+
+    def __str__(self) -> str:
+        return "n/a" if self.share is None else f"{self.share:.0%}"
+
+
+def backend_pid() -> int | None:
+    """The benchmark connection's server process, when the server runs on this machine."""
+    from django.db import connection
+
+    if connection.settings_dict.get("HOST") not in ("", None, "127.0.0.1", "localhost", "::1"):
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
 def run_upsert(bars: list, batch: int) -> tuple[float, int, int, int]:
     """Every row through bars_upsert in batches; seconds and summed inserted/updated/unchanged."""
     from marketdata.services import bars_upsert
@@ -284,23 +336,26 @@ def main() -> None:
         f"{', '.join(f'{r:,.0f}' for r in baseline_rates)})"
     )
 
+    pid = backend_pid()
     checkpoint()
-    upsert_s, inserted, updated, unchanged = run_upsert(bars, args.batch)
+    with OtherLoad(pid) as load:
+        upsert_s, inserted, updated, unchanged = run_upsert(bars, args.batch)
     if (inserted, updated, unchanged) != (n, 0, 0):
         raise SystemExit(f"upsert into an empty table: inserted={inserted} updated={updated} unchanged={unchanged}")
     upsert_rate = n / upsert_s
     print(
         f"upsert     bars_upsert, {args.batch:,}-row batches, empty table:      "
-        f"{upsert_rate:>10,.0f} rows/s ({upsert_s:.2f} s)"
+        f"{upsert_rate:>10,.0f} rows/s ({upsert_s:.2f} s; other processes took {load} of the CPU)"
     )
 
     checkpoint()
-    again_s, inserted, updated, unchanged = run_upsert(bars, args.batch)
+    with OtherLoad(pid) as load:
+        again_s, inserted, updated, unchanged = run_upsert(bars, args.batch)
     if (inserted, updated, unchanged) != (0, 0, n):
         raise SystemExit(f"re-upsert of identical bars: inserted={inserted} updated={updated} unchanged={unchanged}")
     print(
         f"re-upsert  bars_upsert, same batches, all duplicates (untouched): "
-        f"{n / again_s:>10,.0f} rows/s ({again_s:.2f} s)"
+        f"{n / again_s:>10,.0f} rows/s ({again_s:.2f} s; other processes took {load} of the CPU)"
     )
     print()
     print(f"ratio upsert/baseline: {upsert_rate / baseline_rate:.2f}")
