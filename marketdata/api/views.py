@@ -32,7 +32,7 @@ from marketdata.selectors import (
     bar_list,
     latest_bars,
     leaderboard,
-    symbol_get,
+    symbol_ref,
     trade_list,
 )
 from marketdata.timeframes import bucket_ceil, bucket_start
@@ -114,7 +114,7 @@ class OhlcvView(ApiView):
     )
     def get(self, request: Request) -> HttpResponse:
         q = self.query(s.OhlcvQuery)
-        symbol = symbol_get(ticker=q["symbol"])
+        symbol = symbol_ref(ticker=q["symbol"])
         dataset_check(datasets_allowed(request.user), symbol.dataset)
         tf, start, end, limit, cursor = q["tf"], q.get("start"), q.get("end"), q["limit"], q.get("cursor")
         exclude = q["anomalies"] == "exclude"
@@ -125,7 +125,7 @@ class OhlcvView(ApiView):
                 ("ohlcv", tf, _micros(start), _micros(end), str(limit), cursor or "-", q["anomalies"],
                  _clock(tf, end, timezone.now()), base_url)
             )  # fmt: skip
-            body, key = cache.cached_get(symbol_id=symbol.pk, what=what)
+            body, key = cache.cached_get(symbol_id=symbol.id, what=what)
             if body is not None:
                 return HttpResponse(body, content_type=JSON)
         page = bar_list(
@@ -158,7 +158,7 @@ class TradesView(ApiView):
     )
     def get(self, request: Request) -> HttpResponse:
         q = self.query(s.TradesQuery)
-        symbol = symbol_get(ticker=q["symbol"])
+        symbol = symbol_ref(ticker=q["symbol"])
         dataset_check(datasets_allowed(request.user), symbol.dataset)
         end = q.get("end")
         page = trade_list(ticker=symbol.ticker, start=q.get("start"), end=end, limit=q["limit"], cursor=q.get("cursor"))
