@@ -64,21 +64,42 @@ class RequestContextMiddleware:
 
 
 class MetricsMiddleware:
-    """Count requests and time them by route pattern (not raw path: bounded labels)."""
+    """Count requests and time them by route pattern (not raw path: bounded labels).
+
+    Async-capable like RequestContextMiddleware: a sync-only middleware under ASGI makes
+    Django hop between the event loop and a thread several times per request (measured
+    at ~3 ms a request, more than the rest of a cached /v1/ohlcv answer).
+    """
 
     sync_capable = True
-    async_capable = False
+    async_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
         self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    @staticmethod
+    def _observe(request: HttpRequest, response: HttpResponse, started: float) -> None:
         from . import metrics
 
-        started = time.perf_counter()
-        response = self.get_response(request)
         match = getattr(request, "resolver_match", None)
         route = match.route if match is not None and match.route else "unmatched"
         metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(route, request.method, f"{response.status_code // 100}xx").inc()
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if self.is_async:
+            return self.__acall__(request)
+        started = time.perf_counter()
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponse)
+        self._observe(request, response, started)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        started = time.perf_counter()
+        response = await self.get_response(request)  # type: ignore[misc]
+        self._observe(request, response, started)
         return response
