@@ -30,8 +30,8 @@ from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# First on the path, so `ingest` is the project's package and never this file.
+sys.path.insert(0, str(ROOT))
 
 BENCH_DB = "marketdata_bench_ingest"
 BENCH_REDIS_DB = 14

@@ -1,0 +1,1 @@
+"""Benchmarks: each file runs as a script and prints its figures (SPEC section 8)."""
