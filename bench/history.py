@@ -1,0 +1,499 @@
+"""Benchmark: /v1/ohlcv 1,000-bar pages under locust, with the Redis hot cache on and off.
+
+Run from the repository root::
+
+    .venv/bin/python bench/history.py [--seconds 30] [--users 200] [--symbols 50]
+
+It works in a database of its own, ``marketdata_bench_history`` on the server named by
+the settings (created through the ``postgres`` maintenance database, migrated, its bars
+replaced on each run), and in Redis database 12, so it never touches the development
+database ``marketdata`` or a running demo's keys. It seeds ``--symbols`` symbols with
+``--bars`` 1m bars each, ending at the current minute, and an API token entitled to
+their dataset (production settings: no anonymous access, so token auth and the
+entitlement check are part of every request). Then, for each run, it starts its own
+daphne on a free loopback port and runs locust headless against it:
+
+- ``--users`` users, each asking for a page every 0.5-1.5 s (``--wait``), the symbol drawn
+  from a Zipf law (exponent ``--zipf``) over the symbols; 80% of the requests are a
+  chart's first load (the latest 1,000 bars), 20% one of the 9 pages before it;
+- meanwhile a writer stores each symbol's next 1m bar once a minute (spread over the
+  minute) with bars_upsert then versions_bump, as the ingester does, so cached pages are
+  invalidated as they would be in a live market;
+- run 1 with the cache off (API_HOT_CACHE=false), run 2 with it on, same seed.
+
+It prints requests/s, p50/p95/p99 (ms, locust's), failures, the cache hit ratio (from the
+gateway's /metrics), the machine, and the ratio of the two runs. Figures are printed,
+never asserted (SPEC section 8).
+
+When locust loads this file as its locustfile, only the user class below is defined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+BENCH_DB = "marketdata_bench_history"
+DEV_DB = "marketdata"
+BENCH_REDIS_DB = 12
+DATASET = "XNAS.ITCH"
+PAGE = 1000
+HISTORY_PAGES = 9  # pages before the latest one that users also read
+LOCK_KEY = 0x6869737479  # pg advisory lock: one run at a time ("histy")
+
+if __name__ != "__main__" and "locust" in sys.modules:  # loaded by locust as its locustfile
+    from locust import FastHttpUser, between, task
+
+    _SYMBOLS = os.environ["BENCH_SYMBOLS"].split(",")
+    _ZIPF = float(os.environ["BENCH_ZIPF"])
+    _WEIGHTS = [1 / (rank**_ZIPF) for rank in range(1, len(_SYMBOLS) + 1)]
+    _LAST_OPEN = datetime.fromisoformat(os.environ["BENCH_LAST_OPEN"])
+    _AUTH = {"Authorization": "Token " + os.environ["BENCH_TOKEN"]}
+    _WAIT = [float(x) for x in os.environ["BENCH_WAIT"].split(",")]
+
+    class HistoryUser(FastHttpUser):
+        """A chart: the latest 1,000 bars of a symbol mostly, sometimes an older page."""
+
+        wait_time = between(_WAIT[0], _WAIT[1])
+
+        @task
+        def ohlcv_page(self) -> None:
+            symbol = random.choices(_SYMBOLS, weights=_WEIGHTS)[0]
+            query = f"symbol={symbol}&tf=1m&limit={PAGE}"
+            if random.random() < 0.2:
+                # Older pages on a fixed grid, so they repeat (and can be cached) like real scrolling.
+                back = random.randint(1, HISTORY_PAGES)
+                end = _LAST_OPEN - timedelta(minutes=PAGE * back - 1)
+                start = end - timedelta(minutes=PAGE)
+                query += f"&start={start:%Y-%m-%dT%H:%M:%SZ}&end={end:%Y-%m-%dT%H:%M:%SZ}"
+            with self.client.get(f"/v1/ohlcv?{query}", headers=_AUTH, name="/v1/ohlcv", catch_response=True) as r:
+                if r.status_code != 200:
+                    r.failure(f"status {r.status_code}")
+                elif r.content is None or r.content.count(b'"ts"') != PAGE:
+                    r.failure("short page")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=30, help="length of each run (default 30)")
+    parser.add_argument("--users", type=int, default=200, help="locust users (default 200)")
+    parser.add_argument("--symbols", type=int, default=50, help="symbols (default 50)")
+    parser.add_argument(
+        "--bars", type=int, default=12_000, help="1m bars per symbol, >= 10,000 for 10 pages (default 12,000)"
+    )
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent over symbols (default 1.1)")
+    parser.add_argument(
+        "--wait", default="0.5,1.5", help="seconds between a user's requests, min,max (default 0.5,1.5)"
+    )
+    parser.add_argument("--no-writes", action="store_true", help="no live writer during the runs")
+    parser.add_argument("--only", choices=["on", "off"], help="run only with the cache on or off")
+    parser.add_argument(
+        "--http",
+        choices=["asgi", "wsgi"],
+        default="asgi",
+        help="asgi: the gateway as shipped (config.asgi); wsgi: Django's WSGI handler behind WsgiToAsgi",
+    )
+    args = parser.parse_args()
+    if not 1 <= args.seconds <= 3600:
+        parser.error("--seconds must be within 1..3600")
+    if not 1 <= args.users <= 5000:
+        parser.error("--users must be within 1..5000")
+    if not 1 <= args.symbols <= 1000:
+        parser.error("--symbols must be within 1..1000")
+    if not PAGE * (HISTORY_PAGES + 1) <= args.bars <= 200_000:
+        parser.error(f"--bars must be within {PAGE * (HISTORY_PAGES + 1)}..200,000")
+    return args
+
+
+def bench_env() -> dict[str, str]:
+    """The environment of this process's Django and of the gateway it starts: the bench database and Redis db."""
+    from django.conf import settings
+
+    return {
+        "DATABASE_URL": database_url(settings.DATABASES["default"]),
+        "REDIS_URL": redis_url(settings.REDIS_URL),
+    }
+
+
+def database_url(db: dict[str, Any]) -> str:
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{BENCH_DB}"
+
+
+def redis_url(url: str) -> str:
+    return re.sub(r"(redis://[^/]+)(/\d+)?$", rf"\1/{BENCH_REDIS_DB}", url)
+
+
+def setup_django() -> dict[str, str]:
+    """Point Django at the bench database and Redis db before anything connects; return their URLs."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    import django
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["NAME"] == BENCH_DB:
+        raise SystemExit(f"the settings already name {BENCH_DB}; point them at the usual database")
+    env = bench_env()
+    db["NAME"] = BENCH_DB
+    settings.REDIS_URL = env["REDIS_URL"]
+    django.setup()
+    from django.db import connection
+
+    # The guard that this benchmark never writes to the development database.
+    assert connection.settings_dict["NAME"] == BENCH_DB != DEV_DB, connection.settings_dict["NAME"]
+    create_bench_db(db)
+    return env
+
+
+def create_bench_db(db: dict[str, Any]) -> None:
+    import psycopg
+    from psycopg import sql
+
+    params = {"host": db.get("HOST"), "port": db.get("PORT"), "user": db.get("USER"), "password": db.get("PASSWORD")}
+    with psycopg.connect(dbname="postgres", autocommit=True, **{k: v for k, v in params.items() if v}) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DB)))
+
+
+def lock() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
+        if not cursor.fetchone()[0]:
+            raise SystemExit(f"another bench/history.py run holds {BENCH_DB}")
+
+
+def seed(n_symbols: int, n_bars: int) -> tuple[list[str], list[int], datetime, str]:
+    """Fresh bars ending at the current minute; symbols, a user entitled to them and a token."""
+    from django.contrib.auth.models import User
+    from django.db import connection
+
+    from marketdata.models import ApiToken, Entitlement, Symbol
+    from marketdata.services import BarIn, api_token_create, bars_upsert
+
+    tickers = [f"HIST{i:03d}" for i in range(n_symbols)]
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE marketdata_bar")
+    Symbol.objects.bulk_create([Symbol(ticker=t, dataset=DATASET) for t in tickers], ignore_conflicts=True)
+    ids = dict(Symbol.objects.filter(ticker__in=tickers).values_list("ticker", "id"))
+    last_open = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+    first_open = last_open - timedelta(minutes=n_bars - 1)
+    rng = random.Random(20240102)
+    batch: list[BarIn] = []
+    for ticker in tickers:
+        price = rng.randint(10_000, 500_000) * 10_000_000
+        for i in range(n_bars):
+            close = max(10_000_000, price + rng.randint(-100, 100) * 10_000_000)
+            high, low = max(price, close) + rng.randint(0, 20) * 10_000_000, min(price, close) - 10_000_000
+            batch.append(BarIn(ids[ticker], "1m", first_open + timedelta(minutes=i), 1, price, high, max(low, 1),
+                               close, rng.randint(100, 100_000)))  # fmt: skip
+            price = close
+            if len(batch) == 20_000:
+                bars_upsert(bars=batch)
+                batch = []
+    bars_upsert(bars=batch)
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE marketdata_bar")
+    user, _ = User.objects.get_or_create(username="bench-history")
+    Entitlement.objects.get_or_create(user=user, dataset=DATASET)
+    ApiToken.objects.filter(user=user).delete()
+    _, token = api_token_create(user=user, name="bench/history.py")
+    return tickers, [ids[t] for t in tickers], last_open, token
+
+
+class Writer(threading.Thread):
+    """Each symbol's next 1m bar once a minute, spread over the minute; upsert, then bump its version."""
+
+    def __init__(self, symbol_ids: list[int], last_open: datetime) -> None:
+        super().__init__(daemon=True)
+        self.symbol_ids = symbol_ids
+        self.next_open = {sid: last_open + timedelta(minutes=1) for sid in symbol_ids}
+        self.stop = threading.Event()
+        self.writes = 0
+
+    def run(self) -> None:
+        from django.db import connection
+
+        from marketdata.cache import versions_bump
+        from marketdata.services import BarIn, bars_upsert
+
+        interval = 60 / len(self.symbol_ids)
+        i = 0
+        try:
+            while not self.stop.wait(interval):
+                sid = self.symbol_ids[i % len(self.symbol_ids)]
+                i += 1
+                ts = self.next_open[sid]
+                self.next_open[sid] = ts + timedelta(minutes=1)
+                p = 100 * 1_000_000_000
+                bars_upsert(bars=[BarIn(sid, "1m", ts, 1, p, p, p, p, 1)])
+                versions_bump(symbol_ids=[sid])
+                self.writes += 1
+        finally:
+            connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str, timeout: float = 5) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback only)
+        return bytes(response.read())
+
+
+# Production settings, but with a connection pool instead of persistent connections: under
+# ASGI every request runs in a thread of its own, so CONN_MAX_AGE > 0 leaves one open
+# connection per request until PostgreSQL refuses more ("too many clients already", seen
+# at 200 users with the project's default of 60). Django recommends pooling for ASGI.
+GATEWAY_SETTINGS = """
+from config.settings.production import *  # noqa: F403
+from config.settings.production import DATABASES
+
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
+DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 4, "max_size": 16, "timeout": 10}
+"""
+
+
+# --http wsgi: Django's WSGI handler behind asgiref's WsgiToAsgi, so a request runs its
+# whole middleware chain in one thread; Django's ASGI handler instead hops between the
+# event loop and a thread for each sync middleware hook (~2.5 ms a request here).
+WSGI_HTTP_APP = """
+from django.core.asgi import get_asgi_application
+
+get_asgi_application()  # django.setup()
+from asgiref.wsgi import WsgiToAsgi  # noqa: E402
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+application = WsgiToAsgi(get_wsgi_application())
+"""
+
+
+def start_gateway(
+    env: dict[str, str], cache_on: bool, workdir: Path, http: str = "asgi"
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    (workdir / "bench_history_settings.py").write_text(GATEWAY_SETTINGS)
+    (workdir / "bench_history_wsgi_http.py").write_text(WSGI_HTTP_APP)
+    app = "config.asgi:application" if http == "asgi" else "bench_history_wsgi_http:application"
+    gateway_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "STREAMING_", "API_"))},
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(workdir), str(ROOT)]),
+        "DJANGO_SETTINGS_MODULE": "bench_history_settings",
+        "DJANGO_SECRET_KEY": "bench-history-INSECURE-" + "x" * 40,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
+        "DJANGO_SECURE_SSL_REDIRECT": "false",
+        "API_HOT_CACHE": "true" if cache_on else "false",
+        # One locust process is one client address: rate limits off, or they would be the bench.
+        "API_THROTTLE_PRINCIPAL": "",
+        "API_THROTTLE_IP": "",
+        "LOG_LEVEL": "WARNING",
+    }
+    log = (workdir / f"daphne-{'on' if cache_on else 'off'}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), app],
+        cwd=ROOT, env=gateway_env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"daphne exited with {proc.returncode}; see {log.name}")
+        try:
+            get(base + "/healthz", timeout=1)
+            return proc, base
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("daphne did not answer /healthz within 30 s")
+
+
+def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def cache_counts(base: str) -> tuple[float, float]:
+    text = get(base + "/metrics").decode()
+    found = dict(re.findall(r'^cache_requests_total\{result="(hit|miss)"\} (\S+)$', text, re.M))
+    return float(found.get("hit", 0)), float(found.get("miss", 0))
+
+
+def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_open: datetime, token: str,
+               workdir: Path, label: str) -> dict[str, float]:  # fmt: skip
+    prefix = workdir / label
+    env = {
+        **os.environ,
+        "BENCH_SYMBOLS": ",".join(tickers),
+        "BENCH_ZIPF": str(args.zipf),
+        "BENCH_LAST_OPEN": last_open.isoformat(),
+        "BENCH_TOKEN": token,
+        "BENCH_WAIT": args.wait,
+    }
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve()), "--headless", "--only-summary",
+        "-u", str(args.users), "-r", str(args.users), "-t", f"{args.seconds}s", "--stop-timeout", "5",
+        "--host", base, "--csv", str(prefix), "--loglevel", "WARNING",
+    ]  # fmt: skip
+    with (workdir / f"locust-{label}.log").open("wb") as log:
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.seconds + 120,
+                       check=False)  # fmt: skip
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    row = rows["Aggregated"]
+    return {
+        "requests": float(row["Request Count"]),
+        "failures": float(row["Failure Count"]),
+        "rps": float(row["Requests/s"]),
+        "p50": float(row["50%"]),
+        "p95": float(row["95%"]),
+        "p99": float(row["99%"]),
+        "mean": float(row["Average Response Time"]),
+    }
+
+
+def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seeded: tuple, workdir: Path) -> dict:
+    tickers, ids, last_open, token = seeded
+    import redis
+
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # the bench's own Redis db: no entry survives a run
+    proc, base = start_gateway(env, cache_on, workdir, args.http)
+    writer = None if args.no_writes else Writer(ids, last_open)
+    # The counters a third into the run too: the ratio after that is the steady state,
+    # once the first sight of each (symbol, page) has been paid for.
+    warm: list[tuple[float, float]] = []
+    timer = threading.Timer(args.seconds / 3, lambda: warm.append(cache_counts(base)))
+    try:
+        start = cache_counts(base)
+        if writer is not None:
+            writer.start()
+        timer.start()
+        result = run_locust(base, args, tickers, last_open, token, workdir, "on" if cache_on else "off")
+        end = cache_counts(base)
+    finally:
+        timer.cancel()
+        if writer is not None:
+            writer.stop.set()
+            writer.join()
+        stop_gateway(proc)
+    result["hit_ratio"] = ratio(start, end)
+    result["hit_ratio_warm"] = ratio(warm[0], end) if warm else float("nan")
+    result["writes"] = float(writer.writes if writer is not None else 0)
+    return result
+
+
+def ratio(before: tuple[float, float], after: tuple[float, float]) -> float:
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return hits / (hits + misses) if hits + misses else float("nan")
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    from django.db import connection
+
+    from marketdata.storage import timescaledb_enabled
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        (pg_version,) = cursor.fetchone()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cores": f"{os.cpu_count()} ({usable} usable)",
+        "cpu": model,
+        "python": platform.python_version(),
+        "postgresql": f"{pg_version} ({'TimescaleDB' if timescaledb_enabled() else 'plain PostgreSQL'})",
+        "layout": "daphne (1 process), locust (1 process), PostgreSQL and Redis on one machine, loopback",
+        "gateway": "production settings, DB connection pool 4..16 (not persistent connections: see GATEWAY_SETTINGS)",
+    }
+
+
+def line(label: str, r: dict[str, float]) -> str:
+    hits = (
+        ""
+        if r["hit_ratio"] != r["hit_ratio"]
+        else (f"  hits {r['hit_ratio']:.1%} (after the first third: {r['hit_ratio_warm']:.1%})")
+    )
+    return (
+        f"{label:10} {r['rps']:8.1f} req/s  p50 {r['p50']:5.0f} ms  p95 {r['p95']:5.0f} ms  p99 {r['p99']:5.0f} ms"
+        f"  mean {r['mean']:6.1f} ms  {int(r['requests']):>7,} requests  {int(r['failures'])} failed{hits}"
+        f"  ({int(r['writes'])} bars written meanwhile)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    env = setup_django()
+    from django.core.management import call_command
+
+    lock()
+    call_command("migrate", verbosity=0, interactive=False)
+    t0 = time.perf_counter()
+    seeded = seed(args.symbols, args.bars)
+    print(
+        f"seeded {args.symbols} symbols x {args.bars:,} 1m bars in {BENCH_DB} in {time.perf_counter() - t0:.1f} s; "
+        f"Redis db {BENCH_REDIS_DB}"
+    )
+    for key, value in machine().items():
+        print(f"{key + ':':12} {value}")
+    print(f"http:        {'config.asgi (as shipped)' if args.http == 'asgi' else 'WSGI handler behind WsgiToAsgi'}")
+    print(
+        f"load:        {args.users} users, wait {args.wait} s between requests, Zipf s={args.zipf} over "
+        f"{args.symbols} symbols, {PAGE}-bar pages of /v1/ohlcv (80% latest, 20% one of {HISTORY_PAGES} older), "
+        f"{args.seconds} s per run"
+    )
+    print()
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-history-") as tmp:
+        workdir = Path(tmp)
+        for label, cache_on in (("cache off", False), ("cache on", True)):
+            if args.only and args.only != label.split()[1]:
+                continue
+            results[label] = one_run(cache_on, args, env, seeded, workdir)
+            print(line(label, results[label]), flush=True)
+            if results[label]["requests"] == 0:
+                print((workdir / f"locust-{label.split()[1]}.log").read_text()[-3000:])
+    if len(results) == 2:
+        on, off = results["cache on"], results["cache off"]
+        print()
+        print(
+            f"ratio on/off: p95 {on['p95'] / off['p95']:.2f}, p99 {on['p99'] / off['p99']:.2f}, "
+            f"mean {on['mean'] / off['mean']:.2f}, req/s {on['rps'] / off['rps']:.2f}"
+        )
+    print("target (SPEC section 8): p95 < 10 ms cached, < 50 ms uncached; cache hit ratio >= 95%")
+
+
+if __name__ == "__main__":
+    main()
