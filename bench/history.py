@@ -59,6 +59,7 @@ HISTORY_PAGES = 9  # pages before the latest one that users also read
 LOCK_KEY = 0x6869737479  # pg advisory lock: one run at a time ("histy")
 
 if __name__ != "__main__" and "locust" in sys.modules:  # loaded by locust as its locustfile
+    import gevent
     from locust import FastHttpUser, between, task
 
     _SYMBOLS = os.environ["BENCH_SYMBOLS"].split(",")
@@ -72,6 +73,11 @@ if __name__ != "__main__" and "locust" in sys.modules:  # loaded by locust as it
         """A chart: the latest 1,000 bars of a symbol mostly, sometimes an older page."""
 
         wait_time = between(_WAIT[0], _WAIT[1])
+
+        def on_start(self) -> None:
+            # People do not all open their charts in the same millisecond: spread the
+            # first requests over one wait, or the start is a 200-request burst.
+            gevent.sleep(random.uniform(0, _WAIT[1]))
 
         @task
         def ohlcv_page(self) -> None:
