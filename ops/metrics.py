@@ -32,6 +32,11 @@ DB_WRITE_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
+DB_APPEND_FALLBACKS = Counter(
+    "marketdata_bar_append_fallbacks_total",
+    "Append-only bar batches that met a stored key (another writer) and took the staged upsert.",
+    registry=REGISTRY,
+)
 RETENTION_DELETED = Counter(
     "marketdata_retention_deleted_rows_total", "Rows deleted by retention_apply.", ["table"], registry=REGISTRY
 )

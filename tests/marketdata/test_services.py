@@ -139,3 +139,46 @@ def test_trade_with_naive_time_is_rejected(make_symbol):
     with pytest.raises(ValidationError, match=r"^ts_event must be timezone-aware") as info:
         trades_insert(trades=[naive])
     assert info.value.field == "ts_event"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_append_hint_falls_back_to_the_upsert_and_stays_correct(make_symbol):
+    import psycopg
+    from django.conf import settings
+
+    from ops import metrics
+
+    symbol = make_symbol("AAPL")
+    bars_upsert(bars=_bars(symbol.pk, n=5))  # this process now believes 14:34 is the newest stored bar
+    db = settings.DATABASES["default"]
+    # Another writer (another process) stores 14:35 behind this one's back.
+    with psycopg.connect(f"host={db['HOST']} port={db['PORT']} user={db['USER']} dbname={db['NAME']}") as other:
+        other.execute(
+            "INSERT INTO marketdata_bar (symbol_id, timeframe, ts, publisher_id, open, high, low, close, volume)"
+            " VALUES (%s, '1m', %s, 2, 1, 1, 1, 1, 1)",
+            [symbol.pk, T0 + timedelta(minutes=5)],
+        )
+    fallbacks = metrics.DB_APPEND_FALLBACKS._value.get()
+
+    later = [row._replace(ts=row.ts + timedelta(minutes=5)) for row in _bars(symbol.pk, n=3)]
+    result = bars_upsert(bars=later)
+
+    assert (result.inserted, result.updated) == (2, 1)  # 14:35 corrected, 14:36 and 14:37 new
+    assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks + 1
+    assert Bar.objects.count() == 8
+    assert Bar.objects.get(ts=T0 + timedelta(minutes=5)).close == later[0].close
+
+
+@pytest.mark.django_db(transaction=True)
+def test_appending_batches_take_the_copy_path(make_symbol):
+    from ops import metrics
+
+    symbol = make_symbol("AAPL")
+    fallbacks = metrics.DB_APPEND_FALLBACKS._value.get()
+    first = bars_upsert(bars=_bars(symbol.pk, n=3))
+    second = bars_upsert(bars=[row._replace(ts=row.ts + timedelta(minutes=3)) for row in _bars(symbol.pk, n=3)])
+    again = bars_upsert(bars=_bars(symbol.pk, n=3))  # older than what is stored: the upsert path
+
+    assert (first.inserted, second.inserted, again.unchanged) == (3, 3, 3)
+    assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks
+    assert Bar.objects.count() == 6
