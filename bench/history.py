@@ -349,7 +349,7 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
 
 def cache_counts(base: str) -> tuple[float, float]:
     text = get(base + "/metrics").decode()
-    found = dict(re.findall(r'^cache_requests_total\{result="(hit|miss)"\} (\S+)$', text, re.M))
+    found = dict(re.findall(r'^api_cache_answers_total\{endpoint="ohlcv",result="(hit|miss)"\} (\S+)$', text, re.M))
     return float(found.get("hit", 0)), float(found.get("miss", 0))
 
 

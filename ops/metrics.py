@@ -75,3 +75,9 @@ CACHE_ERRORS = Counter(
 API_THROTTLED = Counter(
     "api_throttled_total", "History API requests refused with 429, by throttle scope.", ["scope"], registry=REGISTRY
 )
+API_CACHE = Counter(
+    "api_cache_answers_total",
+    "History API answers (one per symbol for /v1/latest) served from the hot cache or computed.",
+    ["endpoint", "result"],
+    registry=REGISTRY,
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import orjson
@@ -37,6 +37,7 @@ from marketdata.selectors import (
 )
 from marketdata.timeframes import bucket_ceil, bucket_start
 from marketdata.wire import bar_json, price_text, trade_json, ts_text
+from ops import metrics
 
 from . import serializers as s
 from .renderers import FirstRendererNegotiation
@@ -68,13 +69,44 @@ def _micros(ts: datetime | None) -> str:
 def _clock(tf: str, end: datetime | None, now: datetime) -> str:
     """The part of a cache key that time alone changes.
 
-    A resampled bar turns final when its bucket closes, and an open-ended page's upper edge
-    follows the clock: such answers hold only until the current ``tf`` bucket ends. A page
-    wholly before the current bucket changes only with the data (the version).
+    A resampled bar turns final when its bucket closes: an answer holding a forming bar
+    holds only until the current ``tf`` bucket ends. A page wholly before the current
+    bucket changes only with the data (the version).
     """
     if end is not None and bucket_ceil(end, tf) <= bucket_start(now, tf):
         return "closed"
     return str(int(bucket_start(now, tf).timestamp()))
+
+
+class CacheSlot(NamedTuple):
+    """Where an answer is kept: under ``stable`` when only new data can change it, else ``clocked``."""
+
+    stable: str | None
+    clocked: str | None
+
+
+def _cache_read(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> tuple[bytes | None, CacheSlot]:
+    """The cached answer, if any, and the keys to keep a computed one under.
+
+    An answer whose bars are all final (every stored timeframe, and resampled pages of
+    closed buckets) changes only when the symbol's data does, which bumps its version; it
+    is kept under a key without the clock, so it survives bucket edges. An answer with a
+    forming bar also carries the current bucket in its key.
+    """
+    clock = _clock(tf, end, timezone.now())
+    if clock == "closed":
+        body, key = cache.cached_get(symbol_id=symbol_id, what=f"{what}|closed")
+        return body, CacheSlot(key, key)
+    body, stable = cache.cached_get(symbol_id=symbol_id, what=f"{what}|final")
+    if body is not None:
+        return body, CacheSlot(stable, None)
+    body, clocked = cache.cached_get(symbol_id=symbol_id, what=f"{what}|{clock}")
+    return body, CacheSlot(stable, clocked)
+
+
+def _cache_write(slot: CacheSlot | None, value: bytes, *, all_final: bool) -> None:
+    if slot is not None:
+        cache.cached_set(key=slot.stable if all_final else slot.clocked, value=value)
 
 
 def _hot_cache() -> bool:
@@ -119,15 +151,15 @@ class OhlcvView(ApiView):
         tf, start, end, limit, cursor = q["tf"], q.get("start"), q.get("end"), q["limit"], q.get("cursor")
         exclude = q["anomalies"] == "exclude"
         base_url = self.request.build_absolute_uri(self.request.path)
-        key = None
+        slot = None
         if _hot_cache():
             what = "|".join(
-                ("ohlcv", tf, _micros(start), _micros(end), str(limit), cursor or "-", q["anomalies"],
-                 _clock(tf, end, timezone.now()), base_url)
-            )  # fmt: skip
-            body, key = cache.cached_get(symbol_id=symbol.id, what=what)
-            if body is not None:
-                return HttpResponse(body, content_type=JSON)
+                ("ohlcv", tf, _micros(start), _micros(end), str(limit), cursor or "-", q["anomalies"], base_url)
+            )
+            cached, slot = _cache_read(symbol_id=symbol.id, what=what, tf=tf, end=end)
+            metrics.API_CACHE.labels("ohlcv", "miss" if cached is None else "hit").inc()
+            if cached is not None:
+                return HttpResponse(cached, content_type=JSON)
         page = bar_list(
             ticker=symbol.ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor, exclude_anomalies=exclude
         )
@@ -143,7 +175,7 @@ class OhlcvView(ApiView):
             + ",".join(_bar_text(bar) for bar in page.bars)
             + f'],"next":{next_url}}}'
         ).encode()
-        cache.cached_set(key=key, value=body)
+        _cache_write(slot, body, all_final=all(bar.final for bar in page.bars))
         return HttpResponse(body, content_type=JSON)
 
 
@@ -202,18 +234,18 @@ class LatestView(ApiView):
         symbols = _symbols_by_ticker(tickers)
         datasets_check(datasets_allowed(request.user), (symbols[t].dataset for t in tickers))
         texts: dict[str, str] = {}
-        keys: dict[str, str | None] = {}
+        slots: dict[str, CacheSlot] = {}
         if _hot_cache():
-            what = f"latest|{tf}|{_clock(tf, None, timezone.now())}"
             for ticker in tickers:
-                value, keys[ticker] = cache.cached_get(symbol_id=symbols[ticker].pk, what=what)
+                value, slots[ticker] = _cache_read(symbol_id=symbols[ticker].pk, what=f"latest|{tf}", tf=tf, end=None)
+                metrics.API_CACHE.labels("latest", "miss" if value is None else "hit").inc()
                 if value is not None:
                     texts[ticker] = value.decode()
         missing = [t for t in tickers if t not in texts]
         if missing:
             for ticker, bar in latest_bars(tickers=missing, tf=tf).items():
                 texts[ticker] = "null" if bar is None else _bar_text(bar)
-                cache.cached_set(key=keys.get(ticker), value=texts[ticker].encode())
+                _cache_write(slots.get(ticker), texts[ticker].encode(), all_final=bar is None or bar.final)
         body = f'{{"tf":"{tf}","results":{{' + ",".join(f"{_text(t)}:{texts[t]}" for t in tickers) + "}}"
         return HttpResponse(body.encode(), content_type=JSON)
 

@@ -206,3 +206,19 @@ def test_with_redis_unreachable_answers_come_from_the_database(client, make_symb
 
     bars_upsert(bars=[BarIn(symbol.pk, "1m", T0 + timedelta(minutes=30), 1, P, P, P, 3 * P, 1)])
     assert body(client.get("/v1/latest?symbols=AAPL"))["results"]["AAPL"]["close"] == 3
+
+
+def test_final_pages_outlive_the_bucket_edge_and_forming_ones_do_not(client, make_symbol, write_bars, clean_redis):
+    symbol = make_symbol("AAPL")
+    now = timezone.now().replace(second=0, microsecond=0)
+    # The current minute's bar is in today's bucket whatever the time: the 1d bar is forming.
+    write_bars([BarIn(symbol.pk, "1m", now - timedelta(minutes=i), 1, P, P, P, P, 1) for i in range(3)])
+    client.get("/v1/ohlcv?symbol=AAPL&tf=1m")  # stored bars: all final
+    client.get("/v1/ohlcv?symbol=AAPL&tf=1d")  # today's bar is forming
+    keys = sorted(k.decode() for k in clean_redis.keys("md:cache:*"))
+    assert [k.rsplit("|", 1)[1] for k in keys if "|1m|" in k] == ["final"]
+    clocked = [k.rsplit("|", 1)[1] for k in keys if "|1d|" in k]
+    assert clocked == [str(int(now.replace(hour=0, minute=0).timestamp()))]
+    hits = metrics.API_CACHE.labels("ohlcv", "hit")._value.get()
+    assert body(client.get("/v1/ohlcv?symbol=AAPL&tf=1d"))["results"][-1]["final"] is False
+    assert metrics.API_CACHE.labels("ohlcv", "hit")._value.get() == hits + 1
