@@ -81,9 +81,16 @@ DATABASES = {
     ),
 }
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+# A connection pool (psycopg_pool): under ASGI every sync view runs in a thread of its
+# own, so persistent per-thread connections (CONN_MAX_AGE) pile up until PostgreSQL
+# refuses clients; the pool caps them per process. The pool needs CONN_MAX_AGE = 0.
+DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-DATABASES["default"].setdefault("OPTIONS", {})
+DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    "min_size": env.int("DATABASE_POOL_MIN", default=1),
+    "max_size": env.int("DATABASE_POOL_MAX", default=10),
+    "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+}
 
 # REDIS
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
