@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,7 +13,21 @@ from django.conf import settings
 from marketdata.models import Symbol
 from marketdata.storage import timescaledb_enabled
 
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "databento"
+
+def _samples_dir() -> Path:
+    """The shared Databento samples: $MARKETDATA_SAMPLES, else ../shared beside the checkout, else /work/shared."""
+    candidates = [
+        os.environ.get("MARKETDATA_SAMPLES", ""),
+        str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "databento"),
+        "/work/shared/data/databento",
+    ]
+    for candidate in filter(None, candidates):
+        if Path(candidate).is_dir():
+            return Path(candidate)
+    return Path(candidates[1])
+
+
+SAMPLES = _samples_dir()
 
 
 @pytest.fixture
