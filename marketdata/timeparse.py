@@ -15,7 +15,7 @@ MAX_EPOCH_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 def time_parse(value: str, *, field: str) -> datetime:
     """Parse ``value`` into an aware UTC datetime or raise ValidationError naming ``field``."""
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit also takes "¹" and other digits int() refuses
         millis = int(text)
         if millis > MAX_EPOCH_MS:
             raise ValidationError(ERR_TIME_FORMAT.format(field=field, value=value), field=field)
