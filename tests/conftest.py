@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 import redis
 from django.conf import settings
 
@@ -28,6 +29,12 @@ def _samples_dir() -> Path:
 
 
 SAMPLES = _samples_dir()
+
+# CI replays the same examples every run (a red build must mean a change broke something);
+# local runs keep exploring new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture
