@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import settings as hypothesis_settings
 import redis
 from django.conf import settings
+from hypothesis import settings as hypothesis_settings
 
 from marketdata.models import Symbol
 from marketdata.storage import timescaledb_enabled
