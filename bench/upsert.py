@@ -32,6 +32,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -90,7 +91,7 @@ def create_bench_db(db: dict) -> None:
     import psycopg
     from psycopg import sql
 
-    params = {
+    params: dict[str, Any] = {
         "host": db.get("HOST") or None,
         "port": db.get("PORT") or None,
         "user": db.get("USER") or None,
