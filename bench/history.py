@@ -112,9 +112,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", choices=["on", "off"], help="run only with the cache on or off")
     parser.add_argument(
         "--http",
-        choices=["asgi", "wsgi"],
-        default="asgi",
-        help="asgi: the gateway as shipped (config.asgi); wsgi: Django's WSGI handler behind WsgiToAsgi",
+        choices=["shipped", "django-asgi"],
+        default="shipped",
+        help="shipped: config.asgi (HTTP through Django's WSGI handler behind WsgiToAsgi); "
+        "django-asgi: Django's own ASGI handler, for comparison",
     )
     args = parser.parse_args()
     if not 1 <= args.seconds <= 3600:
@@ -284,27 +285,23 @@ DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 4, "max_size": 16, "timeo
 """
 
 
-# --http wsgi: Django's WSGI handler behind asgiref's WsgiToAsgi, so a request runs its
-# whole middleware chain in one thread; Django's ASGI handler instead hops between the
-# event loop and a thread for each sync middleware hook (~2.5 ms a request here).
-WSGI_HTTP_APP = """
+# --http django-asgi: Django's own ASGI handler, which hops between the event loop and a
+# thread for each sync middleware hook (~2.5 ms a request here); config.asgi serves HTTP
+# through the WSGI handler behind WsgiToAsgi instead.
+DJANGO_ASGI_APP = """
 from django.core.asgi import get_asgi_application
 
-get_asgi_application()  # django.setup()
-from asgiref.wsgi import WsgiToAsgi  # noqa: E402
-from django.core.wsgi import get_wsgi_application  # noqa: E402
-
-application = WsgiToAsgi(get_wsgi_application())
+application = get_asgi_application()
 """
 
 
 def start_gateway(
-    env: dict[str, str], cache_on: bool, workdir: Path, http: str = "asgi"
+    env: dict[str, str], cache_on: bool, workdir: Path, http: str = "shipped"
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     (workdir / "bench_history_settings.py").write_text(GATEWAY_SETTINGS)
-    (workdir / "bench_history_wsgi_http.py").write_text(WSGI_HTTP_APP)
-    app = "config.asgi:application" if http == "asgi" else "bench_history_wsgi_http:application"
+    (workdir / "bench_history_django_asgi.py").write_text(DJANGO_ASGI_APP)
+    app = "config.asgi:application" if http == "shipped" else "bench_history_django_asgi:application"
     gateway_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "STREAMING_", "API_"))},
         **env,
@@ -474,7 +471,7 @@ def main() -> None:
     )
     for key, value in machine().items():
         print(f"{key + ':':12} {value}")
-    print(f"http:        {'config.asgi (as shipped)' if args.http == 'asgi' else 'WSGI handler behind WsgiToAsgi'}")
+    print(f"http:        {'config.asgi (as shipped)' if args.http == 'shipped' else 'Django ASGI handler'}")
     print(
         f"load:        {args.users} users, wait {args.wait} s between requests, Zipf s={args.zipf} over "
         f"{args.symbols} symbols, {PAGE}-bar pages of /v1/ohlcv (80% latest, 20% one of {HISTORY_PAGES} older), "

@@ -2,11 +2,16 @@
 
 import os
 
-from django.core.asgi import get_asgi_application
+from asgiref.wsgi import WsgiToAsgi
+from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-# Django must be set up before anything imports models (consumers, routing).
-django_asgi_app = get_asgi_application()
+# HTTP goes through Django's WSGI handler behind WsgiToAsgi: a request then runs its whole
+# (sync) middleware chain and view in one worker thread, where Django's ASGI handler hops
+# between the event loop and a thread for each middleware hook. Measured with
+# bench/history.py on 2 cores: 128 -> 183 cached req/s, p50 480 -> 32 ms at 200 users.
+# It also sets Django up, which must happen before anything imports models.
+http_app = WsgiToAsgi(get_wsgi_application())
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -15,7 +20,7 @@ from streaming.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )
