@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -20,14 +20,12 @@ from .timeframes import (
     DURATIONS,
     OHLCV,
     ORIGIN,
-    anomaly_names,
     bucket_ceil,
     bucket_start,
     source_candidates,
     validate_timeframe,
 )
 
-PRICE_SCALE = Decimal(10) ** 9
 MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1_000
 # How far a read first looks for `limit` buckets, in multiples of limit * timeframe; the
@@ -38,11 +36,6 @@ MAX_WINDOW_STEPS = 12
 ERR_LIMIT = "limit must be an integer between 1 and {max}, got {value!r}"
 ERR_CURSOR = "cursor is not one this service issued"
 ERR_RANGE = "start must be before end"
-
-
-def price(value: int) -> Decimal:
-    """Turn a Databento fixed-point price (1e-9) into an exact decimal, shortest form."""
-    return (Decimal(value) / PRICE_SCALE).normalize() + 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,21 +50,6 @@ class BarOut:
     volume: int
     anomalies: int
     final: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        """The protocol's BAR object (prices as exact decimals)."""
-        out: dict[str, Any] = {
-            "ts": self.ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "open": price(self.open),
-            "high": price(self.high),
-            "low": price(self.low),
-            "close": price(self.close),
-            "volume": self.volume,
-            "final": self.final,
-        }
-        if self.anomalies:
-            out["anomalies"] = anomaly_names(self.anomalies)
-        return out
 
 
 @dataclass(frozen=True, slots=True)
