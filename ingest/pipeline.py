@@ -218,7 +218,7 @@ class Pipeline:
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
                     self._flush(bars, trades, publisher)
-                    self._feed_status(force=True)
+                    self._feed_status()
                     return
                 for row in item or ():
                     if type(row) is BarIn:
@@ -303,7 +303,7 @@ class Pipeline:
             messages.append(Message(bars_stream(d.tf, tickers[d.symbol_id]), "bar", data))
         return messages
 
-    def _feed_status(self, *, force: bool = False) -> None:
+    def _feed_status(self) -> None:
         stats = self.stats
         now = datetime.now(UTC)
         for schema in self.schemas or {"unknown"}:
@@ -327,7 +327,7 @@ class Pipeline:
     def _record_error(self, exc: BaseException) -> None:
         self.stats.error(type(exc).__name__, str(exc))
         try:
-            self._feed_status(force=True)
+            self._feed_status()
         except Exception:
             log.exception("could not record the failure in feed status")
 

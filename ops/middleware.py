@@ -28,8 +28,8 @@ def request_context(headers: dict[str, str]) -> dict[str, str]:
     return context
 
 
-class RequestContextMiddleware:
-    """Bind request context for the duration of a request and echo the request id."""
+class _SyncAndAsync:
+    """Django middleware that runs in whichever mode its chain runs, never forcing a thread hop."""
 
     sync_capable = True
     async_capable = True
@@ -38,7 +38,11 @@ class RequestContextMiddleware:
         self.get_response = get_response
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
-            markcoroutinefunction(self)
+            markcoroutinefunction(self)  # type: ignore[type-var]  # the instance is the callable Django awaits
+
+
+class RequestContextMiddleware(_SyncAndAsync):
+    """Bind request context for the duration of a request and echo the request id."""
 
     def _bind(self, request: HttpRequest) -> dict[str, str]:
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -63,22 +67,13 @@ class RequestContextMiddleware:
         return response
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(_SyncAndAsync):
     """Count requests and time them by route pattern (not raw path: bounded labels).
 
     Async-capable like RequestContextMiddleware: a sync-only middleware under ASGI makes
     Django hop between the event loop and a thread several times per request (measured
     at ~3 ms a request, more than the rest of a cached /v1/ohlcv answer).
     """
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
 
     @staticmethod
     def _observe(request: HttpRequest, response: HttpResponse, started: float) -> None:
