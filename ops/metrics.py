@@ -81,3 +81,38 @@ API_CACHE = Counter(
     ["endpoint", "result"],
     registry=REGISTRY,
 )
+
+# WEBSOCKET GATEWAY
+WS_CONNECTIONS = Gauge("ws_connections", "Open WebSocket connections.", registry=REGISTRY, multiprocess_mode="livesum")
+WS_SUBSCRIPTIONS = Gauge(
+    "ws_subscriptions", "Stream subscriptions over all connections.", registry=REGISTRY, multiprocess_mode="livesum"
+)
+WS_MESSAGES_SENT = Counter("ws_messages_sent_total", "Stream messages sent to clients.", registry=REGISTRY)
+WS_CONFLATED = Counter(
+    "ws_messages_conflated_total", "Stream messages replaced by a newer one under throttle_ms.", registry=REGISTRY
+)
+WS_DROPPED = Counter(
+    "ws_messages_dropped_total",
+    "Stream messages not sent, by cause: duplicate (seq already sent) or closed (slow consumer closed).",
+    ["cause"],
+    registry=REGISTRY,
+)
+WS_SLOW_CLOSES = Counter(
+    "ws_slow_consumer_closes_total", "Connections closed with 4008: their send queue overflowed.", registry=REGISTRY
+)
+WS_CLOSES = Counter("ws_closes_total", "Connections closed by the server, by close code.", ["code"], registry=REGISTRY)
+WS_CLIENT_ERRORS = Counter(
+    "ws_client_errors_total", "Error frames sent in answer to client messages, by code.", ["code"], registry=REGISTRY
+)
+WS_GAPS = Counter(
+    "ws_gaps_total",
+    "Seq gaps seen on the pub/sub path, by outcome: filled from the replay buffer, or resnapshot.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+WS_PUBLISH_TO_SEND = Histogram(
+    "ws_publish_to_send_seconds",
+    "Publish (ingester commit) to handing a message to the client's socket.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)

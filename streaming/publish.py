@@ -13,7 +13,8 @@ Replay buffer ``md:buf:<stream>``: a Redis stream whose entry ids are ``<last se
 each entry holds ``n`` (frames in it), ``t`` (ms) and ``f`` (the frames, newline-joined:
 JSON text never holds a raw newline). It keeps at least the last BUFFER_MIN_MESSAGES
 messages and everything younger than BUFFER_MIN_SECONDS, trimmed every TRIM_EVERY seqs.
-The frames of one channel message: {"type": "stream.frames", "stream", "first", "frames"}.
+The frames of one channel message: {"type": "stream.frames", "stream", "first", "frames",
+"t"}, where ``t`` is the publish time in ms (for the gateway's publish-to-send latency).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from .streams import group_name
 BUFFER_MIN_MESSAGES = 1000
 BUFFER_MIN_SECONDS = 600
 TRIM_EVERY = 100
-CHANNEL_PREFIX = "asgi__group__"  # channels_redis.pubsub: f"{prefix}__group__{group}", prefix "asgi"
 SEQ_KEY = "md:seq:{stream}"  # the script builds these two from the stream name itself
 BUFFER_KEY = "md:buf:{stream}"
 FRAMES_TYPE = "stream.frames"
@@ -76,12 +76,18 @@ for i = 1, #groups do
     frames[j] = prefix .. (first + j - 1) .. ',"data":' .. datas[j] .. '}'
   end
   redis.call('XADD', buf_key, last .. '-1', 'n', n, 't', now, 'f', table.concat(frames, '\\n'))
-  redis.call('PUBLISH', channel, cmsgpack.pack({type = frames_type, stream = stream, first = first, frames = frames}))
+  local message = {type = frames_type, stream = stream, first = first, frames = frames, t = now}
+  redis.call('PUBLISH', channel, cmsgpack.pack(message))
   if math.floor(last / trim_every) ~= math.floor((first - 1) / trim_every) then trim(buf_key, last) end
   lasts[#lasts + 1] = last
 end
 return lasts
 """
+
+
+def channel_of(stream: str) -> str:
+    """The Redis pub/sub channel of a stream's group (channels_redis.pubsub's naming)."""
+    return f"{settings.CHANNELS_PREFIX}__group__{group_name(stream)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +113,7 @@ class Publisher:
             groups.setdefault((m.stream, m.kind), []).append(m.data)
         # One msgpack argument: redis-py's Python encoder packing thousands of separate
         # arguments cost more than the script itself.
-        payload = msgpack.packb(
-            [(stream, CHANNEL_PREFIX + group_name(stream), kind, datas) for (stream, kind), datas in groups.items()]
-        )
+        payload = msgpack.packb([(stream, channel_of(stream), kind, datas) for (stream, kind), datas in groups.items()])
         now = now_ms or int(time.time() * 1000)
         args: list[Any] = [now, BUFFER_MIN_MESSAGES, BUFFER_MIN_SECONDS * 1000, TRIM_EVERY, FRAMES_TYPE, payload]
         lasts = self.script(keys=[], args=args)

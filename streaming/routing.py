@@ -1,5 +1,9 @@
 """WebSocket routes."""
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-websocket_urlpatterns: list[URLPattern] = []
+from .consumers import StreamConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("ws/v1/stream", StreamConsumer.as_asgi()),
+]

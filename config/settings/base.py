@@ -96,12 +96,22 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
 # CHANNELS
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
-    },
-}
+# Redis pub/sub channels are global to the server, whatever database a URL names: the
+# prefix keeps two deployments (or a demo and the tests) sharing one Redis apart.
+CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="asgi")
+
+
+def channel_layers(redis_url: str, prefix: str) -> dict:
+    """The pub/sub layer: one Redis SUBSCRIBE per group per process, one PUBLISH per message."""
+    return {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [redis_url], "prefix": prefix},
+        },
+    }
+
+
+CHANNEL_LAYERS = channel_layers(REDIS_URL, CHANNELS_PREFIX)
 
 # STATIC
 STATIC_URL = "/static/"
@@ -157,6 +167,26 @@ SPECTACULAR_SETTINGS = {
 # STREAMING
 # Anonymous WebSocket and history access; production settings refuse to start with it on.
 STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=False)
+# WebSocket gateway limits (announced to clients in `welcome`).
+WS_MAX_STREAMS = env.int("WS_MAX_STREAMS", default=100)  # streams per connection
+WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)  # client messages; over: rate_limited
+WS_RATE_CLOSE_FACTOR = env.int("WS_RATE_CLOSE_FACTOR", default=5)  # this many times over in a second: close 4029
+WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=16384)  # client frame size; over: frame_too_large
+WS_AUTH_DEADLINE_S = env.float("WS_AUTH_DEADLINE_S", default=10.0)  # to send {"op":"auth"} when connected without
+WS_HEARTBEAT_S = env.int("WS_HEARTBEAT_S", default=20)
+WS_MAX_SNAPSHOT = env.int("WS_MAX_SNAPSHOT", default=1000)  # bars or trades in a snapshot
+WS_MAX_THROTTLE_MS = env.int("WS_MAX_THROTTLE_MS", default=60000)
+# Messages waiting for one client; a client whose queue overflows is closed with 4008.
+WS_SEND_QUEUE = env.int("WS_SEND_QUEUE", default=2000)
+# Bytes the server's socket may hold for one client before its messages wait in that queue.
+WS_TRANSPORT_HIGH_BYTES = env.int("WS_TRANSPORT_HIGH_BYTES", default=256 * 1024)
+# A resume further back than this many messages gets a fresh snapshot instead.
+WS_MAX_RESUME = env.int("WS_MAX_RESUME", default=10000)
+# Browser origins allowed to connect (scheme://host[:port]); empty: those of ALLOWED_HOSTS.
+WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=[])
+# A stream is `stale` when no feed of its dataset has written for this long.
+WS_FEED_STALE_S = env.int("WS_FEED_STALE_S", default=120)
+WS_STATUS_POLL_S = env.float("WS_STATUS_POLL_S", default=2.0)
 
 # DATABENTO
 DATABENTO_API_KEY = env("DATABENTO_API_KEY", default="")

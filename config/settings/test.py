@@ -1,7 +1,7 @@
 """Test settings: the real PostgreSQL and Redis, fast password hashing."""
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import DATABASES, channel_layers, env
 
 DEBUG = False
 SECRET_KEY = "test-INSECURE-placeholder-secret-key"  # noqa: S105 (tests only)
@@ -10,12 +10,10 @@ STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=True)
 ALLOWED_HOSTS = ["*"]
 # A Redis database of its own so tests never touch a running demo's keys.
 REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:6379/15")
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
-    },
-}
+# Pub/sub channels ignore the Redis database: a prefix per test database keeps test runs
+# of different checkouts (DATABASE_URL) on one Redis from hearing each other.
+CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="test." + DATABASES["default"]["NAME"])
+CHANNEL_LAYERS = channel_layers(REDIS_URL, CHANNELS_PREFIX)
 STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }

@@ -171,10 +171,9 @@ def test_second_ingester_for_the_same_feed_refuses(tmp_path):
 def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
     path = write(tmp_path / "pub.dbn", metadata(symbols={"AAPL": 7}), [bar(7, T0 + 60 * i, 100 + i) for i in range(5)])
     pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub()
-    from streaming.publish import CHANNEL_PREFIX
-    from streaming.streams import group_name
+    from streaming.publish import channel_of
 
-    pubsub.subscribe(CHANNEL_PREFIX + group_name("bars:1m:AAPL"))
+    pubsub.subscribe(channel_of("bars:1m:AAPL"))
     pubsub.get_message(timeout=1)  # the subscribe confirmation
     seen_in_db_at_receipt: list[int] = []
     frames: list[dict] = []

@@ -1,0 +1,96 @@
+"""Reading the replay buffers that streaming.publish writes (asyncio, for the gateway).
+
+A buffer ``md:buf:<stream>`` is a Redis stream whose entries are batches: entry id
+``<last seq>-1``, field ``n`` (frames in it) and ``f`` (the frames, newline-joined), so
+an entry covers seqs ``last - n + 1 .. last``. ``md:seq:<stream>`` is the last seq given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from .publish import BUFFER_KEY, SEQ_KEY
+
+PAGE = 64  # entries per read
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One buffer entry: frames with seqs first .. last."""
+
+    first: int
+    last: int
+    frames: list[str]
+
+
+def _entries(raw: Sequence | None) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw or ():
+        last = int(entry_id.split(b"-", 1)[0])
+        n = int(fields[b"n"])
+        out.append(Entry(last - n + 1, last, fields[b"f"].decode().split("\n")))
+    return out
+
+
+def _seq(raw: bytes | None) -> int:
+    return int(raw) if raw is not None else 0
+
+
+class Buffer:
+    """The replay buffers, through one asyncio Redis client."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    async def head(self, stream: str) -> tuple[int, list[Entry]]:
+        """The stream's last seq and, read atomically with it, its newest entries (newest first)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(SEQ_KEY.format(stream=stream))
+            pipe.xrevrange(BUFFER_KEY.format(stream=stream), "+", "-", count=PAGE)
+            seq, raw = await pipe.execute()
+        return _seq(seq), _entries(raw)
+
+    async def older(self, stream: str, before: int) -> list[Entry]:
+        """Entries wholly before seq ``before`` (newest first), one page."""
+        if before <= 1:
+            return []
+        raw = await self.client.xrevrange(BUFFER_KEY.format(stream=stream), f"{before - 1}-1", "-", count=PAGE)
+        return _entries(raw)
+
+    async def after(self, stream: str, seq: int, upto: int | None = None) -> tuple[int, list[str] | None]:
+        """The last seq, and the frames with seqs seq+1 .. upto (default: the last), in order.
+
+        The frames are None when the buffer no longer reaches back to seq+1, or when seq
+        is beyond the last seq (the client's seq is from before Redis lost its data).
+        """
+        key = BUFFER_KEY.format(stream=stream)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(SEQ_KEY.format(stream=stream))
+            pipe.xrange(key, f"{seq + 1}-1", "+", count=PAGE)
+            last_raw, raw = await pipe.execute()
+        last = _seq(last_raw)
+        end = last if upto is None else min(upto, last)
+        if seq > last:
+            return last, None
+        if seq >= end:
+            return last, []
+        frames: list[str] = []
+        entries = _entries(raw)
+        if not entries or entries[0].first > seq + 1:
+            return last, None
+        expect = seq + 1
+        while entries:
+            for entry in entries:
+                if entry.first > expect:  # trimmed in between the pages: a hole
+                    return last, None
+                take = entry.frames[expect - entry.first : end - entry.first + 1]
+                frames.extend(take)
+                expect += len(take)
+                if expect > end:
+                    return last, frames
+            raw = await self.client.xrange(key, f"{expect}-1", "+", count=PAGE)
+            entries = _entries(raw)
+        return (last, frames) if expect > end else (last, None)

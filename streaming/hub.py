@@ -1,0 +1,202 @@
+"""What the gateway's connections share within one process (one Hub per event loop).
+
+- One asyncio Redis client for the replay buffers.
+- One timer task for every connection's heartbeat and auth deadline, instead of a timer
+  per connection (10,000 idle connections cost one wake-up a second, not 10,000).
+- Feed status per dataset (`live`, `replay`, `stale`), read from FeedStatus every
+  WS_STATUS_POLL_S by one query per process, never per message; connections are told of
+  each change for the streams they hold.
+- Symbols looked up for subscribe, kept for SYMBOL_TTL_S.
+- Counters kept in plain ints on the hot path and added to the metrics once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+import redis.asyncio as aioredis
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from marketdata import selectors
+from marketdata.models import FeedStatus
+from marketdata.wire import ts_text
+from ops import metrics
+
+from . import protocol
+from .buffer import Buffer
+
+if TYPE_CHECKING:
+    from marketdata.selectors import SymbolRef
+
+log = logging.getLogger(__name__)
+
+SYMBOL_TTL_S = 60.0
+TICK_S = 1.0
+
+
+class Connection(Protocol):
+    """What the hub needs of a connection (streaming.consumers.StreamConsumer)."""
+
+    heartbeat_at: float
+    auth_deadline: float | None
+    sent: int
+
+    def push(self, text: str) -> None: ...
+    def feed_status_changed(self, dataset: str, state: str, message: str) -> None: ...
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+FeedRow = tuple[str, str, datetime | None]
+
+
+def _feed_rows() -> list[FeedRow]:
+    return list(FeedStatus.objects.values_list("dataset", "source", "last_batch_at"))
+
+
+def feed_states(rows: list[FeedRow], now: datetime, stale_s: float) -> dict[str, tuple[str, str]]:
+    """Each dataset's (status, message) from its feeds' last batch times."""
+    fresh: dict[str, set[str]] = {}
+    newest: dict[str, datetime | None] = {}
+    for dataset, source, last_batch_at in rows:
+        fresh.setdefault(dataset, set())
+        if last_batch_at is not None:
+            prev = newest.get(dataset)
+            newest[dataset] = last_batch_at if prev is None else max(prev, last_batch_at)
+            if (now - last_batch_at).total_seconds() <= stale_s:
+                fresh[dataset].add(source or "unknown")
+    out: dict[str, tuple[str, str]] = {}
+    for dataset, sources in fresh.items():
+        if "live" in sources:
+            out[dataset] = ("live", "live feed")
+        elif sources:
+            out[dataset] = ("replay", f"{' and '.join(sorted(sources))} feed: not a live exchange feed")
+        else:
+            last = newest.get(dataset)
+            age = f"nothing written for {int((now - last).total_seconds())} s" if last else "never written"
+            out[dataset] = ("stale", f"feed stopped: {age}")
+    return out
+
+
+NO_FEED = ("stale", "no feed writes this dataset")
+
+
+class Hub:
+    """Per event loop: shared clients, caches and the one timer of every connection."""
+
+    def __init__(self) -> None:
+        self.connections: set[Connection] = set()
+        self.redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+        self.buffer = Buffer(self.redis)
+        self.symbols: dict[str, tuple[float, SymbolRef]] = {}
+        self.states: dict[str, tuple[str, str]] | None = None
+        self.limits = protocol.Limits(
+            max_streams=settings.WS_MAX_STREAMS,
+            max_messages_per_s=settings.WS_MAX_MESSAGES_PER_S,
+            max_frame_bytes=settings.WS_MAX_FRAME_BYTES,
+            auth_deadline_s=settings.WS_AUTH_DEADLINE_S,
+            max_snapshot=settings.WS_MAX_SNAPSHOT,
+            max_throttle_ms=settings.WS_MAX_THROTTLE_MS,
+            send_queue=settings.WS_SEND_QUEUE,
+        )
+        self._task: asyncio.Task | None = None
+        self._status_due = 0.0
+        self._status_lock = asyncio.Lock()
+
+    # -- connections ------------------------------------------------------------------
+
+    def register(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        metrics.WS_CONNECTIONS.inc()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    def unregister(self, connection: Connection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            metrics.WS_CONNECTIONS.dec()
+            metrics.WS_MESSAGES_SENT.inc(connection.sent)
+            connection.sent = 0
+
+    async def _tick(self) -> None:
+        while self.connections:
+            await asyncio.sleep(TICK_S)
+            try:
+                await self._tick_once()
+            except Exception:  # the timer of every connection: log, never die
+                log.exception("gateway tick failed")
+
+    async def _tick_once(self) -> None:
+        now = time.monotonic()
+        beat = protocol.heartbeat(ts_text(datetime.now(UTC).replace(microsecond=0)))
+        sent = 0
+        expired: list[Connection] = []
+        for connection in list(self.connections):
+            sent += connection.sent
+            connection.sent = 0
+            if connection.auth_deadline is not None and now >= connection.auth_deadline:
+                expired.append(connection)
+            elif now >= connection.heartbeat_at:
+                connection.heartbeat_at = now + settings.WS_HEARTBEAT_S
+                connection.push(beat)
+        if sent:
+            metrics.WS_MESSAGES_SENT.inc(sent)
+        for connection in expired:
+            await connection.close(protocol.CLOSE_UNAUTHENTICATED, "no credentials within the auth deadline")
+        if now >= self._status_due:
+            await self.refresh_states()
+
+    # -- feed status ------------------------------------------------------------------
+
+    async def refresh_states(self) -> None:
+        """Read every feed's status; tell connections of each dataset whose state changed."""
+        async with self._status_lock:
+            self._status_due = time.monotonic() + settings.WS_STATUS_POLL_S
+            rows = await database_sync_to_async(_feed_rows)()
+            states = feed_states(rows, datetime.now(UTC), settings.WS_FEED_STALE_S)
+            previous, self.states = self.states, states
+        if previous is None:
+            return
+        for dataset in set(previous) | set(states):
+            old, new = previous.get(dataset, NO_FEED), states.get(dataset, NO_FEED)
+            if old[0] != new[0]:
+                for connection in list(self.connections):
+                    connection.feed_status_changed(dataset, *new)
+
+    async def feed_state(self, dataset: str) -> tuple[str, str]:
+        """(status, message) of a dataset's feed."""
+        if self.states is None:
+            await self.refresh_states()
+        assert self.states is not None
+        return self.states.get(dataset, NO_FEED)
+
+    # -- symbols ----------------------------------------------------------------------
+
+    async def symbol(self, ticker: str) -> SymbolRef:
+        """The symbol of a ticker (UnknownSymbolError if there is none)."""
+        now = time.monotonic()
+        hit = self.symbols.get(ticker)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        ref = await database_sync_to_async(selectors.symbol_ref)(ticker=ticker)
+        if len(self.symbols) > 100_000:
+            self.symbols.clear()
+        self.symbols[ticker] = (now + SYMBOL_TTL_S, ref)
+        return ref
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def hub_get() -> Hub:
+    """This event loop's hub (one per process in a server; one per test loop in tests)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = Hub()
+    return hub
