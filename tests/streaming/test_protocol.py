@@ -342,7 +342,7 @@ async def test_slow_consumer_is_closed_4008(symbols, settings):
     settings.WS_SEND_QUEUE = 50
     # A socket that never drains: the transport extension says it holds a lot.
     client = Client(extensions={"marketdata.transport": {"buffered": lambda: 10**9}})
-    connected, _ = await client.comm.connect(wait=5)
+    connected, _ = await client.comm.connect(timeout=5)
     assert connected
     await client.send({"op": "subscribe", "id": 1, "streams": [STREAM]})
     await asyncio.sleep(0.5)  # subscribed (its reply is stuck behind the full socket)
