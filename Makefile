@@ -3,7 +3,7 @@
 #   make run     venv + services + migrate + admin user + demo data, then serve on :8000
 #   make test    venv + services + ruff + ruff format --check + mypy + pytest (what CI runs)
 #
-# Other targets: venv, services, lint, fmt, bench, clean, help.
+# Other targets: venv, assets, services, lint, fmt, bench, clean, help.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,7 +20,11 @@ STAMP := $(VENV)/.requirements.stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv services run test lint fmt bench clean
+# The chart page's browser assets: npm packages pinned by package-lock.json; the vendored
+# build is copied into static/ (gitignored) and served by WhiteNoise like the rest.
+VENDOR_JS := static/vendor/lightweight-charts.standalone.production.js
+
+.PHONY: help venv assets services run test lint fmt bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -40,14 +44,24 @@ $(STAMP): $(REQUIREMENTS)
 	@$(BIN)/python -m pip install -q -r requirements/local.txt
 	@touch $@
 
+assets: $(VENDOR_JS) ## Install the page's npm packages (npm ci) and copy lightweight-charts into static/vendor/
+	@:
+
+$(VENDOR_JS): package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "assets: npm is needed (Node.js >= 18; Debian: apt-get install npm)" >&2; exit 1; }
+	@echo "assets: npm ci"
+	@npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@mkdir -p $(@D)
+	@cp node_modules/lightweight-charts/dist/lightweight-charts.standalone.production.js $@
+
 services: venv ## Make PostgreSQL and Redis reachable and create the database
 	@scripts/services.sh
 
-run: venv ## Serve the demo on http://127.0.0.1:8000/ (migrate, admin user, demo data)
+run: venv assets ## Serve the demo on http://127.0.0.1:8000/ (migrate, admin user, demo data)
 	@scripts/services.sh
 	@DJANGO_SETTINGS_MODULE=config.settings.local scripts/run.sh
 
-test: venv ## Everything CI runs: ruff, ruff format --check, mypy, pytest
+test: venv assets ## Everything CI runs: ruff, ruff format --check, mypy, pytest
 	@scripts/services.sh --tests
 	@scripts/test.sh
 
