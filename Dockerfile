@@ -44,4 +44,5 @@ USER app
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/app/scripts/healthcheck.py"]
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]
+# daphne plus slow-client detection (streaming/server.py); same arguments as daphne.
+CMD ["python", "-m", "streaming.server", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]

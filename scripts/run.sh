@@ -62,4 +62,4 @@ fi
 echo "  Stop with Ctrl+C."
 echo
 
-"$BIN/daphne" -b "$HOST" -p "$PORT" config.asgi:application
+"$BIN/python" -m streaming.server -b "$HOST" -p "$PORT" config.asgi:application
