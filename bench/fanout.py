@@ -24,9 +24,11 @@ and receive the very same publishes; with ``alone`` each app has the machine to 
 in turn, against the same schedule.
 
 For each step, server and app it prints delivered msg/s, publish-to-client latency p50,
-p99 and max, frames lost (seq gaps not filled within ``--drain`` s of the last publish),
-out of order, duplicates, connections the server closed, and the CPU of each process,
-then the ratio gateway/stock. The clients check every seq of their stream.
+p99 and max, frames lost (seqs not received within ``--drain`` s of the last publish;
+``late``: how many of those came afterwards, while the servers drained their backlog
+before the next step), out of order, duplicates, connections the server closed, the
+CPU of each process (and of whatever else ran on the machine meanwhile), the server's
+CPU per delivered message, then the ratio gateway/stock. The clients check every seq.
 
 **Idle.** For each server and app in turn: a fresh server process, its RSS (VmRSS) after a
 warm-up, ``--idle`` connections each subscribed to one stream with no traffic, the RSS
@@ -74,11 +76,12 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run (~30 s): steps 5000,10000 of 3 s, 2,000 idle")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (~30 s): daphne only, one step of 10,000 for 3 s, 1,000 idle")  # fmt: skip
     parser.add_argument("--steps", help="delivered msg/s targets per app (default 2000,5000,10000,20000)")
     parser.add_argument("--seconds", type=float, help="publishing time per step (default 8)")
     parser.add_argument("--drain", type=float, default=5, help="wait for stragglers after a step, s (default 5)")
-    parser.add_argument("--servers", default="daphne,uvicorn", help="daphne,uvicorn (default both)")
+    parser.add_argument("--servers", help="daphne,uvicorn (default both; --quick: daphne)")
     parser.add_argument("--apps", default="ours,stock", help="ours,stock (default both)")
     parser.add_argument("--layout", choices=["together", "alone"], default="together",
                         help="together: both apps served at once on the same publishes (default); "
@@ -90,6 +93,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle", type=int, help="idle connections per server and app, 0 to skip (default 10,000)")
     parser.add_argument("--idle-procs", type=int, default=4, help="client processes for the idle test (default 4)")
     parser.add_argument(
+        "--quiet-s",
+        type=float,
+        default=20,
+        help="before each step, wait up to this long for other work on the machine to stop (default 20)",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -99,11 +108,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-apps", help="apps of the idle test (default: --apps)")
     args = parser.parse_args()
     quick = args.quick
-    args.steps = [int(s) for s in (args.steps or ("5000,10000" if quick else "2000,5000,10000,20000")).split(",")]
+    args.steps = [int(s) for s in (args.steps or ("10000" if quick else "2000,5000,10000,20000")).split(",")]
     args.seconds = args.seconds or (3.0 if quick else 8.0)
     args.drain = min(args.drain, 3.0) if quick else args.drain
-    args.idle = args.idle if args.idle is not None else (2_000 if quick else 10_000)
-    args.servers = args.servers.split(",")
+    args.idle = args.idle if args.idle is not None else (1_000 if quick else 10_000)
+    args.servers = (args.servers or ("daphne" if quick else "daphne,uvicorn")).split(",")
     args.apps = args.apps.split(",")
     args.idle_apps = args.idle_apps.split(",") if args.idle_apps else args.apps
     if not set(args.servers) <= {"daphne", "uvicorn"} or not set(args.apps + args.idle_apps) <= set(APPS):
@@ -118,6 +127,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--client-procs and --idle-procs must be within 1..16")
     if not 0 <= args.idle <= 50_000:
         parser.error("--idle must be within 0..50,000")
+    if not 0 <= args.quiet_s <= 120:
+        parser.error("--quiet-s must be within 0..120")
     if not 1 <= args.tick_ms <= 100:
         parser.error("--tick-ms must be within 1..100")
     return args
@@ -537,6 +548,9 @@ def step(args: argparse.Namespace, target: int, per_stream: int, servers: dict[s
          workdir: Path) -> None:  # fmt: skip
     """Publish at one rate, collect and print what each app delivered."""
     rate = target / per_stream
+    used = wait_quiet(args.quiet_s)
+    if used >= 0.3:
+        print(f"  (the machine did not quieten within {args.quiet_s:g} s: {used:.0%} of a core busy before this step)")
     profiler = None
     if args.profile and "ours" in servers and target >= args.profile:
         profiler = py_spy(servers["ours"].pid, args.seconds, workdir / f"py-spy-{kind}-{target}.txt")
@@ -588,6 +602,22 @@ def settle(servers: dict[str, Server], quiet: float = 0.15, limit_s: float = 60)
             return
 
 
+def wait_quiet(limit_s: float, busy_cores: float = 0.3) -> float:
+    """Wait (at most limit_s) for half a second in which the whole machine uses under busy_cores; return its use.
+
+    Other work on the machine (other test runs, builds) takes the cores from the servers
+    under test; a step starts when the machine is quiet, or says that it was not.
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        b0 = machine_busy()
+        time.sleep(0.5)
+        b1 = machine_busy()
+        used = (b1[0] - b0[0]) / max(1, b1[1] - b0[1]) * (os.cpu_count() or 1)
+        if used < busy_cores or time.monotonic() >= deadline:
+            return used
+
+
 def py_spy(pid: int, seconds: float, out: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
     """Sample the gateway with py-spy during a step (not a requirement: skipped when absent)."""
     exe = Path(sys.executable).with_name("py-spy")
@@ -622,9 +652,11 @@ def print_profile(proc: subprocess.Popen[bytes], out: Path, top: int = 15) -> No
     if not total:
         print("  py-spy: no samples")
         return
-    print(f"  py-spy of the gateway ({total:,} samples, all threads; 'own' is where the sample was):")
+    print(f"  py-spy of the gateway ({total:,} samples, all threads; own: the innermost frame; incl: on the stack,"
+          " loop and launcher frames left out)")  # fmt: skip
     by_own = sorted(own.items(), key=lambda kv: -kv[1])[:top]
-    by_incl = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    # The event loop's and the launcher's frames are under every sample: leave them out.
+    by_incl = sorted(((f, n) for f, n in inclusive.items() if n < 0.75 * total), key=lambda kv: -kv[1])[:top]
     for i in range(top):
         left = f"{by_own[i][1] / total:6.1%} {by_own[i][0][:70]}" if i < len(by_own) else ""
         right = f"{by_incl[i][1] / total:6.1%} {by_incl[i][0][:70]}" if i < len(by_incl) else ""
@@ -697,7 +729,7 @@ def idle(args: argparse.Namespace, env: dict[str, str], streams: list[str], pub:
                     time.sleep(1)
                     before = rss_mib(server.pid)
                     c = clients.connect([(app, server.port, streams[i % len(streams)]) for i in range(n)],
-                                        limit=25, timeout=300)  # fmt: skip
+                                        limit=50, timeout=300)  # fmt: skip
                     time.sleep(2)
                     after = rss_mib(server.pid)
                     clients.finish(pub.finals, 0.5)
@@ -721,6 +753,8 @@ def idle(args: argparse.Namespace, env: dict[str, str], streams: list[str], pub:
 def main() -> None:
     args = parse_args()
     nofile = raise_nofile(max(65_536, 2 * args.idle + 4_096))
+    if args.idle + 1_000 > nofile:
+        raise SystemExit(f"--idle {args.idle:,} needs more open files than RLIMIT_NOFILE {nofile:,} allows")
     env, streams = setup(args.symbols)
     import redis
 
