@@ -4,8 +4,10 @@ from django.contrib import admin
 from django.urls import include, path
 
 from ops import views as ops_views
+from streaming import views as streaming_views
 
 urlpatterns = [
+    path("", streaming_views.chart_page, name="chart"),
     path("admin/", admin.site.urls),
     path("v1/", include("marketdata.api.urls")),
     path("healthz", ops_views.healthz, name="healthz"),
