@@ -13,6 +13,15 @@ Replay buffer ``md:buf:<stream>``: a Redis stream whose entry ids are ``<last se
 each entry holds ``n`` (frames in it), ``t`` (ms) and ``f`` (the frames, newline-joined:
 JSON text never holds a raw newline). It keeps at least the last BUFFER_MIN_MESSAGES
 messages and everything younger than BUFFER_MIN_SECONDS, trimmed every TRIM_EVERY seqs.
+Seq never goes back, even when Redis loses its data (a restart without persistence): a
+stream's seq starts at its creation time in ms x 1,000 (about 1.8e15 in 2026, well
+inside the 2^53 a JavaScript number holds exactly), so a stream created again after a
+loss starts above wherever the old one ended (unless it averaged over 1,000 messages a
+ms). A client resuming from an old seq then finds the buffer does not reach back and
+gets a fresh snapshot, never a replay of different messages under the same seqs; a
+gateway sees a gap and does the same. Test settings start seqs at 1
+(``STREAM_SEQ_EPOCH``) so tests can name them.
+
 The frames of one channel message: {"type": "stream.frames", "stream", "first", "frames",
 "t"}, where ``t`` is the publish time in ms (for the gateway's publish-to-send latency).
 """
@@ -36,6 +45,8 @@ TRIM_EVERY = 100
 SEQ_KEY = "md:seq:{stream}"  # the script builds these two from the stream name itself
 BUFFER_KEY = "md:buf:{stream}"
 FRAMES_TYPE = "stream.frames"
+# A stream's first seq (see the module docstring): its creation time in ms times this.
+SEQ_EPOCH_PER_MS = 1000
 
 PUBLISH_LUA = """
 local now = tonumber(ARGV[1])
@@ -44,6 +55,8 @@ local keep_ms = tonumber(ARGV[3])
 local trim_every = tonumber(ARGV[4])
 local frames_type = ARGV[5]
 
+-- Seqs pass 1e14, where Lua's own number-to-text switches to exponent notation.
+local function int(n) return string.format('%d', n) end
 local function seq_of(id) return tonumber(string.match(id, '^(%d+)')) end
 
 -- Drop whole entries that are both older than keep_ms and wholly before the last keep_n seqs.
@@ -55,27 +68,30 @@ local function trim(key, last)
   local lo, hi, cutoff = seq_of(first[1][1]), floor_seq, now - keep_ms
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)
-    local e = redis.call('XRANGE', key, mid .. '-1', '+', 'COUNT', 1)
+    local e = redis.call('XRANGE', key, int(mid) .. '-1', '+', 'COUNT', 1)
     if #e == 0 then break end
     if tonumber(e[1][2][4]) < cutoff then lo = seq_of(e[1][1]) + 1 else hi = mid end
   end
-  redis.call('XTRIM', key, 'MINID', lo .. '-1')
+  redis.call('XTRIM', key, 'MINID', int(lo) .. '-1')
 end
 
 local lasts = {}
+local seq_base = tonumber(ARGV[7])
 local groups = cmsgpack.unpack(ARGV[6])
 for i = 1, #groups do
   local stream, channel, kind, datas = groups[i][1], groups[i][2], groups[i][3], groups[i][4]
   local n = #datas
   local buf_key = 'md:buf:' .. stream
-  local last = redis.call('INCRBY', 'md:seq:' .. stream, n)
+  local seq_key = 'md:seq:' .. stream
+  if seq_base > 0 and redis.call('EXISTS', seq_key) == 0 then redis.call('SET', seq_key, seq_base) end
+  local last = redis.call('INCRBY', seq_key, n)
   local first = last - n + 1
   local prefix = '{"type":"' .. kind .. '","stream":' .. cjson.encode(stream) .. ',"seq":'
   local frames = {}
   for j = 1, n do
-    frames[j] = prefix .. (first + j - 1) .. ',"data":' .. datas[j] .. '}'
+    frames[j] = prefix .. int(first + j - 1) .. ',"data":' .. datas[j] .. '}'
   end
-  redis.call('XADD', buf_key, last .. '-1', 'n', n, 't', now, 'f', table.concat(frames, '\\n'))
+  redis.call('XADD', buf_key, int(last) .. '-1', 'n', n, 't', now, 'f', table.concat(frames, '\\n'))
   local message = {type = frames_type, stream = stream, first = first, frames = frames, t = now}
   redis.call('PUBLISH', channel, cmsgpack.pack(message))
   if math.floor(last / trim_every) ~= math.floor((first - 1) / trim_every) then trim(buf_key, last) end
@@ -115,7 +131,10 @@ class Publisher:
         # arguments cost more than the script itself.
         payload = msgpack.packb([(stream, channel_of(stream), kind, datas) for (stream, kind), datas in groups.items()])
         now = now_ms or int(time.time() * 1000)
-        args: list[Any] = [now, BUFFER_MIN_MESSAGES, BUFFER_MIN_SECONDS * 1000, TRIM_EVERY, FRAMES_TYPE, payload]
+        seq_base = now * SEQ_EPOCH_PER_MS if settings.STREAM_SEQ_EPOCH else 0
+        args: list[Any] = [
+            now, BUFFER_MIN_MESSAGES, BUFFER_MIN_SECONDS * 1000, TRIM_EVERY, FRAMES_TYPE, payload, seq_base,
+        ]  # fmt: skip
         lasts = self.script(keys=[], args=args)
         return {stream: int(last) for (stream, _), last in zip(groups, lasts, strict=True)}
 

@@ -167,6 +167,9 @@ SPECTACULAR_SETTINGS = {
 # STREAMING
 # Anonymous WebSocket and history access; production settings refuse to start with it on.
 STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=False)
+# A new stream's seq starts at its creation time (ms x 1000), so it never goes back when
+# Redis loses its data (streaming/publish.py); off in tests, which start at 1.
+STREAM_SEQ_EPOCH = env.bool("STREAM_SEQ_EPOCH", default=True)
 # WebSocket gateway limits (announced to clients in `welcome`).
 WS_MAX_STREAMS = env.int("WS_MAX_STREAMS", default=100)  # streams per connection
 WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)  # client messages; over: rate_limited

@@ -14,6 +14,8 @@ REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:6379/15")
 # of different checkouts (DATABASE_URL) on one Redis from hearing each other.
 CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="test." + DATABASES["default"]["NAME"])
 CHANNEL_LAYERS = channel_layers(REDIS_URL, CHANNELS_PREFIX)
+# Seqs from 1, so tests can name them (tests/streaming/test_publish.py covers the epoch start).
+STREAM_SEQ_EPOCH = env.bool("STREAM_SEQ_EPOCH", default=False)
 STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }

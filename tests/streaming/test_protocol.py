@@ -367,3 +367,27 @@ async def test_subscribing_again_sends_a_new_snapshot_without_duplicates(symbols
     assert (await client.recv_type("bar"))["seq"] == 4
     await asyncio.sleep(0)
     await client.close()
+
+
+async def test_redis_losing_its_data_gives_a_fresh_snapshot_not_a_wrong_replay(symbols, settings, redis_client):
+    settings.STREAM_SEQ_EPOCH = True
+    last = publish(STREAM, [bar_data(0), bar_data(1)])
+    client = Client()
+    await client.connect()
+    await client.send({"op": "subscribe", "id": 1, "streams": [STREAM], "snapshot": 5})
+    assert (await client.recv_type("subscribed"))["seq"] == last
+    redis_client.flushdb()  # Redis restarted without persistence: seqs and buffers gone
+    await asyncio.sleep(0.002)
+    restarted = publish(STREAM, [bar_data(2)])
+    assert restarted > last
+    reply = await client.recv_type("resumed")
+    assert (reply["recovered"], reply["seq"]) == (False, restarted)
+    assert [b["ts"] for b in reply["snapshot"]] == ["2024-01-02T14:32:00Z"]
+    # A client that was away resumes from its old seq: not recoverable, so a snapshot.
+    other = Client()
+    await other.connect()
+    await other.send({"op": "subscribe", "id": 2, "streams": [STREAM], "resume": {STREAM: last - 1}})
+    reply = await other.recv_type("resumed")
+    assert (reply["recovered"], reply["seq"]) == (False, restarted)
+    await client.close()
+    await other.close()

@@ -37,3 +37,16 @@ def test_frames_carry_the_stream_and_seq(redis_client):
     lasts = Publisher().publish([Message(STREAM, "bar", '{"a":1}'), Message("trades:X", "trade", '{"b":2}')])
     assert lasts == {STREAM: 1, "trades:X": 1}
     assert buffer_frames(redis_client, STREAM) == [{"type": "bar", "stream": STREAM, "seq": 1, "data": {"a": 1}}]
+
+
+def test_seq_never_goes_back_when_redis_loses_its_data(redis_client, settings):
+    settings.STREAM_SEQ_EPOCH = True
+    publisher = Publisher()
+    before = int(time.time() * 1000)
+    last = publisher.publish([Message(STREAM, "bar", '{"a":1}')] * 3)[STREAM]
+    assert last >= before * 1000 + 3  # starts at the stream's creation time, in ms x 1000
+    redis_client.flushdb()  # a restart without persistence
+    time.sleep(0.002)
+    again = publisher.publish([Message(STREAM, "bar", '{"a":1}')])[STREAM]
+    assert again > last
+    assert again < 2**53  # exact in a JavaScript number
