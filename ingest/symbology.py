@@ -49,6 +49,10 @@ class Resolver:
     by_id: dict[int, list[Interval]] = field(default_factory=dict)
     symbols: dict[str, Symbol] = field(default_factory=dict)
     tickers: dict[int, str] = field(default_factory=dict)
+    # The interval each id resolved to last: records of an id come in time order, so the
+    # next one almost always falls in the same interval (one check instead of a scan).
+    # Kept with the start of the next interval, since a later-starting one wins an overlap.
+    last_hit: dict[int, tuple[Interval, int]] = field(default_factory=dict)
 
     def load(self) -> None:
         """Read every stored mapping of this dataset."""
@@ -61,6 +65,7 @@ class Resolver:
         self.symbols[symbol.ticker] = symbol
         self.tickers[symbol.pk] = symbol.ticker
         intervals = self.by_id.setdefault(instrument_id, [])
+        self.last_hit.pop(instrument_id, None)
         for existing in intervals:
             if existing.start_ns == start_ns and existing.symbol_id == symbol.pk:
                 existing.end_ns = max(existing.end_ns, end_ns)
@@ -110,12 +115,18 @@ class Resolver:
 
     def resolve(self, instrument_id: int, ts_ns: int) -> Interval | None:
         """The interval that maps ``instrument_id`` at ``ts_ns``, or None."""
+        hit = self.last_hit.get(instrument_id)
+        if hit is not None and hit[0].start_ns <= ts_ns < hit[0].end_ns and ts_ns < hit[1]:
+            return hit[0]
         intervals = self.by_id.get(instrument_id)
         if not intervals:
             return None
+        next_start = OPEN_END_NS + 1
         for interval in reversed(intervals):
             if interval.start_ns <= ts_ns < interval.end_ns:
+                self.last_hit[instrument_id] = (interval, next_start)
                 return interval
+            next_start = interval.start_ns
         return None
 
 

@@ -49,6 +49,9 @@ def _speed(value: str) -> float:
 
 
 class Command(BaseCommand):
+    # The system checks import every URL module (DRF, the admin...): a second of startup
+    # an ingester does not need; `manage.py check` and the gateway still run them.
+    requires_system_checks: list[str] = []
     help = "Ingest Databento data (DBN files, historical API, live API) into the store, then publish it."
 
     def add_arguments(self, parser: CommandParser) -> None:
