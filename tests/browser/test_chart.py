@@ -261,3 +261,28 @@ def test_a_silent_server_is_given_up_after_missed_heartbeats(gateway: Gateway, b
     assert state["lastTs"] == bar.ts.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert state["reconnects"] >= 1
     assert state["snapshots"] == 1
+
+
+def test_where_anonymous_streaming_is_off_the_page_streams_after_logging_in(
+    gateway: Gateway, browser: Any, market: Market
+) -> None:
+    from django.contrib.auth.models import User
+    from selenium.webdriver.common.by import By
+
+    User.objects.create_user("trader", password="pw-for-tests-only", is_staff=True)
+    gateway.stop()
+    gateway.env["STREAMING_ALLOW_ANONYMOUS"] = "false"
+    gateway.start()
+    driver = browser
+
+    driver.get(f"{gateway.url}/")
+    assert driver.current_url == f"{gateway.url}/admin/login/?next=/"
+    driver.find_element(By.ID, "id_username").send_keys("trader")
+    driver.find_element(By.ID, "id_password").send_keys("pw-for-tests-only")
+    driver.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+
+    # Back on the page: the first active symbol, streamed over a socket the session authenticates.
+    state = wait_for(driver, "the snapshot", lambda s: s.get("bars") == HISTORY and s.get("connection") == "open")
+    assert state["stream"] == STREAM
+    seq = market.publish(market.make(market.now))
+    wait_for(driver, "a live bar", lambda s: s.get("lastSeq") == seq and s.get("bars") == HISTORY + 1)
