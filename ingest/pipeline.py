@@ -31,7 +31,7 @@ from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
 from marketdata.wire import bar_json, trade_json
-from ops import metrics
+from ops import metrics, tracing
 from streaming.derive import Deriver, load_stored
 from streaming.publish import Message, Publisher
 from streaming.streams import bars_stream, trades_stream
@@ -247,6 +247,10 @@ class Pipeline:
                 publisher.close()
             connections.close_all()
 
+    @tracing.traced(
+        "ingest.batch",
+        lambda self, bars, trades, publisher: {"dataset": self.dataset, "bars": len(bars), "trades": len(trades)},
+    )
     def _flush(self, bars: list[BarIn], trades: list[TradeIn], publisher: Publisher | None) -> None:
         messages: list[Message] = []
         changed: set[int] = set()
@@ -273,6 +277,7 @@ class Pipeline:
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
+            metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
         if publisher is not None and messages:
             publisher.publish(messages)
 

@@ -6,8 +6,21 @@ from typing import Any
 
 import structlog
 
+from . import tracing
+
+
+def add_span_ids(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """With tracing on, the active span's trace and span ids (the bound trace_id wins)."""
+    ids = tracing.current_ids()
+    if ids is not None:
+        event.setdefault("trace_id", ids[0])
+        event.setdefault("span_id", ids[1])
+    return event
+
+
 SHARED_PROCESSORS: list[Any] = [
     structlog.contextvars.merge_contextvars,
+    add_span_ids,
     structlog.stdlib.ExtraAdder(),  # stdlib `extra=` fields become keys too
     structlog.stdlib.add_logger_name,
     structlog.stdlib.add_log_level,

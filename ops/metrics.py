@@ -1,11 +1,17 @@
-"""The one Prometheus registry; every metric of the service is declared here or added to it."""
+"""The one Prometheus registry; every metric of the service is declared here or added to it.
+
+Several processes (gateway processes behind one port, say) share their metrics through
+prometheus_client's multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (see
+ops.multiprocess): every gauge says how its per-process values combine
+(``multiprocess_mode``), and ``render`` merges them.
+"""
 
 from __future__ import annotations
 
-import os
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
+
+from . import multiprocess
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -40,16 +46,34 @@ DB_APPEND_FALLBACKS = Counter(
 RETENTION_DELETED = Counter(
     "marketdata_retention_deleted_rows_total", "Rows deleted by retention_apply.", ["table"], registry=REGISTRY
 )
-READY = Gauge("service_ready", "1 when /readyz last answered ready, else 0.", registry=REGISTRY)
+READY = Gauge(
+    "service_ready",
+    "1 when /readyz last answered ready, else 0.",
+    registry=REGISTRY,
+    multiprocess_mode="livemostrecent",
+)
+
+
+def _registry() -> CollectorRegistry:
+    path = multiprocess.directory()
+    if path is None:
+        return REGISTRY
+    multiprocess.dead_gauges_remove(path)
+    merged = CollectorRegistry()
+    prom_multiprocess.MultiProcessCollector(merged, path=str(path))
+    return merged
 
 
 def render() -> bytes:
     """Render the registry, merged across processes when PROMETHEUS_MULTIPROC_DIR is set."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        merged = CollectorRegistry()
-        prom_multiprocess.MultiProcessCollector(merged)
-        return generate_latest(merged)
-    return generate_latest(REGISTRY)
+    return generate_latest(_registry())
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 (scraped from outside the pod)
+    """Serve the metrics on a port of their own from a daemon thread (the ingester has no HTTP server)."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=addr, registry=_registry())
 
 
 # INGEST
@@ -59,8 +83,24 @@ INGEST_BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )  # fmt: skip
-INGEST_QUEUE_DEPTH = Gauge("ingest_queue_depth", "Records waiting for the batch writer.", registry=REGISTRY)
-INGEST_LAG = Gauge("ingest_lag_seconds", "Now minus the newest written record's time.", ["dataset"], registry=REGISTRY)
+INGEST_QUEUE_DEPTH = Gauge(
+    "ingest_queue_depth", "Records waiting for the batch writer.", registry=REGISTRY, multiprocess_mode="livesum"
+)
+INGEST_LAG = Gauge(
+    "ingest_lag_seconds",
+    "The newest written record's age when it was written.",
+    ["dataset"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
+)
+# Lag as of now, even when the feed has stopped: time() - ingest_last_record_timestamp_seconds.
+INGEST_LAST_RECORD = Gauge(
+    "ingest_last_record_timestamp_seconds",
+    "Event time (Unix seconds) of the newest written record.",
+    ["dataset"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
 INGEST_BACKPRESSURE = Counter(
     "ingest_backpressure_waits_total", "Times the source waited on a full queue.", registry=REGISTRY
 )
