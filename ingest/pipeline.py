@@ -6,6 +6,12 @@ thread drains the queue into batches of up to BATCH_BARS bars / BATCH_TRADES tra
 FLUSH_SECONDS of waiting, writes each with one COPY-based upsert transaction, and
 publishes what it wrote only after the commit. SIGTERM and Ctrl-C stop the source;
 everything already queued is still written before the run ends.
+
+While PostgreSQL or Redis is unreachable (a restart, a failover) the writer retries the
+batch it holds, the write or the publish, with a capped backoff: the queue fills, the
+source waits (back-pressure), and nothing is dropped. A write whose commit may have
+happened (the connection died around it) is published in full once it succeeds: a bar
+sent twice replaces itself, a bar never sent would be lost to clients.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
+import redis
 import structlog
-from django.db import connection, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 from django.utils import timezone
 
 from marketdata.cache import versions_bump
@@ -47,7 +55,13 @@ FLUSH_SECONDS = 0.05
 QUEUE_MAX = 20_000
 FEED_STATUS_EVERY_S = 1.0
 FEED_CHUNK = 256
+RETRY_FIRST_S = 0.05  # the first wait after a failed write or publish, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 1.0
+SHUTDOWN_RETRY_S = 30.0  # once the run is closing, a server still down fails the run after this long
+# Failures of a reachable-again server, not of the batch: worth retrying the same batch.
+TRANSIENT = (OperationalError, InterfaceError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
 _STOP = object()
+T = TypeVar("T")
 
 ERR_LOCKED = (
     "another ingester already runs for {dataset} {schema} (PostgreSQL advisory lock held); "
@@ -82,9 +96,13 @@ class FeedLock:
         self.held.add((dataset, schema))
 
     def release(self) -> None:
-        with connection.cursor() as cursor:
-            for dataset, schema in self.held:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [advisory_key(dataset, schema)])
+        try:
+            with connection.cursor() as cursor:
+                for dataset, schema in self.held:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [advisory_key(dataset, schema)])
+        except DatabaseError:
+            # The session died (PostgreSQL restarted): its locks went with it.
+            log.warning("advisory lock session lost before release", feeds=sorted(self.held))
         self.held.clear()
 
 
@@ -136,6 +154,10 @@ class RowQueue:
     def qsize(self) -> int:
         """Rows waiting."""
         return self._rows
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
 class Pipeline:
@@ -218,7 +240,7 @@ class Pipeline:
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
                     self._flush(bars, trades, publisher)
-                    self._feed_status()
+                    self._feed_status_safe()
                     return
                 for row in item or ():
                     if type(row) is BarIn:
@@ -233,7 +255,7 @@ class Pipeline:
                     bars, trades, deadline = [], [], None
                     now = time.monotonic()
                     if now - last_status >= FEED_STATUS_EVERY_S:
-                        self._feed_status()
+                        self._feed_status_safe()
                         last_status = now
                         if self.progress:
                             self.progress(self.stats, now - self.started)
@@ -255,16 +277,16 @@ class Pipeline:
         messages: list[Message] = []
         changed: set[int] = set()
         if bars:
-            result = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
-            if result.inserted + result.updated:
+            result, retried = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
+            if result.inserted + result.updated or retried:
                 changed.update(b.symbol_id for b in bars)
                 if publisher is not None:
-                    messages += self._bar_messages(bars)
+                    messages += self._retry("derive", lambda: self._bar_messages(bars))[0]
         if trades:
-            result = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
-            if result.inserted:
+            result, retried = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
+            if result.inserted or retried:
                 changed.update(t.symbol_id for t in trades)
-            if publisher is not None and result.inserted:
+            if publisher is not None and (result.inserted or retried):
                 tickers = self.resolver.tickers
                 messages += [
                     Message(
@@ -279,17 +301,39 @@ class Pipeline:
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
         if publisher is not None and messages:
-            publisher.publish(messages)
+            self._retry("publish", lambda: publisher.publish(messages))
 
-    def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> WriteResult:
-        """Run one batch write (its own transaction) and account for it."""
+    def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> tuple[WriteResult, bool]:
+        """Run one batch write (its own transaction) and account for it; True when it had to be retried."""
         started = time.perf_counter()
-        result = write()
+        result, retried = self._retry(table, write)
         metrics.INGEST_BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
         metrics.INGEST_RECORDS.labels(table).inc(count)
         self.stats.written += result.inserted + result.updated
         self.stats.duplicates += result.unchanged
-        return result
+        return result, retried
+
+    def _retry(self, what: str, call: Callable[[], T]) -> tuple[T, bool]:
+        """``call()`` until PostgreSQL and Redis let it succeed; True when it failed at least once.
+
+        Meanwhile the queue fills and the source waits (back-pressure). Once the run is
+        closing, a failure lasting SHUTDOWN_RETRY_S is raised: a stop must end.
+        """
+        delay, failed_since = RETRY_FIRST_S, None
+        while True:
+            try:
+                return call(), failed_since is not None
+            except TRANSIENT as exc:
+                now = time.monotonic()
+                failed_since = failed_since if failed_since is not None else now
+                if self.queue.closed and now - failed_since > SHUTDOWN_RETRY_S:
+                    raise
+                self.stats.warnings[f"retried_{what}"] += 1
+                log.warning("ingest step failed; retrying", step=what, error=str(exc), retry_in_s=delay)
+                if isinstance(exc, DatabaseError | psycopg.Error):
+                    connection.close()  # a broken connection goes back to the pool, which replaces it
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
 
     def _bar_messages(self, bars: list[BarIn]) -> list[Message]:
         """Every written bar (final), then the derived and forming bars of coarser timeframes."""
@@ -328,6 +372,14 @@ class Pipeline:
                     "last_error_at": now if stats.last_error else None,
                 },
             )
+
+    def _feed_status_safe(self) -> None:
+        """Feed status is advisory: while PostgreSQL is down it waits for the next one."""
+        try:
+            self._feed_status()
+        except TRANSIENT as exc:
+            log.warning("feed status not written", error=str(exc))
+            connection.close()
 
     def _record_error(self, exc: BaseException) -> None:
         self.stats.error(type(exc).__name__, str(exc))
