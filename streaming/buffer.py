@@ -53,6 +53,11 @@ class Buffer:
             seq, raw = await pipe.execute()
         return _seq(seq), _entries(raw)
 
+    async def start(self, stream: str) -> int:
+        """The first seq the buffer holds (0 when it is empty)."""
+        entries = _entries(await self.client.xrange(BUFFER_KEY.format(stream=stream), "-", "+", count=1))
+        return entries[0].first if entries else 0
+
     async def older(self, stream: str, before: int) -> list[Entry]:
         """Entries wholly before seq ``before`` (newest first), one page."""
         if before <= 1:
