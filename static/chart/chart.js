@@ -5,6 +5,9 @@
  *
  * window.chartState mirrors what the page shows (bars, last seq, status, ...) for
  * automated checks and for whoever opens the console.
+ *
+ * Charts: TradingView Lightweight Charts(TM), Copyright (c) TradingView, Inc.,
+ * https://www.tradingview.com/ (Apache License 2.0).
  */
 (function () {
   "use strict";
@@ -56,6 +59,9 @@
       textColor: color("--muted"),
       fontFamily: color("--font"),
       fontSize: 11,
+      // The logo injects a <style> element, which the page's Content-Security-Policy
+      // refuses; the toolbar carries the attribution link instead (chart.html).
+      attributionLogo: false,
     },
     grid: {
       vertLines: { color: "rgba(42, 46, 57, 0.45)" },
