@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -25,6 +26,18 @@ def request_context(headers: dict[str, str]) -> dict[str, str]:
     if match and match.group(1) != "0" * 32:
         context["trace_id"] = match.group(1)
         context["parent_span_id"] = match.group(2)
+    return context
+
+
+def websocket_bind(scope: dict[str, Any]) -> dict[str, str]:
+    """Bind a WebSocket connection's log context (request id, trace id, path) from its handshake; return it.
+
+    Call it in the connection's own task before it starts others: asyncio tasks copy the
+    context when they are created, so they carry it for the connection's lifetime.
+    """
+    headers = {bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1") for k, v in scope.get("headers", ())}
+    context = {**request_context(headers), "path": str(scope.get("path", ""))}
+    structlog.contextvars.bind_contextvars(**context)
     return context
 
 

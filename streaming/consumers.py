@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from redis.exceptions import RedisError
 from marketdata import access
 from marketdata.errors import UnknownSymbolError, ValidationError
 from ops import metrics
+from ops.middleware import websocket_bind
 
 from . import protocol
 from .hub import Hub, hub_get
@@ -120,6 +122,7 @@ class StreamConsumer(AsyncConsumer):
     heartbeat_at: float
     auth_deadline: float | None
     sent: int
+    log_ids: dict[str, str] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         self.scope = scope
@@ -169,6 +172,11 @@ class StreamConsumer(AsyncConsumer):
 
     async def _connect(self) -> None:
         scope = self.scope
+        # Every log line of this connection carries its request and trace ids: bound before
+        # its tasks exist (a task copies the context it starts in), while what outlives the
+        # connection (the channel layer's reader, the hub's timer) starts without them.
+        unbound = contextvars.copy_context()
+        self.log_ids = websocket_bind(scope)
         if not origin_allowed(_header(scope, b"origin")):
             await self._refuse(protocol.CLOSE_REFUSED, "origin not allowed")
             return
@@ -192,10 +200,10 @@ class StreamConsumer(AsyncConsumer):
         self.accepted = True
         if not self.authed:
             self.auth_deadline = self.loop.time() + self.hub.limits.auth_deadline_s
-        self.channel_name = await self.channel_layer.new_channel()
+        self.channel_name = await self.loop.create_task(self.channel_layer.new_channel(), context=unbound.copy())
         self.tasks = [self.loop.create_task(self._sender()), self.loop.create_task(self._layer_loop())]
         self.heartbeat_at = self.loop.time() + settings.WS_HEARTBEAT_S
-        self.hub.register(self)
+        unbound.run(self.hub.register, self)
         self.push(protocol.welcome(self.hub.limits, settings.WS_HEARTBEAT_S, authenticated=self.authed))
 
     async def _set_user(self, user: Any) -> None:
@@ -220,7 +228,7 @@ class StreamConsumer(AsyncConsumer):
             metrics.WS_DROPPED.labels("closed").inc(len(self.outbox))
         self.outbox.clear()
         metrics.WS_CLOSES.labels(str(code)).inc()
-        log.info("websocket closed by the server", extra={"code": code, "reason": reason})
+        log.info("websocket closed by the server", extra={"code": code, "reason": reason, **self.log_ids})
 
     async def close(self, code: int, reason: str) -> None:
         """Close with a code; what is still queued is dropped."""
