@@ -35,27 +35,74 @@ def dbn_decoder(path: Path) -> dbn.DBNDecoder:
     )
 
 
+def _decode_error(exc: BaseException) -> bool:
+    """A decoder failure caused by the bytes: DBNError, zstd's RuntimeError, or a Rust panic (pyo3's
+    PanicException, a BaseException) on a record shorter than its type."""
+    return isinstance(exc, dbn.DBNError | RuntimeError) or type(exc).__name__ == "PanicException"
+
+
 def file_records(path: Path, stats: Stats) -> Iterator[FileStart | list[object]]:
     """Yield FileStart, then the whole records of ``path`` in lists; a cut or corrupt tail is counted."""
     if not path.is_file():
         stats.error("missing_file", ERR_MISSING.format(path=path))
         return
     decoder = dbn_decoder(path)
+    started = False
+    delivered = 0  # data records yielded
+    offset = 0  # bytes of the file decoded
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK):
             try:
                 records = decoder.write_and_decode(chunk)
-            except dbn.DBNError as exc:
+            except BaseException as exc:
+                if not _decode_error(exc):
+                    raise
+                yield from _salvage(path, offset, chunk, delivered, started)
                 stats.error("corrupt_file", ERR_CORRUPT.format(path=path, error=exc))
                 return
+            offset += len(chunk)
             if records and isinstance(records[0], dbn.Metadata):
+                started = True
                 yield FileStart(path, records[0])
                 records = records[1:]
             if records:
+                delivered += len(records)
                 yield list[object](records)
     leftover = len(decoder.buffer())
     if leftover:
         stats.error("truncated_file", ERR_TRUNCATED.format(path=path, count=leftover))
+    elif not started:  # empty, or a compressed stream cut before its metadata
+        stats.error("corrupt_file", ERR_CORRUPT.format(path=path, error="no DBN metadata"))
+
+
+def _salvage(
+    path: Path, offset: int, chunk: bytes, delivered: int, started: bool
+) -> Iterator[FileStart | list[object]]:
+    """The whole records of a failed chunk that come before the damage (a failed chunk yields none).
+
+    A fresh decoder reads the file up to the chunk again, then the chunk a byte at a time,
+    so it fails on the very byte that completes the damaged record. Only on this error path.
+    """
+    decoder = dbn_decoder(path)
+    seen = 0
+    with path.open("rb") as handle:
+        pieces = [handle.read(CHUNK) for _ in range(-(-offset // CHUNK))] if offset else []
+    pieces += [chunk[i : i + 1] for i in range(len(chunk))]
+    for piece in pieces:
+        try:
+            records = decoder.write_and_decode(piece)
+        except BaseException as exc:
+            if not _decode_error(exc):
+                raise
+            return
+        if records and isinstance(records[0], dbn.Metadata):
+            if not started:
+                yield FileStart(path, records[0])
+            records = records[1:]
+        fresh = records[max(0, delivered - seen) :]
+        seen += len(records)
+        if fresh:
+            yield list[object](fresh)
 
 
 class Pacer:
