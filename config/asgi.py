@@ -5,7 +5,12 @@ import os
 from asgiref.wsgi import WsgiToAsgi
 from django.core.wsgi import get_wsgi_application
 
+from ops import tracing
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+# Before Django loads its middleware: the Django instrumentation adds its own (a no-op
+# without OTEL_EXPORTER_OTLP_ENDPOINT).
+tracing.setup(service_name="marketdata-gateway")
 # HTTP goes through Django's WSGI handler behind WsgiToAsgi: a request then runs its whole
 # (sync) middleware chain and view in one worker thread, where Django's ASGI handler hops
 # between the event loop and a thread for each middleware hook. Measured with

@@ -27,6 +27,9 @@ def transport_buffered(transport: Any) -> int:
 
 
 def main() -> None:
+    from ops import multiprocess
+
+    multiprocess.prepare()  # before the application (and so any metric) is loaded
     from daphne.cli import CommandLineInterface
     from daphne.server import Server
 
