@@ -8,6 +8,9 @@ ops.multiprocess): every gauge says how its per-process values combine
 
 from __future__ import annotations
 
+from threading import Thread
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
 
@@ -69,11 +72,11 @@ def render() -> bytes:
     return generate_latest(_registry())
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 (scraped from outside the pod)
+def serve(port: int, addr: str = "0.0.0.0") -> tuple[Any, Thread]:  # noqa: S104 (scraped from outside the pod)
     """Serve the metrics on a port of their own from a daemon thread (the ingester has no HTTP server)."""
     from prometheus_client import start_http_server
 
-    start_http_server(port, addr=addr, registry=_registry())
+    return start_http_server(port, addr=addr, registry=_registry())
 
 
 # INGEST
