@@ -34,6 +34,8 @@ import orjson
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PATH = "/ws/v1/stream"
+MAX_HOLES = 100_000  # a gap wider than this is counted, not remembered seq by seq
+RETRIES = 5  # subscribes answered "unavailable" are sent again, backing off from 0.2 s
 
 
 def masked_frame(opcode: int, payload: bytes) -> bytes:
@@ -79,8 +81,10 @@ class Client(asyncio.Protocol):
         self.next = 0  # the seq expected next
         self.floor = 0  # seqs below it were settled by a finish
         self.missing: set[int] = set()
+        self.skipped = 0  # seqs jumped over in one go, beyond MAX_HOLES
         self.subscribed = asyncio.get_running_loop().create_future()
         self.close_code: int | None = None
+        self.retries = 0
         self.lost_connection = False
 
     # asyncio.Protocol
@@ -114,7 +118,7 @@ class Client(asyncio.Protocol):
                 self.fail(f"handshake: {status.decode(errors='replace')}")
                 return
             self.upgraded = True
-            self.send(orjson.dumps({"op": "subscribe", "id": 1, "streams": [self.stream], "snapshot": 0}))
+            self.subscribe()
             pos = end + 4
         n = len(buf)
         while n - pos >= 2:
@@ -176,6 +180,11 @@ class Client(asyncio.Protocol):
                 self.next = self.floor = self.base + 1
                 if not self.subscribed.done():
                     self.subscribed.set_result(self.base)
+            elif kind == "error" and msg.get("code") == "unavailable" and self.retries < RETRIES:
+                # "unavailable": the server could not serve it just now; try again (SPEC section 5).
+                self.retries += 1
+                self.proc.retries[self.tag] += 1
+                asyncio.get_running_loop().call_later(0.1 * 2**self.retries, self.subscribe)
             elif kind == "error":
                 self.proc.tally[self.tag].errors[str(msg.get("code"))] += 1
                 if not self.subscribed.done():
@@ -189,7 +198,10 @@ class Client(asyncio.Protocol):
         if seq == expected:
             self.next = seq + 1
         elif seq > expected:
-            self.missing.update(range(expected, seq))
+            if seq - expected <= MAX_HOLES:
+                self.missing.update(range(expected, seq))
+            else:  # too far to wait for each one (a seq restart?): counted lost at once
+                self.skipped += seq - expected
             self.next = seq + 1
         elif seq in self.missing:
             self.missing.discard(seq)
@@ -207,6 +219,9 @@ class Client(asyncio.Protocol):
         tally.last_ns = now
 
     # output
+
+    def subscribe(self) -> None:
+        self.send(orjson.dumps({"op": "subscribe", "id": 1, "streams": [self.stream], "snapshot": 0}))
 
     def send(self, text: bytes) -> None:
         self.write(masked_frame(OP_TEXT, text))
@@ -226,7 +241,8 @@ class Client(asyncio.Protocol):
         if self.base is None:
             return 0
         last = self.next - 1
-        lost = len([s for s in self.missing if s <= final]) + max(0, final - last)
+        lost = len([s for s in self.missing if s <= final]) + max(0, final - last) + self.skipped
+        self.skipped = 0
         self.missing = {s for s in self.missing if s > final}
         self.floor = max(self.floor, final + 1)
         self.next = max(self.next, final + 1)
@@ -241,6 +257,7 @@ class ClientProcess:
         self.clients: list[Client] = []
         self.tally: dict[str, Tally] = {}
         self.closes: Counter[tuple[str, int]] = Counter()
+        self.retries: Counter[str] = Counter()
         self.open = 0
 
     async def connect(self, specs: list[tuple[str, int, str]], limit: int, timeout_s: float) -> dict[str, Any]:
@@ -266,8 +283,10 @@ class ClientProcess:
                         client.transport.close()
 
         started = time.perf_counter()
+        self.retries.clear()
         await asyncio.gather(*(one(*spec) for spec in specs))
-        return {"seconds": time.perf_counter() - started, "failures": dict(failures), "open": self.open}
+        return {"seconds": time.perf_counter() - started, "failures": dict(failures), "open": self.open,
+                "retries": dict(self.retries)}  # fmt: skip
 
     async def finish(self, final_seqs: dict[str, int], drain_s: float) -> dict[str, Any]:
         """Wait until every live connection has its stream's final seq (or drain_s), then report and reset."""

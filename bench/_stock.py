@@ -45,7 +45,10 @@ def seq_client() -> aioredis.Redis:
     """One Redis client per server process (one event loop) for reading current seqs."""
     global _redis
     if _redis is None:
-        _redis = aioredis.Redis.from_url(settings.REDIS_URL)
+        # Blocking: redis-py's default pool refuses the 101st concurrent command ("Too many
+        # connections"), which a burst of subscribes reaches; this one waits for a connection.
+        pool = aioredis.BlockingConnectionPool.from_url(settings.REDIS_URL, max_connections=50, timeout=30)
+        _redis = aioredis.Redis(connection_pool=pool)
     return _redis
 
 
