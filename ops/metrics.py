@@ -31,6 +31,12 @@ HTTP_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
+HTTP_IN_FLIGHT = Gauge(
+    "http_requests_in_flight",
+    "HTTP requests being served (saturation: each holds a worker thread).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 DB_WRITE_ROWS = Counter(
     "marketdata_rows_written_total", "Rows written by bars_upsert/trades_insert.", ["table"], registry=REGISTRY
 )

@@ -100,14 +100,26 @@ class MetricsMiddleware(_SyncAndAsync):
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         if self.is_async:
             return self.__acall__(request)
+        from .metrics import HTTP_IN_FLIGHT
+
         started = time.perf_counter()
-        response = self.get_response(request)
+        HTTP_IN_FLIGHT.inc()
+        try:
+            response = self.get_response(request)
+        finally:
+            HTTP_IN_FLIGHT.dec()
         assert isinstance(response, HttpResponse)
         self._observe(request, response, started)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        from .metrics import HTTP_IN_FLIGHT
+
         started = time.perf_counter()
-        response = await self.get_response(request)  # type: ignore[misc]
+        HTTP_IN_FLIGHT.inc()
+        try:
+            response = await self.get_response(request)  # type: ignore[misc]
+        finally:
+            HTTP_IN_FLIGHT.dec()
         self._observe(request, response, started)
         return response
