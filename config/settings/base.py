@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import environ
+from csp.constants import NONE, SELF
 
 from ops.logging import build_logging
 
@@ -46,7 +47,9 @@ MIDDLEWARE = [
     "ops.middleware.RequestContextMiddleware",
     "ops.middleware.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "config.csp.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "marketdata.routers.PrimaryPinMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -92,6 +95,21 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
     "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
 }
 
+# DATABASE ROUTING
+# A read replica of the primary (a streaming standby): when DATABASE_REPLICA_URL is set,
+# ORM reads go there and writes, the admin, auth and sessions stay on the primary
+# (marketdata/routers.py). Unset, everything runs on `default`.
+DATABASE_REPLICA_URL = env("DATABASE_REPLICA_URL", default="")
+if DATABASE_REPLICA_URL:
+    DATABASES["replica"] = {
+        **env.db_url_config(DATABASE_REPLICA_URL, engine="marketdata.db"),
+        "ATOMIC_REQUESTS": False,
+        "CONN_MAX_AGE": 0,
+        "CONN_HEALTH_CHECKS": True,
+        "OPTIONS": {"pool": dict(DATABASES["default"]["OPTIONS"]["pool"])},
+    }
+    DATABASE_ROUTERS = ["marketdata.routers.PrimaryReplicaRouter"]
+
 # REDIS
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
@@ -112,6 +130,24 @@ def channel_layers(redis_url: str, prefix: str) -> dict:
 
 
 CHANNEL_LAYERS = channel_layers(REDIS_URL, CHANNELS_PREFIX)
+
+# SECURITY
+# Content-Security-Policy (django-csp; config/csp.py adds the page's ws:/wss: origin and
+# lets the Swagger UI page alone run its inline script). No inline script or style elsewhere.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "connect-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 # STATIC
 STATIC_URL = "/static/"
