@@ -16,14 +16,20 @@ if STREAMING_ALLOW_ANONYMOUS:
     raise ImproperlyConfigured("STREAMING_ALLOW_ANONYMOUS must be off in production settings.")
 
 # SECURITY
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Safe by default; each can be loosened from the environment (check --deploy then warns).
+# TLS ends at the proxy (ingress): it must set X-Forwarded-Proto on every request and
+# drop any the client sent; empty DJANGO_SECURE_PROXY_SSL_HEADER trusts no header.
+_proxy_header = env("DJANGO_SECURE_PROXY_SSL_HEADER", default="HTTP_X_FORWARDED_PROTO")
+SECURE_PROXY_SSL_HEADER = (_proxy_header, "https") if _proxy_header else None
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+# Kubernetes probes and Prometheus scrape the pod over plain HTTP inside the cluster: a
+# redirect there would count as success for a probe (any 3xx) and hide a failing /readyz.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
-SESSION_COOKIE_SECURE = True
-CSRF_COOKIE_SECURE = True
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=True)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=31536000)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-SECURE_HSTS_PRELOAD = True
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=True)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
