@@ -4,11 +4,12 @@ The source runs in the calling thread and only normalises and enqueues; a full q
 blocks it (back-pressure: nothing is dropped while the database is slow). One writer
 thread drains the queue into batches of up to BATCH_BARS bars / BATCH_TRADES trades or
 FLUSH_SECONDS of waiting, writes each with one COPY-based upsert transaction, and
-publishes what it wrote only after the commit. SIGTERM and Ctrl-C stop the source;
+after the commit hands it to a publisher thread, which derives and publishes batches in
+commit order while the writer goes on with the next. SIGTERM and Ctrl-C stop the source;
 everything already queued is still written before the run ends.
 
 While PostgreSQL or Redis is unreachable (a restart, a failover) the writer retries the
-batch it holds, the write or the publish, with a capped backoff: the queue fills, the
+batch it holds (the publisher, the publish), with a capped backoff: the queue fills, the
 source waits (back-pressure), and nothing is dropped. A write whose commit may have
 happened (the connection died around it) is published in full once it succeeds: a bar
 sent twice replaces itself, a bar never sent would be lost to clients.
@@ -16,6 +17,7 @@ sent twice replaces itself, a bar never sent would be lost to clients.
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 import time
@@ -58,6 +60,11 @@ FEED_CHUNK = 256
 RETRY_FIRST_S = 0.05  # the first wait after a failed write or publish, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 1.0
 SHUTDOWN_RETRY_S = 30.0  # once the run is closing, a server still down fails the run after this long
+# Committed batches waiting for the publisher thread. The writer commits batch N+1 while
+# batch N is derived and published, so PostgreSQL's work and Redis's overlap with the
+# Python work in between; when publishing stalls (Redis down) this fills and the writer
+# waits, then the queue of rows, then the source: back-pressure end to end.
+PUBLISH_QUEUE_BATCHES = 8
 # Failures of a reachable-again server, not of the batch: worth retrying the same batch.
 TRANSIENT = (OperationalError, InterfaceError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
 _STOP = object()
@@ -194,6 +201,11 @@ class Pipeline:
         self.schemas: set[str] = set()
         self.failure: BaseException | None = None
         self.started = time.monotonic()
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
+        self._publisher: threading.Thread | None = None
+        if publish:
+            self._publisher = threading.Thread(target=self._publish_loop, name="ingest-publisher", daemon=True)
+            self._publisher.start()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
 
@@ -222,6 +234,8 @@ class Pipeline:
         """Flush everything queued, stop the writer and return the run's stats."""
         self.queue.close()
         self._writer.join()
+        if self._publisher is not None:
+            self._publisher.join()
         if self.failure is not None:
             raise RuntimeError("ingest writer failed") from self.failure
         return self.stats
@@ -229,7 +243,6 @@ class Pipeline:
     # -- writer side ---------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        publisher = Publisher() if self.publish_enabled else None
         bars: list[BarIn] = []
         trades: list[TradeIn] = []
         deadline: float | None = None
@@ -239,7 +252,8 @@ class Pipeline:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
-                    self._flush(bars, trades, publisher)
+                    self._flush(bars, trades)
+                    self._publish_stop()
                     self._feed_status_safe()
                     return
                 for row in item or ():
@@ -251,7 +265,7 @@ class Pipeline:
                     deadline = time.monotonic() + self.flush_seconds
                 metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
                 if item is None or len(bars) >= self.batch_bars or len(trades) >= self.batch_trades:
-                    self._flush(bars, trades, publisher)
+                    self._flush(bars, trades)
                     bars, trades, deadline = [], [], None
                     now = time.monotonic()
                     if now - last_status >= FEED_STATUS_EVERY_S:
@@ -264,43 +278,83 @@ class Pipeline:
             log.exception("ingest writer failed")
             self._record_error(exc)
             self.queue.clear()  # unblock a source waiting on a full queue
+            self._publish_stop()
         finally:
-            if publisher is not None:
-                publisher.close()
             connections.close_all()
 
     @tracing.traced(
         "ingest.batch",
-        lambda self, bars, trades, publisher: {"dataset": self.dataset, "bars": len(bars), "trades": len(trades)},
+        lambda self, bars, trades: {"dataset": self.dataset, "bars": len(bars), "trades": len(trades)},
     )
-    def _flush(self, bars: list[BarIn], trades: list[TradeIn], publisher: Publisher | None) -> None:
-        messages: list[Message] = []
+    def _flush(self, bars: list[BarIn], trades: list[TradeIn]) -> None:
         changed: set[int] = set()
+        publish_bars: list[BarIn] = []
+        publish_trades: list[TradeIn] = []
         if bars:
             result, retried = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
             if result.inserted + result.updated or retried:
                 changed.update(b.symbol_id for b in bars)
-                if publisher is not None:
-                    messages += self._retry("derive", lambda: self._bar_messages(bars))[0]
+                publish_bars = bars
         if trades:
             result, retried = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
             if result.inserted or retried:
                 changed.update(t.symbol_id for t in trades)
-            if publisher is not None and (result.inserted or retried):
-                tickers = self.resolver.tickers
-                messages += [
-                    Message(
-                        trades_stream(tickers[t.symbol_id]), "trade", trade_json(t.ts_event, t.price, t.size, t.side)
-                    )
-                    for t in trades
-                ]
-        versions_bump(symbol_ids=changed)
+                publish_trades = trades
+        versions_bump(symbol_ids=changed)  # at once: the cache must not outlive the commit
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
-        if publisher is not None and messages:
+        if self._publisher is not None and (publish_bars or publish_trades):
+            self._publish_submit((publish_bars, publish_trades))
+
+    # -- publisher side ------------------------------------------------------------
+
+    def _publish_submit(self, job: Any) -> None:
+        """Hand a committed batch to the publisher thread (waits while it is behind)."""
+        while True:
+            try:
+                self._jobs.put(job, timeout=0.5)
+                return
+            except queue.Full:
+                metrics.INGEST_BACKPRESSURE.inc()
+                if self._publisher is None or not self._publisher.is_alive():
+                    raise RuntimeError("ingest publisher stopped") from self.failure
+
+    def _publish_stop(self) -> None:
+        if self._publisher is not None and self._publisher.is_alive():
+            self._publish_submit(_STOP)
+
+    def _publish_loop(self) -> None:
+        """Derive and publish committed batches, in commit order."""
+        publisher = Publisher()
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is _STOP:
+                    return
+                self._publish_job(publisher, *job)
+        except BaseException as exc:  # the source and the writer must learn of it
+            self.failure = exc
+            log.exception("ingest publisher failed")
+            self._record_error(exc)
+            self.queue.clear()
+        finally:
+            publisher.close()
+            connections.close_all()
+
+    def _publish_job(self, publisher: Publisher, bars: list[BarIn], trades: list[TradeIn]) -> None:
+        messages: list[Message] = []
+        if bars:
+            messages += self._retry("derive", lambda: self._bar_messages(bars))[0]
+        if trades:
+            tickers = self.resolver.tickers
+            messages += [
+                Message(trades_stream(tickers[t.symbol_id]), "trade", trade_json(t.ts_event, t.price, t.size, t.side))
+                for t in trades
+            ]
+        if messages:
             self._retry("publish", lambda: publisher.publish(messages))
 
     def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> tuple[WriteResult, bool]:
