@@ -293,12 +293,16 @@
     stale: "Stale",
     reconnecting: "Reconnecting",
     offline: "Disconnected",
+    unavailable: "Unavailable",
   };
   let retryAt = 0;
 
   function showStatus(detail) {
     const c = state.connection;
-    state.status = c === "open" ? state.feedStatus || "live" : c;
+    // An open socket shows the stream's state: refused (unknown symbol, not entitled, ...),
+    // else the server's status of its feed.
+    if (c !== "open") state.status = c;
+    else state.status = state.error ? "unavailable" : state.feedStatus || "live";
     const el = $("connection");
     el.dataset.state = state.status;
     let label = STATUS_LABELS[state.status] || state.status;
@@ -347,9 +351,13 @@
       showStatus(message || `feed ${status}`);
     },
     onError: (err) => {
-      if (err.stream && err.stream !== state.stream) return;
+      if (!err.stream || err.stream !== state.stream) {
+        console.warn("gateway:", err.code, err.message);
+        return;
+      }
       state.error = err.code;
       notice(err.message || err.code);
+      showStatus(err.message || err.code);
     },
   });
 

@@ -286,3 +286,15 @@ def test_where_anonymous_streaming_is_off_the_page_streams_after_logging_in(
     assert state["stream"] == STREAM
     seq = market.publish(market.make(market.now))
     wait_for(driver, "a live bar", lambda s: s.get("lastSeq") == seq and s.get("bars") == HISTORY + 1)
+
+
+def test_an_unknown_symbol_is_reported_not_shown_as_live(gateway: Gateway, browser: Any, market: Market) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    driver.get(f"{gateway.url}/?symbol=NOPE&tf=5m")
+
+    state = wait_for(driver, "the refusal", lambda s: s.get("error") == "unknown_symbol")
+    assert state["status"] == "unavailable"
+    assert driver.find_element(By.ID, "connection").text == "Unavailable"
+    assert "NOPE" in driver.find_element(By.ID, "notice").text
