@@ -7,12 +7,15 @@ an entry covers seqs ``last - n + 1 .. last``. ``md:seq:<stream>`` is the last s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from django.conf import settings
 
-from .publish import BUFFER_KEY, SEQ_KEY
+from .publish import BUFFER_KEY, SEQ_EPOCH_PER_MS, SEQ_KEY
 
 PAGE = 64  # entries per read
 
@@ -39,6 +42,16 @@ def _seq(raw: bytes | None) -> int:
     return int(raw) if raw is not None else 0
 
 
+def _seq_create(pipe: Any, stream: str) -> None:
+    """Start a stream that has no seq yet, the way the publisher would (streaming.publish).
+
+    A client subscribing before a stream's first message then holds its real starting
+    seq, and that first message follows it: no gap to fill, no needless fresh snapshot.
+    """
+    if settings.STREAM_SEQ_EPOCH:
+        pipe.set(SEQ_KEY.format(stream=stream), int(time.time() * 1000) * SEQ_EPOCH_PER_MS, nx=True)
+
+
 class Buffer:
     """The replay buffers, through one asyncio Redis client."""
 
@@ -48,15 +61,11 @@ class Buffer:
     async def head(self, stream: str) -> tuple[int, list[Entry]]:
         """The stream's last seq and, read atomically with it, its newest entries (newest first)."""
         async with self.client.pipeline(transaction=True) as pipe:
+            _seq_create(pipe, stream)
             pipe.get(SEQ_KEY.format(stream=stream))
             pipe.xrevrange(BUFFER_KEY.format(stream=stream), "+", "-", count=PAGE)
-            seq, raw = await pipe.execute()
+            *_, seq, raw = await pipe.execute()
         return _seq(seq), _entries(raw)
-
-    async def start(self, stream: str) -> int:
-        """The first seq the buffer holds (0 when it is empty)."""
-        entries = _entries(await self.client.xrange(BUFFER_KEY.format(stream=stream), "-", "+", count=1))
-        return entries[0].first if entries else 0
 
     async def older(self, stream: str, before: int) -> list[Entry]:
         """Entries wholly before seq ``before`` (newest first), one page."""
@@ -73,9 +82,10 @@ class Buffer:
         """
         key = BUFFER_KEY.format(stream=stream)
         async with self.client.pipeline(transaction=True) as pipe:
+            _seq_create(pipe, stream)
             pipe.get(SEQ_KEY.format(stream=stream))
             pipe.xrange(key, f"{seq + 1}-1", "+", count=PAGE)
-            last_raw, raw = await pipe.execute()
+            *_, last_raw, raw = await pipe.execute()
         last = _seq(last_raw)
         end = last if upto is None else min(upto, last)
         if seq > last:

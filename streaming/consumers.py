@@ -47,7 +47,6 @@ from ops.middleware import websocket_bind
 from . import protocol
 from .hub import Hub, hub_get
 from .protocol import ProtocolError, Request
-from .publish import SEQ_EPOCH_PER_MS
 from .server import TRANSPORT_EXTENSION
 from .snapshot import snapshot
 from .streams import Stream, group_name, stream_parse
@@ -338,14 +337,6 @@ class StreamConsumer(AsyncConsumer):
         if end <= last:
             metrics.WS_DROPPED.labels("duplicate").inc(len(frames))
             return
-        if last == 0 and first > 1:
-            # The stream had no seq yet when this client subscribed. With epoch seqs it starts
-            # at its creation time x SEQ_EPOCH_PER_MS + 1, not at 1: when its buffer still
-            # starts there, nothing was missed (otherwise it is a gap, filled as any other).
-            with contextlib.suppress(RedisError, OSError):
-                start = await self.hub.buffer.start(sub.name)
-                if start % SEQ_EPOCH_PER_MS == 1:
-                    last = start - 1
         if first > last + 1:
             try:
                 _, missing = await self.hub.buffer.after(sub.name, last, first - 1)

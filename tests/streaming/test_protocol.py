@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -391,3 +392,18 @@ async def test_redis_losing_its_data_gives_a_fresh_snapshot_not_a_wrong_replay(s
     assert (reply["recovered"], reply["seq"]) == (False, restarted)
     await client.close()
     await other.close()
+
+
+async def test_subscribing_before_a_streams_first_message_holds_its_starting_seq(symbols, settings):
+    settings.STREAM_SEQ_EPOCH = True
+    client = Client()
+    await client.connect()
+    before = int(time.time() * 1000) * 1000
+    await client.send({"op": "subscribe", "id": 1, "streams": [STREAM], "snapshot": 5})
+    reply = await client.recv_type("subscribed")
+    assert reply["seq"] >= before  # the stream starts now, at its epoch seq
+    assert reply["snapshot"] == []
+    last = publish(STREAM, [bar_data(0)])
+    message = await client.recv_type("bar")  # the first message follows: no gap, no fresh snapshot
+    assert message["seq"] == reply["seq"] + 1 == last
+    await client.close()
