@@ -306,7 +306,12 @@ class StreamConsumer(AsyncConsumer):
             text = out.popleft()
             if self.credit:
                 self.credit -= 1
-            await send({"type": "websocket.send", "text": text})
+            try:
+                await send({"type": "websocket.send", "text": text})
+            except Exception:  # the server refuses sends once the client has gone (uvicorn raises)
+                log.debug("websocket send failed; the connection is closing", exc_info=True)
+                self._stop(1006, "send failed")
+                return
             self.sent += 1
             self.popped += 1
             if marks and self.popped >= marks[0][0]:
@@ -327,8 +332,13 @@ class StreamConsumer(AsyncConsumer):
             if not sub.ready:
                 sub.early.append(message)
                 continue
-            async with flow:
-                await self._apply(sub, message["first"], message["frames"], message.get("t"))
+            try:
+                async with flow:
+                    await self._apply(sub, message["first"], message["frames"], message.get("t"))
+            except Exception:  # a bug: say so and close, rather than go silent on an open socket
+                log.exception("stream delivery failed", extra={"stream": sub.name})
+                await self.close(1011, "internal error")
+                return
 
     async def _apply(self, sub: Sub, first: int, frames: list[str], t: int | None) -> None:
         """Frames ``first ..`` of a stream: drop what was sent, fill a gap, then deliver."""
