@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The gateway and ingester image: one image, two commands (see compose.yaml).
+# The gateway and ingester image: one image, two commands (see compose.yaml and deploy/k8s/).
 #   docker build -t marketdata-gateway .
 #   docker run -e DJANGO_SECRET_KEY=... -e DJANGO_ALLOWED_HOSTS=... -e DATABASE_URL=... \
 #              -e REDIS_URL=... -p 8000:8000 marketdata-gateway
