@@ -143,6 +143,7 @@ def _violations(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
 
 
+@pytest.mark.browser
 def test_pages_run_under_the_policy_in_a_browser(transactional_db, live_server, chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
