@@ -64,13 +64,16 @@ def validate_timeframe(value: str, *, field: str = "tf") -> str:
 def source_candidates(tf: str) -> list[str]:
     """Stored timeframes a served one can be built from, preferred first.
 
-    The timeframe itself when it is stored, then the finest stored base that divides it.
+    The timeframe itself when it is stored, then the bases that divide it, coarsest first:
+    1d from 1m where no 1d is stored, 5m from 1m rather than 1s. A feed that adds 1s bars
+    to a symbol with years of 1m history must not shrink its 5m chart to the 1s span, and
+    the coarser base costs fewer rows per bucket.
     """
     duration = DURATIONS[tf]
     exact = [tf] if tf in STORED_TIMEFRAMES else []
     finer = [
         base
-        for base in STORED_TIMEFRAMES
+        for base in reversed(STORED_TIMEFRAMES)
         if base != tf and DURATIONS[base] < duration and duration % DURATIONS[base] == timedelta(0)
     ]
     return exact + finer
