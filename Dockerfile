@@ -17,6 +17,14 @@ WORKDIR /build
 COPY requirements/ requirements/
 RUN pip wheel --wheel-dir /wheels -r requirements/production.txt
 
+# ---- assets: the chart page's npm packages (package-lock.json), as `make assets` does ----
+FROM node:22-slim AS assets
+WORKDIR /build
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund \
+    && mkdir -p /vendor \
+    && cp node_modules/lightweight-charts/dist/lightweight-charts.standalone.production.js /vendor/
+
 # ---- runtime: slim, no compiler, non-root ----
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -35,6 +43,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels -r requirements/production.txt
 
 COPY . .
+COPY --from=assets /vendor/ static/vendor/
 # Production settings refuse to load without a secret key and allowed hosts; these
 # dummies exist for this RUN line only and are not in the image's environment.
 RUN DJANGO_SECRET_KEY=build-only DJANGO_ALLOWED_HOSTS=x python manage.py collectstatic --noinput \
