@@ -273,15 +273,19 @@ class StreamConsumer(AsyncConsumer):
         if self.closed:
             return
         out = self.outbox
+        # Slow is more than WS_SEND_QUEUE messages still waiting when new ones arrive. One
+        # published batch may itself hold more (the ingester writes up to 5,000 trades a
+        # batch): it is queued whole, so a client that keeps up is never closed for the
+        # size of a batch, and the queue stays within WS_SEND_QUEUE plus one batch.
+        if not replay and len(out) > self.hub.limits.send_queue + self.credit:
+            self.closed_slow()
+            return
         out.extend(frames)
         self.pushed += len(frames)
         if t is not None:
             self.marks.append((self.pushed, t))
         if replay:
             self.credit += len(frames)
-        elif len(out) > self.hub.limits.send_queue + self.credit:
-            self.closed_slow()
-            return
         self.wake.set()
 
     def closed_slow(self) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from django.test import Client as DjangoClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from ingest.pipeline import run_replay
+from ingest.pipeline import BATCH_TRADES, run_replay
 from marketdata.models import Bar, Entitlement, Symbol
 from marketdata.services import api_token_create
 from marketdata.wire import trade_json
@@ -282,6 +283,14 @@ async def collect(client: WsClient, kind: str, upto: int) -> list[dict[str, Any]
     return out
 
 
+async def wait_metric(gateway: Gateway, name: str, value: float, wait: float = WAIT_S) -> None:
+    """Poll a gateway metric until it has a value (bounded)."""
+    deadline = time.monotonic() + wait
+    while (seen := await asyncio.to_thread(gateway.metric, name)) != value:
+        assert time.monotonic() < deadline, f"{name} is {seen}, not {value}, after {wait} s"
+        await asyncio.sleep(0.05)
+
+
 # -- snapshot + stream, through the ingester ----------------------------------------
 
 
@@ -344,23 +353,19 @@ async def test_bars_replayed_through_the_ingester_snapshot_then_stream(gateways,
 async def test_clients_subscribing_while_bars_are_published_miss_nothing(gateways, symbols, open_client, publisher):
     """Register, then fetch: whenever a client subscribes, snapshot + stream are every message once."""
     published = bars(STREAM, 0, 600)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def publish_all() -> None:
-        first = 0
+        first = n = 0
         while first < len(published):
-            size = 1 + first % 4  # batches of 1 to 4 messages
+            size = 1 + n % 4  # batches of 1 to 4 messages
             publisher.publish(published[first : first + size])
-            first += size
+            first, n = first + size, n + 1
             time.sleep(0.002)
-        loop.call_soon_threadsafe(done.set)
 
     async def subscriber(delay: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         await asyncio.sleep(delay)
         client = await open_client()
         (reply,) = await client.subscribe([STREAM], snapshot=1000)
-        await done.wait()
         stream = [] if reply["seq"] == len(published) else await collect(client, "bar", len(published))
         return reply, stream
 
@@ -444,6 +449,7 @@ async def test_throttle_conflates_to_the_latest_message(gateways, symbols, open_
 async def test_two_gateway_processes_deliver_the_same_seqs(gateways, symbols, open_client, publisher):
     stream = "bars:1m:MSFT"
     one, two = await open_client("main"), await open_client("other")
+    assert (await one.recv_type("welcome"))["authenticated"] is True  # anonymous access is on there
     assert (await one.subscribe([stream]))[0]["seq"] == (await two.subscribe([stream]))[0]["seq"] == 0
     for first in range(0, 60, 6):
         publisher.publish(bars(stream, first, 6))
@@ -504,6 +510,7 @@ async def test_a_client_that_stops_reading_is_closed_4008_and_another_is_unaffec
     # either the close frame (4008) or the dropped connection.
     code = await slow.close_code(wait=30)
     assert code in (protocol.CLOSE_SLOW_CONSUMER, None)
+    await wait_metric(gateway, "ws_connections", 1)  # the fast one; the slow one's resources are released
 
     def ms(xs: list[float]) -> str:
         return f"median {statistics.median(xs) * 1000:.1f} ms, max {max(xs) * 1000:.1f} ms"
@@ -513,6 +520,47 @@ async def test_a_client_that_stops_reading_is_closed_4008_and_another_is_unaffec
         f"fast client, publish to the last message of a step: alone {ms(alone)}; beside the slow client "
         f"{ms(beside)}; after it {ms(after)}"
     )
+
+
+async def test_a_batch_larger_than_the_send_queue_reaches_a_client_that_keeps_up(
+    gateways, symbols, open_client, publisher
+):
+    gateway = gateways["other"]  # WS_SEND_QUEUE at its default, 2,000
+    stream = "trades:AAPL"
+    client = await open_client("other")
+    assert (await client.recv_type("welcome"))["limits"]["send_queue"] < BATCH_TRADES
+    await client.subscribe([stream])
+    slow_before = gateway.metric("ws_slow_consumer_closes_total")
+    # The ingester's largest batch: one channel message of 5,000 frames for one stream.
+    publisher.publish(
+        [Message(stream, "trade", trade_json(T0, (100 + i) * 10**9, 1, "B")) for i in range(BATCH_TRADES)]
+    )
+    received = await collect(client, "trade", BATCH_TRADES)
+    assert [m["seq"] for m in received] == list(range(1, BATCH_TRADES + 1))
+    assert gateway.metric("ws_slow_consumer_closes_total") == slow_before
+
+
+async def test_connections_and_subscriptions_are_released_however_clients_go(gateways, symbols, open_client, publisher):
+    gateway = gateways["other"]
+    await wait_metric(gateway, "ws_connections", 0)  # what earlier tests opened is gone
+    polite, rude = await open_client("other"), await open_client("other")
+    await polite.subscribe([STREAM, "trades:AAPL"])
+    await rude.subscribe([STREAM])
+    await wait_metric(gateway, "ws_connections", 2)
+    await wait_metric(gateway, "ws_subscriptions", 3)
+
+    await polite.close()  # a closing handshake
+    transport = rude.ws.transport
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # a reset, no closing handshake
+    await wait_metric(gateway, "ws_connections", 0)
+    await wait_metric(gateway, "ws_subscriptions", 0)
+
+    # The process still serves: a new client streams.
+    client = await open_client("other")
+    (reply,) = await client.subscribe([STREAM])
+    publisher.publish(bars(STREAM, 0, 1))
+    assert (await client.recv_type("bar"))["seq"] == reply["seq"] + 1
 
 
 # -- access --------------------------------------------------------------------------
@@ -539,64 +587,46 @@ def users(symbols: dict[str, Symbol]) -> Users:
     return out
 
 
-async def test_anonymous_access_where_allowed(gateways, symbols, open_client):
-    client = await open_client()
-    welcome = await client.recv()
-    assert (welcome["type"], welcome["authenticated"]) == ("welcome", True)
-    await client.subscribe([STREAM])
-
-
-async def test_no_credentials_unauthenticated_then_closed_4001_at_the_deadline(gateways, users, open_client):
+async def test_without_valid_credentials_closed_4001(gateways, users, open_client):
     client = await open_client("auth")
     welcome = await client.recv()
     assert (welcome["type"], welcome["authenticated"], welcome["limits"]["auth_deadline_s"]) == ("welcome", False, 1)
     await client.send({"op": "subscribe", "id": 1, "streams": [STREAM]})
     error = await client.recv_type("error")
     assert (error["id"], error["code"]) == (1, "unauthenticated")
-    assert await client.close_code() == protocol.CLOSE_UNAUTHENTICATED
-
-
-async def test_bad_token_closed_4001(gateways, users, open_client):
+    assert await client.close_code() == protocol.CLOSE_UNAUTHENTICATED  # at the auth deadline
     client = await open_client("auth", "?token=bad")
     assert await client.close_code() == protocol.CLOSE_UNAUTHENTICATED
     client = await open_client("auth", additional_headers={"Authorization": "Token bad"})
     assert await client.close_code() == protocol.CLOSE_UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("how", ["query", "header", "op", "session"])
-async def test_credentials_open_the_stream(gateways, users, open_client, publisher, how):
-    token = users.tokens["nasdaq"]
-    if how == "query":
-        client = await open_client("auth", f"?token={token}")
-    elif how == "header":
-        client = await open_client("auth", additional_headers={"Authorization": f"Token {token}"})
-    elif how == "session":
-        client = await open_client("auth", additional_headers={"Cookie": f"sessionid={users.sessions['nasdaq']}"})
-    else:
-        client = await open_client("auth")
-    welcome = await client.recv_type("welcome")
-    assert welcome["authenticated"] is (how != "op")
-    if how == "op":
-        await client.send({"op": "auth", "id": "a", "token": token})
-        assert await client.recv() == {"type": "authenticated", "id": "a"}
-    await client.subscribe([STREAM])
+async def test_a_token_or_a_session_opens_the_stream(gateways, users, open_client, publisher):
+    token, session = users.tokens["nasdaq"], users.sessions["nasdaq"]
+    by_query = await open_client("auth", f"?token={token}")
+    by_header = await open_client("auth", additional_headers={"Authorization": f"Token {token}"})
+    by_session = await open_client("auth", additional_headers={"Cookie": f"sessionid={session}"})
+    by_op = await open_client("auth")
+    for client in (by_query, by_header, by_session):
+        assert (await client.recv_type("welcome"))["authenticated"] is True
+    assert (await by_op.recv_type("welcome"))["authenticated"] is False
+    await by_op.send({"op": "auth", "id": "a", "token": token})
+    assert await by_op.recv() == {"type": "authenticated", "id": "a"}
+    everyone = (by_query, by_header, by_session, by_op)
+    for client in everyone:
+        await client.subscribe([STREAM])
     publisher.publish(bars(STREAM, 0, 1))
-    assert (await client.recv_type("bar"))["seq"] == 1
-    if how == "op":  # authenticated in time: the deadline no longer applies
-        await asyncio.sleep(2.2)
-        await client.send({"op": "ping", "id": 9})
-        assert await client.recv_type("pong") == {"type": "pong", "id": 9}
+    for client in everyone:
+        assert (await client.recv_type("bar"))["seq"] == 1
 
 
-async def test_not_entitled_to_the_dataset(gateways, users, open_client):
+async def test_entitlements_per_dataset_and_none_at_all_closed_4003(gateways, users, open_client):
     client = await open_client("auth", f"?token={users.tokens['cme']}")
     await client.send({"op": "subscribe", "id": 3, "streams": [STREAM, "bars:1m:ESH4"]})
     error = await client.recv_type("error")
     assert (error["id"], error["code"], error["stream"]) == (3, "not_entitled", STREAM)
     assert (await client.recv_type("subscribed"))["stream"] == "bars:1m:ESH4"
 
-
-async def test_no_entitlement_at_all_closed_4003(gateways, users, open_client):
     client = await open_client("auth", f"?token={users.tokens['nothing']}")
     assert await client.close_code() == protocol.CLOSE_REFUSED
     client = await open_client("auth", additional_headers={"Cookie": f"sessionid={users.sessions['nothing']}"})
