@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import databento_dbn as dbn
+import zstandard
 
 from ..records import Stats
 
@@ -16,6 +17,7 @@ CHUNK = 1 << 16  # compressed input expands ~20x: keep the decoded batch small
 ERR_TRUNCATED = "{path}: file ends inside a record ({count} bytes after the last whole record)"
 ERR_CORRUPT = "{path}: not decodable as DBN: {error}"
 ERR_MISSING = "{path}: no such file"
+ERR_ZSTD_CUT = "{path}: the zstd stream ends early (the file was cut): the records after it are missing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +28,36 @@ class FileStart:
     metadata: dbn.Metadata
 
 
+def _is_zstd(path: Path) -> bool:
+    return path.suffix == ".zst"
+
+
 def dbn_decoder(path: Path) -> dbn.DBNDecoder:
     """A streaming decoder that upgrades DBN v1/v2 records to v3."""
-    zstd = path.suffix == ".zst" or path.name.endswith(".dbn.zst")
     return dbn.DBNDecoder(
         upgrade_policy=dbn.VersionUpgradePolicy.UPGRADE_TO_V3,
-        compression=dbn.Compression.ZSTD if zstd else dbn.Compression.NONE,
+        compression=dbn.Compression.ZSTD if _is_zstd(path) else dbn.Compression.NONE,
     )
+
+
+def zstd_complete(path: Path) -> bool:
+    """Whether every zstd frame of the file ends: the DBN decoder takes a cut stream for its end.
+
+    Decompresses once more, discarding the output (about a gigabyte a second), only once
+    the records are all delivered.
+    """
+    pending = b""
+    complete = True
+    with path.open("rb") as handle:
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        while chunk := pending or handle.read(CHUNK * 16):
+            pending = b""
+            decompressor.decompress(chunk)
+            complete = decompressor.eof
+            if decompressor.eof:  # a frame ended: the rest (if any) is the next frame
+                pending = decompressor.unused_data
+                decompressor = zstandard.ZstdDecompressor().decompressobj()
+    return complete
 
 
 def _decode_error(exc: BaseException) -> bool:
@@ -73,6 +98,8 @@ def file_records(path: Path, stats: Stats) -> Iterator[FileStart | list[object]]
         stats.error("truncated_file", ERR_TRUNCATED.format(path=path, count=leftover))
     elif not started:  # empty, or a compressed stream cut before its metadata
         stats.error("corrupt_file", ERR_CORRUPT.format(path=path, error="no DBN metadata"))
+    elif _is_zstd(path) and not zstd_complete(path):
+        stats.error("truncated_file", ERR_ZSTD_CUT.format(path=path))
 
 
 def _salvage(

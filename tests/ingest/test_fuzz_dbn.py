@@ -109,7 +109,7 @@ def test_a_truncated_zstd_file_delivers_a_prefix_of_its_records(originals, data)
     cut = data.draw(st.integers(1, len(packed) - 1), label="cut")
     records, stats, _ = read(packed[:cut], ".dbn.zst")
     assert records == full[: len(records)]
-    assert stats.errors or len(records) == len(full)
+    assert sum(stats.errors.values()) == 1  # a cut zstd stream is always reported, even between records
 
 
 @FUZZ
