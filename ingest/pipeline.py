@@ -21,6 +21,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -202,6 +203,8 @@ class Pipeline:
         self.failure: BaseException | None = None
         self.started = time.monotonic()
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
+        self._run_id = uuid.uuid4().hex  # with a batch number, names each publish so a retry is not repeated
+        self._published = 0
         self._publisher: threading.Thread | None = None
         if publish:
             self._publisher = threading.Thread(target=self._publish_loop, name="ingest-publisher", daemon=True)
@@ -355,7 +358,9 @@ class Pipeline:
                 for t in trades
             ]
         if messages:
-            self._retry("publish", lambda: publisher.publish(messages))
+            self._published += 1
+            batch_id = f"{self._run_id}:{self._published}"
+            self._retry("publish", lambda: publisher.publish(messages, batch_id=batch_id))
 
     def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> tuple[WriteResult, bool]:
         """Run one batch write (its own transaction) and account for it; True when it had to be retried."""

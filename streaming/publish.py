@@ -47,6 +47,8 @@ BUFFER_KEY = "md:buf:{stream}"
 FRAMES_TYPE = "stream.frames"
 # A stream's first seq (see the module docstring): its creation time in ms times this.
 SEQ_EPOCH_PER_MS = 1000
+BATCH_KEY = "md:published:{batch_id}"
+BATCH_ID_TTL_S = 3600
 
 PUBLISH_LUA = """
 local now = tonumber(ARGV[1])
@@ -77,6 +79,16 @@ end
 
 local lasts = {}
 local seq_base = tonumber(ARGV[7])
+local batch_ttl = tonumber(ARGV[9])
+local batch_key = ARGV[8]
+if batch_key ~= '' then
+  local done = redis.call('GET', batch_key)
+  if done then  -- this batch was published already (a retry after a lost reply): same answer, nothing sent
+    local out = {}
+    for piece in string.gmatch(done, '%d+') do out[#out + 1] = tonumber(piece) end
+    return out
+  end
+end
 local groups = cmsgpack.unpack(ARGV[6])
 for i = 1, #groups do
   local stream, channel, kind, datas = groups[i][1], groups[i][2], groups[i][3], groups[i][4]
@@ -96,6 +108,11 @@ for i = 1, #groups do
   redis.call('PUBLISH', channel, cmsgpack.pack(message))
   if math.floor(last / trim_every) ~= math.floor((first - 1) / trim_every) then trim(buf_key, last) end
   lasts[#lasts + 1] = last
+end
+if batch_key ~= '' then
+  local texts = {}
+  for i = 1, #lasts do texts[i] = int(lasts[i]) end
+  redis.call('SET', batch_key, table.concat(texts, ','), 'EX', batch_ttl)
 end
 return lasts
 """
@@ -122,8 +139,15 @@ class Publisher:
         self.client = redis.Redis.from_url(url or settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
         self.script = self.client.register_script(PUBLISH_LUA)
 
-    def publish(self, messages: Sequence[Message], *, now_ms: int | None = None) -> dict[str, int]:
-        """Publish messages, in order within each stream; return each stream's last seq. Only after the commit."""
+    def publish(
+        self, messages: Sequence[Message], *, now_ms: int | None = None, batch_id: str | None = None
+    ) -> dict[str, int]:
+        """Publish messages, in order within each stream; return each stream's last seq. Only after the commit.
+
+        With a ``batch_id``, publishing the same batch again (a retry after the reply was
+        lost, the script having run) sends nothing and returns the first answer: a retry
+        never repeats messages under new seqs. Ids are remembered for BATCH_ID_TTL_S.
+        """
         groups: dict[tuple[str, str], list[str]] = {}
         for m in messages:
             groups.setdefault((m.stream, m.kind), []).append(m.data)
@@ -134,6 +158,7 @@ class Publisher:
         seq_base = now * SEQ_EPOCH_PER_MS if settings.STREAM_SEQ_EPOCH else 0
         args: list[Any] = [
             now, BUFFER_MIN_MESSAGES, BUFFER_MIN_SECONDS * 1000, TRIM_EVERY, FRAMES_TYPE, payload, seq_base,
+            BATCH_KEY.format(batch_id=batch_id) if batch_id else "", BATCH_ID_TTL_S,
         ]  # fmt: skip
         lasts = self.script(keys=[], args=args)
         return {stream: int(last) for (stream, _), last in zip(groups, lasts, strict=True)}

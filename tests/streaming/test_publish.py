@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from streaming.publish import Message, Publisher
+from streaming.publish import Message, Publisher, channel_of
 from tests.ingest.test_replay import buffer_frames
 
 STREAM = "bars:1m:BRN FMJ0024!"
@@ -50,3 +50,18 @@ def test_seq_never_goes_back_when_redis_loses_its_data(redis_client, settings):
     again = publisher.publish([Message(STREAM, "bar", '{"a":1}')])[STREAM]
     assert again > last
     assert again < 2**53  # exact in a JavaScript number
+
+
+def test_a_retried_batch_is_not_published_again(redis_client):
+    publisher = Publisher()
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(channel_of(STREAM))
+    pubsub.get_message(timeout=1)
+    batch = [Message(STREAM, "bar", '{"a":1}'), Message(STREAM, "bar", '{"a":2}')]
+    first = publisher.publish(batch, batch_id="run:1")
+    again = publisher.publish(batch, batch_id="run:1")  # the reply of the first was lost, say
+    assert again == first == {STREAM: 2}
+    assert [f["seq"] for f in buffer_frames(redis_client, STREAM)] == [1, 2]
+    assert pubsub.get_message(timeout=1)["type"] == "message"
+    assert pubsub.get_message(timeout=0.3) is None  # one PUBLISH, not two
+    assert publisher.publish(batch, batch_id="run:2") == {STREAM: 4}  # another batch goes out
