@@ -8,14 +8,23 @@ while it is over WS_TRANSPORT_HIGH_BYTES, so the connection's own bounded queue 
 and the slow client is closed with 4008. Under another server (uvicorn awaits the
 socket's drain in ``send``) the extension is absent and not needed.
 
-Run it exactly like daphne: ``python -m streaming.server -b 0.0.0.0 -p 8000 config.asgi:application``.
+It also sets two of daphne's defaults for bursts of connections (CONNECT_TIMEOUT_S,
+LISTEN_BACKLOG); arguments given on the command line win. Run it exactly like daphne:
+``python -m streaming.server -b 0.0.0.0 -p 8000 config.asgi:application``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 TRANSPORT_EXTENSION = "marketdata.transport"
+# daphne's defaults are made for a quiet server: a WebSocket handshake that the
+# application has not accepted within 5 s is refused, and Twisted listens with a backlog
+# of 50. During a reconnect storm (a gateway restarted, 10x users in 10 s) both refuse
+# clients that would have been served a moment later; these let them wait instead.
+CONNECT_TIMEOUT_S = 30
+LISTEN_BACKLOG = 2048
 
 
 def transport_buffered(transport: Any) -> int:
@@ -43,7 +52,23 @@ def main() -> None:
     class GatewayCommandLine(CommandLineInterface):
         server_class = GatewayServer
 
+    import daphne.cli
+
+    def endpoints(*args: Any, **kwargs: Any) -> list[str]:
+        built = build_endpoints(*args, **kwargs)
+        return [f"{e}:backlog={LISTEN_BACKLOG}" if e.startswith("tcp:") and "backlog=" not in e else e for e in built]
+
+    build_endpoints = daphne.cli.build_endpoint_description_strings
+    daphne.cli.build_endpoint_description_strings = endpoints
+    sys.argv[1:] = with_defaults(sys.argv[1:])
     GatewayCommandLine.entrypoint()
+
+
+def with_defaults(argv: list[str]) -> list[str]:
+    """daphne's arguments with the gateway's defaults where they are not given."""
+    given = {a.split("=", 1)[0] for a in argv}
+    extra = [] if "--websocket_connect_timeout" in given else ["--websocket_connect_timeout", str(CONNECT_TIMEOUT_S)]
+    return extra + argv
 
 
 if __name__ == "__main__":

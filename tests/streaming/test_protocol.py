@@ -407,3 +407,11 @@ async def test_subscribing_before_a_streams_first_message_holds_its_starting_seq
     message = await client.recv_type("bar")  # the first message follows: no gap, no fresh snapshot
     assert message["seq"] == reply["seq"] + 1 == last
     await client.close()
+
+
+def test_the_gateway_server_waits_longer_for_handshakes_unless_told():
+    from streaming.server import CONNECT_TIMEOUT_S, with_defaults
+
+    args = ["-b", "127.0.0.1", "-p", "8000", "config.asgi:application"]
+    assert with_defaults(args) == ["--websocket_connect_timeout", str(CONNECT_TIMEOUT_S), *args]
+    assert with_defaults(["--websocket_connect_timeout", "7", *args]) == ["--websocket_connect_timeout", "7", *args]
