@@ -737,8 +737,10 @@ def idle(args: argparse.Namespace, env: dict[str, str], streams: list[str], pub:
                     time.sleep(2)
                     after = rss_mib(server.pid)
                     clients.finish(pub.finals, 0.5)
+                    sent_ns = time.time_ns()
                     pub.one_each()
-                    alive = clients.finish(pub.finals, 10).get(app, {})
+                    alive = clients.finish(pub.finals, 30).get(app, {})
+                    took_ms = (alive.get("last_ns", 0) - sent_ns) / 1e6 if alive.get("last_ns") else float("nan")
                     per_conn = (after - before) * 1024 / max(c["open"], 1)
                     results[(kind, app)] = (before, after, per_conn)
                     failures = f"; failures {c['failures']}" if c["failures"] else ""
@@ -747,7 +749,8 @@ def idle(args: argparse.Namespace, env: dict[str, str], streams: list[str], pub:
                     print(f"  {kind:7} {app:6} RSS {before:7.1f} MiB -> {after:7.1f} MiB with {c['open']:,} open "
                           f"({per_conn:5.1f} KiB per connection; connected in {c['seconds']:.1f} s, "
                           f"{c['open'] / max(c['seconds'], 1e-9):,.0f}/s); one message per stream reached "
-                          f"{alive.get('frames', 0):,} of {c['open']:,}{failures}", flush=True)  # fmt: skip
+                          f"{alive.get('frames', 0):,} of {c['open']:,} (the last after {took_ms:,.0f} ms)"
+                          f"{failures}", flush=True)  # fmt: skip
                     clients.close()
                 finally:
                     stop_server(server)
