@@ -254,3 +254,54 @@ def test_forming_bars_derived_from_seconds(tmp_path, redis_client):
     assert five[-1]["ts"] == "2024-01-02T14:30:00Z"
     assert five[-1]["volume"] == 4
     assert five[-1]["final"] is False
+
+
+def _lock_holder(key: int) -> int | None:
+    with psycopg.connect(_dsn(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND ((classid::bigint << 32) | objid::bigint) = %s",
+            [key],
+        ).fetchone()
+    return row[0] if row else None
+
+
+def _wait_for(predicate: Any, seconds: float = 10) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_feed_lock_whose_session_died_is_taken_again(monkeypatch, transactional_db):
+    monkeypatch.setattr("ingest.pipeline.LOCK_CHECK_S", 0.1)
+    key = advisory_key("XNAS.ITCH", "ohlcv-1m")
+    lock = FeedLock()
+    lock.acquire("XNAS.ITCH", "ohlcv-1m")
+    try:
+        first = _wait_for(lambda: _lock_holder(key))
+        with psycopg.connect(_dsn(), autocommit=True) as admin:  # as a PostgreSQL restart would
+            admin.execute("SELECT pg_terminate_backend(%s)", [first])
+        again = _wait_for(lambda: (pid := _lock_holder(key)) and pid != first and pid)
+        assert again != first
+        lock.check()  # nobody else took it: the run goes on
+    finally:
+        lock.release()
+
+
+def test_a_feed_lock_taken_by_another_ingester_meanwhile_stops_the_run(monkeypatch, transactional_db):
+    monkeypatch.setattr("ingest.pipeline.LOCK_CHECK_S", 0.1)
+    key = advisory_key("XNAS.ITCH", "ohlcv-1m")
+    lock = FeedLock()
+    lock.acquire("XNAS.ITCH", "ohlcv-1m")
+    try:
+        with psycopg.connect(_dsn(), autocommit=True) as other:
+            with lock._guard:  # the keeper looks only once the other ingester holds the lock
+                other.execute("SELECT pg_terminate_backend(%s)", [_wait_for(lambda: _lock_holder(key))])
+                _wait_for(lambda: other.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone() == (True,))
+            _wait_for(lambda: lock.lost is not None)
+            with pytest.raises(IngestLockedError, match="another ingester holds it now"):
+                lock.check()
+    finally:
+        lock.release()
