@@ -112,10 +112,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", choices=["on", "off"], help="run only with the cache on or off")
     parser.add_argument(
         "--http",
-        choices=["shipped", "django-asgi"],
+        choices=["shipped", "django-asgi", "threaded"],
         default="shipped",
         help="shipped: config.asgi (HTTP through Django's WSGI handler behind WsgiToAsgi); "
-        "django-asgi: Django's own ASGI handler, for comparison",
+        "django-asgi: Django's own ASGI handler; threaded: the WSGI handler in a thread pool, "
+        "one hop per request (THREADED_APP); the last two for comparison",
     )
     args = parser.parse_args()
     if not 1 <= args.seconds <= 3600:
@@ -295,13 +296,73 @@ application = get_asgi_application()
 """
 
 
+# --http threaded: config.asgi, but HTTP run whole in a pool of threads (WSGI app, body
+# collected, close() so request_finished returns the DB connection, all in the thread),
+# then start and body sent from the event loop. WsgiToAsgi runs every request in one
+# thread (sync_to_async is thread-sensitive by default: requests queue behind each
+# other's database and Redis waits) and hops back to the loop for each of its three
+# send() calls. A sketch for measuring, not for shipping: a streaming response is
+# collected whole here.
+THREADED_APP = """
+import asyncio
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.wsgi import WsgiToAsgiInstance
+from django.core.wsgi import get_wsgi_application
+
+import config.asgi as shipped
+
+_wsgi = get_wsgi_application()
+_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="http")
+
+
+def _run(environ):
+    started = []
+    result = _wsgi(environ, lambda status, headers, exc_info=None: started.extend((status, headers)))
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return started[0], started[1], body
+
+
+async def application(scope, receive, send):
+    if scope["type"] != "http":
+        return await shipped.application(scope, receive, send)
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    instance = WsgiToAsgiInstance(_wsgi)
+    instance.scope = scope
+    environ = instance.build_environ(scope, io.BytesIO(b"".join(chunks)))
+    status, headers, body = await asyncio.get_running_loop().run_in_executor(_pool, _run, environ)
+    await send({
+        "type": "http.response.start",
+        "status": int(status.split(" ", 1)[0]),
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
 def start_gateway(
     env: dict[str, str], cache_on: bool, workdir: Path, http: str = "shipped"
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     (workdir / "bench_history_settings.py").write_text(GATEWAY_SETTINGS)
     (workdir / "bench_history_django_asgi.py").write_text(DJANGO_ASGI_APP)
-    app = "config.asgi:application" if http == "shipped" else "bench_history_django_asgi:application"
+    (workdir / "bench_history_threaded.py").write_text(THREADED_APP)
+    app = {
+        "shipped": "config.asgi:application",
+        "django-asgi": "bench_history_django_asgi:application",
+        "threaded": "bench_history_threaded:application",
+    }[http]
     gateway_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "STREAMING_", "API_"))},
         **env,
@@ -345,7 +406,8 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
 
 
 def cache_counts(base: str) -> tuple[float, float]:
-    text = get(base + "/metrics").decode()
+    # Generous timeout: under load the gateway answers /metrics behind a queue of requests.
+    text = get(base + "/metrics", timeout=60).decode()
     found = dict(re.findall(r'^api_cache_answers_total\{endpoint="ohlcv",result="(hit|miss)"\} (\S+)$', text, re.M))
     return float(found.get("hit", 0)), float(found.get("miss", 0))
 
@@ -396,10 +458,12 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
     timer = threading.Timer(args.seconds / 3, lambda: warm.append(cache_counts(base)))
     try:
         start = cache_counts(base)
+        cpu_start = cpu_seconds(proc.pid)
         if writer is not None:
             writer.start()
         timer.start()
         result = run_locust(base, args, tickers, last_open, token, workdir, "on" if cache_on else "off")
+        cpu = cpu_seconds(proc.pid) - cpu_start
         end = cache_counts(base)
     finally:
         timer.cancel()
@@ -410,7 +474,16 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
     result["hit_ratio"] = ratio(start, end)
     result["hit_ratio_warm"] = ratio(warm[0], end) if warm else float("nan")
     result["writes"] = float(writer.writes if writer is not None else 0)
+    # The gateway's own CPU per answer: what a busy, shared machine changes least.
+    result["cpu_ms"] = 1000 * cpu / result["requests"] if result["requests"] else float("nan")
     return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ratio(before: tuple[float, float], after: tuple[float, float]) -> float:
@@ -452,6 +525,7 @@ def line(label: str, r: dict[str, float]) -> str:
     return (
         f"{label:10} {r['rps']:8.1f} req/s  p50 {r['p50']:5.0f} ms  p95 {r['p95']:5.0f} ms  p99 {r['p99']:5.0f} ms"
         f"  mean {r['mean']:6.1f} ms  {int(r['requests']):>7,} requests  {int(r['failures'])} failed{hits}"
+        f"  gateway CPU {r['cpu_ms']:.2f} ms/request"
         f"  ({int(r['writes'])} bars written meanwhile)"
     )
 
@@ -471,7 +545,9 @@ def main() -> None:
     )
     for key, value in machine().items():
         print(f"{key + ':':12} {value}")
-    print(f"http:        {'config.asgi (as shipped)' if args.http == 'shipped' else 'Django ASGI handler'}")
+    http = {"shipped": "config.asgi (as shipped)", "django-asgi": "Django ASGI handler",
+            "threaded": "WSGI handler in a thread pool (THREADED_APP)"}[args.http]  # fmt: skip
+    print(f"http:        {http}")
     print(
         f"load:        {args.users} users, wait {args.wait} s between requests, Zipf s={args.zipf} over "
         f"{args.symbols} symbols, {PAGE}-bar pages of /v1/ohlcv (80% latest, 20% one of {HISTORY_PAGES} older), "
@@ -493,7 +569,8 @@ def main() -> None:
         print()
         print(
             f"ratio on/off: p95 {on['p95'] / off['p95']:.2f}, p99 {on['p99'] / off['p99']:.2f}, "
-            f"mean {on['mean'] / off['mean']:.2f}, req/s {on['rps'] / off['rps']:.2f}"
+            f"mean {on['mean'] / off['mean']:.2f}, req/s {on['rps'] / off['rps']:.2f}, "
+            f"gateway CPU/request {on['cpu_ms'] / off['cpu_ms']:.2f}"
         )
     print("target (SPEC section 8): p95 < 10 ms cached, < 50 ms uncached; cache hit ratio >= 95%")
 

@@ -7,18 +7,21 @@ One place for REST and the WebSocket gateway alike: both resolve a token with
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import Model, Q
+from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
+from .cache import LocalCache, epoch_bump, local_caches_clear
 from .errors import MarketDataError
-from .models import ApiToken, Entitlement
+from .models import ApiToken, Entitlement, Symbol
 from .tokens import token_hash
 
 # last_used_at is for operators ("is this token still in use?"), not an audit log: one
@@ -49,7 +52,7 @@ class NotEntitledError(MarketDataError):
 # One round trip for the token, its user and the user's entitlements: this runs on every
 # token-authenticated request, and three ORM queries cost ~3 ms where this costs ~0.3.
 _API_KEY_LOOKUP_SQL = """
-SELECT t.id, t.last_used_at, {fields},
+SELECT t.id, t.last_used_at, t.expires_at, {fields},
        ARRAY(SELECT e.dataset FROM marketdata_entitlement e WHERE e.user_id = u.id)
 FROM marketdata_apitoken t JOIN {users} u ON u.id = t.user_id
 WHERE t.key_hash = %s AND NOT t.revoked AND (t.expires_at IS NULL OR t.expires_at > %s)
@@ -64,18 +67,62 @@ def _token_query() -> tuple[str, list[str]]:
     return _API_KEY_LOOKUP_SQL.format(fields=", ".join(f"u.{f}" for f in fields), users=meta.db_table), fields
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """A token's user as the database gave it, and what decides how long that holds."""
+
+    user: Any
+    expires_at: datetime | None
+    last_used_at: datetime
+
+
+_resolved: LocalCache[str, _Resolved] = LocalCache()
+
+
 def user_from_token(token: str) -> Any | None:
     """The active user owning this API token, or None if it is unknown, revoked or expired."""
+    resolved = _token_resolve(token)
+    return None if resolved is None else resolved.user
+
+
+def user_from_token_cached(token: str) -> Any | None:
+    """user_from_token, remembered in this process for a few seconds (the API's hot path).
+
+    What may end a token's use is seen at once in every process when it is saved through
+    the ORM (the signals below replace the cache epoch that every API request reads), and
+    otherwise (a queryset update, SQL) within API_LOCAL_CACHE_SECONDS. Expiry is checked
+    on each use. The user object is shared by the requests that use it: read it, never
+    change it.
+    """
     if not token or len(token) > TOKEN_MAX_LENGTH:
         return None
+    key = token_hash(token)
     now = timezone.now()
+    hit = _resolved.get(key)
+    if (
+        hit is not None
+        and (hit.expires_at is None or hit.expires_at > now)
+        and now - hit.last_used_at < LAST_USED_EVERY
+    ):
+        return hit.user
+    generation = _resolved.generation()
+    resolved = _token_resolve(token, now=now)
+    if resolved is not None:
+        _resolved.put(key, resolved, generation=generation)
+    return None if resolved is None else resolved.user
+
+
+def _token_resolve(token: str, now: datetime | None = None) -> _Resolved | None:
+    if not token or len(token) > TOKEN_MAX_LENGTH:
+        return None
+    now = now or timezone.now()
     sql, fields = _token_query()
     with connection.cursor() as cursor:
         cursor.execute(sql, [token_hash(token), now])
         row = cursor.fetchone()
     if row is None:
         return None
-    token_id, last_used_at, *user_values, datasets = row
+    token_id, last_used_at, expires_at, *user_values, datasets = row
     # The other user fields are deferred: loaded only if something reads them.
     user: Any = get_user_model().from_db(connection.alias, fields, user_values)
     if not user.is_active:
@@ -86,7 +133,20 @@ def user_from_token(token: str) -> Any | None:
         ApiToken.objects.filter(pk=token_id).filter(
             Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - LAST_USED_EVERY)
         ).update(last_used_at=now)
-    return user
+        last_used_at = now
+    return _Resolved(user, expires_at, last_used_at)
+
+
+def _access_changed(sender: type[Model], **kwargs: Any) -> None:
+    # Now for this process (its own later reads), and after the commit for every process:
+    # an epoch replaced before the commit could be read, and the old rows cached again.
+    local_caches_clear()
+    transaction.on_commit(epoch_bump)
+
+
+for _model in (ApiToken, Entitlement, Symbol, get_user_model()):
+    post_save.connect(_access_changed, sender=_model, dispatch_uid=f"marketdata.access.{_model.__name__}.save")
+    post_delete.connect(_access_changed, sender=_model, dispatch_uid=f"marketdata.access.{_model.__name__}.delete")
 
 
 def anonymous_allowed() -> bool:

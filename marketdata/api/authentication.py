@@ -9,7 +9,7 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
-from marketdata.access import ERR_BAD_TOKEN, user_from_token
+from marketdata.access import ERR_BAD_TOKEN, user_from_token_cached
 from marketdata.tokens import token_hash
 
 KEYWORDS = (b"token", b"bearer")
@@ -28,7 +28,7 @@ class TokenAuthentication(BaseAuthentication):
         token = self._token(request)
         if token is None:
             return None
-        user = user_from_token(token)
+        user = user_from_token_cached(token)
         if user is None:
             raise AuthenticationFailed(ERR_BAD_TOKEN)
         # request.auth names the token (by hash) so throttling can count per token.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from rest_framework.request import Request
@@ -32,8 +32,22 @@ def rate_parse(rate: str) -> tuple[int, int]:
     return int(count), PERIODS[period.strip()[:1].lower()]
 
 
+class Check(NamedTuple):
+    """One scope's counter for this request: its key, allowance, window and the seconds left in the window."""
+
+    scope: str
+    key: str
+    allowed: int
+    period: int
+    remaining: float
+
+
 class ApiRateThrottle(BaseThrottle):
-    """Both scopes in one Redis round trip; rates come from REST_FRAMEWORK['DEFAULT_THROTTLE_RATES']."""
+    """Both scopes in one Redis round trip; rates come from REST_FRAMEWORK['DEFAULT_THROTTLE_RATES'].
+
+    The /v1 views put the counters into the round trip that also reads the cache
+    (``plan`` then ``decide``); used alone, as DRF's throttle, it makes its own.
+    """
 
     def __init__(self) -> None:
         self._wait: float | None = None
@@ -46,36 +60,50 @@ class ApiRateThrottle(BaseThrottle):
             return f"user:{user.pk}"
         return None
 
-    def allow_request(self, request: Request, view: Any) -> bool:
+    def plan(self, request: Request) -> list[Check]:
+        """The counters this request increments (none when both rates are off)."""
         rates = api_settings.DEFAULT_THROTTLE_RATES or {}
         now = time.time()
-        checks: list[tuple[str, str, int, int, float]] = []
-        for scope, ident in (("principal", self._principal(request)), ("ip", self.get_ident(request))):
+        checks: list[Check] = []
+        for scope in ("principal", "ip"):
             rate = rates.get(scope)
-            if not rate or not ident:
+            if not rate:
+                continue
+            ident = self._principal(request) if scope == "principal" else self.get_ident(request)
+            if not ident:
                 continue
             allowed, period = rate_parse(str(rate))
             window = int(now // period)
-            checks.append((scope, KEY.format(scope=scope, ident=ident, window=window), allowed, period,
-                           (window + 1) * period - now))  # fmt: skip
+            key = KEY.format(scope=scope, ident=ident, window=window)
+            checks.append(Check(scope, key, allowed, period, (window + 1) * period - now))
+        return checks
+
+    def decide(self, checks: list[Check], counts: list[int] | None) -> bool:
+        """Whether the request may go on, given the counters' new values (None: Redis was down, let it through)."""
+        if counts is None:
+            return True
+        waits = []
+        for check, count in zip(checks, counts, strict=True):
+            if count > check.allowed:
+                metrics.API_THROTTLED.labels(check.scope).inc()
+                waits.append(check.remaining)
+        self._wait = max(waits) if waits else None
+        return not waits
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        checks = self.plan(request)
         if not checks:
             return True
         try:
             pipe = client().pipeline(transaction=False)
-            for _, key, _, period, _ in checks:
-                pipe.incr(key)
-                pipe.expire(key, period + 1)
+            for check in checks:
+                pipe.incr(check.key)
+                pipe.expire(check.key, check.period + 1)
             counts = pipe.execute()[0::2]
         except redis.RedisError:
             metrics.CACHE_ERRORS.labels("throttle").inc()
             return True
-        waits = []
-        for (scope, _, allowed, _, remaining), count in zip(checks, counts, strict=True):
-            if count > allowed:
-                metrics.API_THROTTLED.labels(scope).inc()
-                waits.append(remaining)
-        self._wait = max(waits) if waits else None
-        return not waits
+        return self.decide(checks, counts)
 
     def wait(self) -> float | None:
         return None if self._wait is None else max(1, math.ceil(self._wait))

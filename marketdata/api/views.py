@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
@@ -29,6 +30,7 @@ from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
 from marketdata.models import Symbol
 from marketdata.selectors import (
     BarOut,
+    SymbolRef,
     bar_list,
     latest_bars,
     leaderboard,
@@ -41,6 +43,7 @@ from ops import metrics
 
 from . import serializers as s
 from .renderers import FirstRendererNegotiation
+from .throttling import ApiRateThrottle
 
 JSON = "application/json"
 
@@ -79,14 +82,19 @@ def _clock(tf: str, end: datetime | None, now: datetime) -> str:
 
 
 class CacheSlot(NamedTuple):
-    """Where an answer is kept: under ``stable`` when only new data can change it, else ``clocked``."""
+    """Where an answer is kept: under ``stable`` when only new data can change it, else ``clocked``.
 
-    stable: str | None
+    ``keys`` are what the request's round trip fetches: the symbol's version, then the
+    entries (``stable`` and, for an answer that may hold a forming bar, ``clocked``).
+    """
+
+    keys: list[str]
+    stable: str
     clocked: str | None
 
 
-def _cache_read(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> tuple[bytes | None, CacheSlot]:
-    """The cached answer, if any, and the keys to keep a computed one under.
+def _cache_slot(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> CacheSlot:
+    """Where the answer may be cached.
 
     An answer whose bars are all final (every stored timeframe, and resampled pages of
     closed buckets) changes only when the symbol's data does, which bumps its version; it
@@ -94,37 +102,117 @@ def _cache_read(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> 
     forming bar also carries the current bucket in its key.
     """
     clock = _clock(tf, end, timezone.now())
+    version = cache.version_key(symbol_id)
     if clock == "closed":
-        body, key = cache.cached_get(symbol_id=symbol_id, what=f"{what}|closed")
-        return body, CacheSlot(key, key)
-    body, stable = cache.cached_get(symbol_id=symbol_id, what=f"{what}|final")
-    if body is not None:
-        return body, CacheSlot(stable, None)
-    body, clocked = cache.cached_get(symbol_id=symbol_id, what=f"{what}|{clock}")
-    return body, CacheSlot(stable, clocked)
+        key = cache.entry_key(symbol_id, f"{what}|closed")
+        return CacheSlot([version, key], key, key)
+    stable, clocked = cache.entry_key(symbol_id, f"{what}|final"), cache.entry_key(symbol_id, f"{what}|{clock}")
+    return CacheSlot([version, stable, clocked], stable, clocked)
 
 
-def _cache_write(slot: CacheSlot | None, value: bytes, *, all_final: bool) -> None:
-    if slot is not None:
-        cache.cached_set(key=slot.stable if all_final else slot.clocked, value=value)
+class CacheRead(NamedTuple):
+    """A slot's fetched values: the body if one was cached at the current version, and that version."""
+
+    body: bytes | None
+    version: int
+
+
+def _cache_read(slot: CacheSlot, values: list[Any]) -> CacheRead:
+    version = int(values[0] or 0)
+    for value in values[1:]:
+        body = cache.entry_body(version, value)
+        if body is not None:
+            return CacheRead(body, version)
+    return CacheRead(None, version)
+
+
+def _cache_write(slot: CacheSlot, read: CacheRead | None, value: bytes, *, all_final: bool) -> None:
+    """Keep a computed answer under the version read before computing it (nothing when Redis was down)."""
+    if read is not None:
+        cache.cached_set(key=slot.stable if all_final else slot.clocked, version=read.version, value=value)
 
 
 def _hot_cache() -> bool:
     return bool(getattr(settings, "API_HOT_CACHE", True))
 
 
+_symbols: cache.LocalCache[str, SymbolRef] = cache.LocalCache()
+
+
+def _symbol(ticker: str) -> SymbolRef:
+    """symbol_ref, remembered for a few seconds (symbol changes through the ORM end it at once)."""
+    hit = _symbols.get(ticker)
+    if hit is not None:
+        return hit
+    generation = _symbols.generation()
+    ref = symbol_ref(ticker=ticker)
+    _symbols.put(ticker, ref, generation=generation)
+    return ref
+
+
+@lru_cache(maxsize=4096)
+def _validated(serializer_class: type[Serializer], items: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    # Validation depends on nothing but the parameters: a chart's repeated query is checked once.
+    serializer = serializer_class(data=dict(items))
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)
+
+
 class ApiView(APIView):
-    """Base of the /v1 views: JSON whatever the Accept header, parameters from the query string."""
+    """Base of the /v1 views: JSON whatever the Accept header, parameters from the query string.
+
+    Every request makes one Redis round trip before its handler: the rate-limit counters,
+    the cache epoch (are this process's token and symbol look-ups still good?) and the
+    cache entries the view names in ``prepare``. Errors found by ``prepare`` (a bad
+    parameter, an unknown symbol, a dataset not entitled) are raised after the rate
+    limit, in the order the handlers would raise them.
+    """
 
     content_negotiation_class = FirstRendererNegotiation
     renderer_classes = [JSONRenderer]
+    throttle_classes: list[Any] = []  # check_throttles below counts in the round trip
+    # What prepare() asks the round trip to fetch, and what it fetched (None: Redis down).
+    fetch_keys: list[str]
+    fetched: list[Any] | None
+
+    def prepare(self, request: Request) -> list[str]:
+        """Validate what can be validated before the handler; return the Redis keys the handler will need."""
+        return []
+
+    def check_throttles(self, request: Request) -> None:
+        throttle = ApiRateThrottle()
+        checks = throttle.plan(request)
+        deferred: Exception | None = None
+        try:
+            keys = self.prepare(request)
+        except Exception as exc:  # raised after the rate limit, as the handler would have
+            deferred, keys = exc, []
+        result = cache.round_trip(incr=[(c.key, c.period + 1) for c in checks], get=[cache.EPOCH_KEY, *keys])
+        counts: list[int] | None = None
+        self.fetched = None
+        if result is not None:
+            counts, values = result
+            self.fetched = values[1:]
+            if cache.epoch_note(values[0]):
+                # A token, entitlement, user or symbol changed somewhere: look the caller
+                # and the symbols up again (the local caches are empty now).
+                request._authenticate()  # type: ignore[attr-defined]  # DRF's own, as Request.user calls it
+                self.check_permissions(request)
+                deferred = None
+                try:
+                    keys = self.prepare(request)
+                except Exception as exc:
+                    deferred, keys = exc, []
+                self.fetched = cache.mget(keys) if keys else []
+        if not throttle.decide(checks, counts):
+            self.throttled(request, throttle.wait() or 1)
+        if deferred is not None:
+            raise deferred
 
     def query(self, serializer_class: type[Serializer]) -> dict[str, Any]:
         """Validated query parameters; an empty value counts as absent (``?dataset=&search=``)."""
-        data = {key: value for key, value in self.request.query_params.items() if value != ""}
-        serializer = serializer_class(data=data)
-        serializer.is_valid(raise_exception=True)
-        return dict(serializer.validated_data)
+        items = tuple(sorted((key, value) for key, value in self.request.query_params.items() if value != ""))
+        return dict(_validated(serializer_class, items))
 
     def page_url(self, params: dict[str, str]) -> str:
         """The absolute URL of this endpoint with these parameters (never the caller's token)."""
@@ -133,6 +221,22 @@ class ApiView(APIView):
 
 class OhlcvView(ApiView):
     """Bars of one symbol, ascending by open time; the latest page when neither start nor cursor is given."""
+
+    def prepare(self, request: Request) -> list[str]:
+        self.q = q = self.query(s.OhlcvQuery)
+        self.symbol = symbol = _symbol(q["symbol"])
+        dataset_check(datasets_allowed(request.user), symbol.dataset)
+        self.base_url = self.request.build_absolute_uri(self.request.path)
+        self.slot = None
+        if not _hot_cache():
+            return []
+        start, end, cursor = q.get("start"), q.get("end"), q.get("cursor")
+        what = "|".join(
+            ("ohlcv", q["tf"], _micros(start), _micros(end), str(q["limit"]), cursor or "-", q["anomalies"],
+             self.base_url)
+        )  # fmt: skip
+        self.slot = _cache_slot(symbol_id=symbol.id, what=what, tf=q["tf"], end=end)
+        return self.slot.keys
 
     @extend_schema(
         operation_id="ohlcv",
@@ -145,24 +249,19 @@ class OhlcvView(ApiView):
         ),
     )
     def get(self, request: Request) -> HttpResponse:
-        q = self.query(s.OhlcvQuery)
-        symbol = symbol_ref(ticker=q["symbol"])
-        dataset_check(datasets_allowed(request.user), symbol.dataset)
+        q, symbol, base_url, slot = self.q, self.symbol, self.base_url, self.slot
         tf, start, end, limit, cursor = q["tf"], q.get("start"), q.get("end"), q["limit"], q.get("cursor")
-        exclude = q["anomalies"] == "exclude"
-        base_url = self.request.build_absolute_uri(self.request.path)
-        slot = None
-        if _hot_cache():
-            what = "|".join(
-                ("ohlcv", tf, _micros(start), _micros(end), str(limit), cursor or "-", q["anomalies"], base_url)
-            )
-            cached, slot = _cache_read(symbol_id=symbol.id, what=what, tf=tf, end=end)
-            metrics.API_CACHE.labels("ohlcv", "miss" if cached is None else "hit").inc()
-            if cached is not None:
-                return HttpResponse(cached, content_type=JSON)
+        read = None
+        if slot is not None and self.fetched is not None:
+            read = _cache_read(slot, self.fetched)
+            metrics.API_CACHE.labels("ohlcv", "miss" if read.body is None else "hit").inc()
+            metrics.CACHE_REQUESTS.labels("miss" if read.body is None else "hit").inc()
+            if read.body is not None:
+                return HttpResponse(read.body, content_type=JSON)
         page = bar_list(
-            ticker=symbol.ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor, exclude_anomalies=exclude
-        )
+            ticker=symbol.ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
+            exclude_anomalies=q["anomalies"] == "exclude",
+        )  # fmt: skip
         next_url = "null"
         if page.next_cursor is not None:
             params = {"symbol": symbol.ticker, "tf": tf}
@@ -175,7 +274,8 @@ class OhlcvView(ApiView):
             + ",".join(_bar_text(bar) for bar in page.bars)
             + f'],"next":{next_url}}}'
         ).encode()
-        _cache_write(slot, body, all_final=all(bar.final for bar in page.bars))
+        if slot is not None:
+            _cache_write(slot, read, body, all_final=all(bar.final for bar in page.bars))
         return HttpResponse(body, content_type=JSON)
 
 
@@ -209,9 +309,17 @@ class TradesView(ApiView):
         return HttpResponse(body.encode(), content_type=JSON)
 
 
-def _symbols_by_ticker(tickers: Iterable[str]) -> dict[str, Symbol]:
+def _symbols_by_ticker(tickers: Iterable[str]) -> dict[str, SymbolRef]:
     wanted = list(tickers)
-    found = {sym.ticker: sym for sym in Symbol.objects.filter(ticker__in=wanted)}
+    found = {t: ref for t in wanted if (ref := _symbols.get(t)) is not None}
+    if len(found) < len(wanted):
+        generation = _symbols.generation()
+        rows = Symbol.objects.filter(ticker__in=[t for t in wanted if t not in found]).values_list(
+            "id", "ticker", "dataset"
+        )
+        for row in rows:
+            ref = found[row[1]] = SymbolRef(*row)
+            _symbols.put(ref.ticker, ref, generation=generation)
     for ticker in wanted:
         if ticker not in found:
             raise UnknownSymbolError(ERR_UNKNOWN_SYMBOL.format(value=ticker), field="symbols")
@@ -221,6 +329,20 @@ def _symbols_by_ticker(tickers: Iterable[str]) -> dict[str, Symbol]:
 class LatestView(ApiView):
     """The most recent bar of each symbol asked for."""
 
+    def prepare(self, request: Request) -> list[str]:
+        self.q = q = self.query(s.LatestQuery)
+        tickers: list[str] = q["symbols"]
+        self.symbols = symbols = _symbols_by_ticker(tickers)
+        datasets_check(datasets_allowed(request.user), (symbols[t].dataset for t in tickers))
+        self.slots: dict[str, CacheSlot] = {}
+        if not _hot_cache():
+            return []
+        for ticker in tickers:
+            self.slots[ticker] = _cache_slot(
+                symbol_id=symbols[ticker].id, what=f"latest|{q['tf']}", tf=q["tf"], end=None
+            )
+        return [key for slot in self.slots.values() for key in slot.keys]
+
     @extend_schema(
         operation_id="latest",
         parameters=[s.LatestQuery],
@@ -228,24 +350,29 @@ class LatestView(ApiView):
         description="The latest bar of each ticker (forming bars have final=false); null where there is none.",
     )
     def get(self, request: Request) -> HttpResponse:
-        q = self.query(s.LatestQuery)
+        q, slots = self.q, self.slots
         tickers: list[str] = q["symbols"]
         tf = q["tf"]
-        symbols = _symbols_by_ticker(tickers)
-        datasets_check(datasets_allowed(request.user), (symbols[t].dataset for t in tickers))
         texts: dict[str, str] = {}
-        slots: dict[str, CacheSlot] = {}
-        if _hot_cache():
+        reads: dict[str, CacheRead] = {}
+        if slots and self.fetched is not None:
+            at = 0
             for ticker in tickers:
-                value, slots[ticker] = _cache_read(symbol_id=symbols[ticker].pk, what=f"latest|{tf}", tf=tf, end=None)
-                metrics.API_CACHE.labels("latest", "miss" if value is None else "hit").inc()
-                if value is not None:
-                    texts[ticker] = value.decode()
+                slot = slots[ticker]
+                reads[ticker] = read = _cache_read(slot, self.fetched[at : at + len(slot.keys)])
+                at += len(slot.keys)
+                metrics.API_CACHE.labels("latest", "miss" if read.body is None else "hit").inc()
+                metrics.CACHE_REQUESTS.labels("miss" if read.body is None else "hit").inc()
+                if read.body is not None:
+                    texts[ticker] = read.body.decode()
         missing = [t for t in tickers if t not in texts]
         if missing:
             for ticker, bar in latest_bars(tickers=missing, tf=tf).items():
                 texts[ticker] = "null" if bar is None else _bar_text(bar)
-                _cache_write(slots.get(ticker), texts[ticker].encode(), all_final=bar is None or bar.final)
+                if ticker in slots:
+                    _cache_write(
+                        slots[ticker], reads.get(ticker), texts[ticker].encode(), all_final=bar is None or bar.final
+                    )
         body = f'{{"tf":"{tf}","results":{{' + ",".join(f"{_text(t)}:{texts[t]}" for t in tickers) + "}}"
         return HttpResponse(body.encode(), content_type=JSON)
 

@@ -12,7 +12,7 @@ import redis
 from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
-from marketdata.cache import versions_bump
+from marketdata.cache import local_caches_clear, versions_bump
 from marketdata.models import Entitlement, Symbol
 from marketdata.services import BarIn, api_token_create, bars_upsert
 
@@ -22,7 +22,8 @@ T0 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
 
 @pytest.fixture(autouse=True)
 def clean_redis(redis_client: redis.Redis) -> redis.Redis:
-    """Each test starts with no cache entries, versions or throttle counters."""
+    """Each test starts with no cache entries, versions or throttle counters, and no process-local look-ups."""
+    local_caches_clear()
     return redis_client
 
 
