@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = "unavailable"  # Redis or the database failed while serving a request; try again
 RESNAPSHOT_DEFAULT = 100  # items in a server-sent fresh snapshot for a stream subscribed without one
 CONGESTED_POLL_S = 0.01
+FLUSH_TURNS = 2
 
 
 class Sub:
@@ -305,7 +306,13 @@ class StreamConsumer(AsyncConsumer):
                 await wake.wait()
                 continue
             if buffered is not None and buffered() > high:
-                await asyncio.sleep(CONGESTED_POLL_S)  # the socket is full: the queue absorbs meanwhile
+                # Twisted writes what it holds once the loop polls the socket (the turn after
+                # next): let it, then look again. Still over: the client is not reading; wait
+                # while the queue absorbs.
+                for _ in range(FLUSH_TURNS):
+                    await asyncio.sleep(0)
+                if buffered() > high:
+                    await asyncio.sleep(CONGESTED_POLL_S)
                 continue
             text = out.popleft()
             if self.credit:
