@@ -136,7 +136,11 @@ WS_CONNECTIONS = Gauge("ws_connections", "Open WebSocket connections.", registry
 WS_SUBSCRIPTIONS = Gauge(
     "ws_subscriptions", "Stream subscriptions over all connections.", registry=REGISTRY, multiprocess_mode="livesum"
 )
-WS_MESSAGES_SENT = Counter("ws_messages_sent_total", "Stream messages sent to clients.", registry=REGISTRY)
+WS_MESSAGES_SENT = Counter(
+    "ws_messages_sent_total",
+    "Messages handed to client sockets: stream messages, replies, status and heartbeats.",
+    registry=REGISTRY,
+)
 WS_CONFLATED = Counter(
     "ws_messages_conflated_total", "Stream messages replaced by a newer one under throttle_ms.", registry=REGISTRY
 )
