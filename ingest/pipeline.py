@@ -37,7 +37,7 @@ import structlog
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 from django.utils import timezone
 
-from marketdata.cache import versions_bump
+from marketdata.cache import LeaderboardRefresher, versions_bump
 from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
@@ -267,6 +267,7 @@ class Pipeline:
         self.batch_trades = batch_trades
         self.flush_seconds = flush_seconds
         self.publish_enabled = publish
+        self._leaderboards = LeaderboardRefresher()
         self.progress = progress
         self.stopping = threading.Event()
         self.schemas: set[str] = set()
@@ -326,6 +327,7 @@ class Pipeline:
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
                     self._flush(bars, trades)
+                    self._leaderboards.flush()
                     self._publish_stop()
                     self._feed_status_safe()
                     return
@@ -374,6 +376,8 @@ class Pipeline:
                 changed.update(t.symbol_id for t in trades)
                 publish_trades = trades
         versions_bump(symbol_ids=changed)  # at once: the cache must not outlive the commit
+        # At most once a second (readers recompute rows older than their symbol's version).
+        self._leaderboards.changed(changed)
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last

@@ -18,6 +18,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 import redis
@@ -192,3 +194,170 @@ def epoch_bump() -> None:
         # The local caches of other processes then hold for at most LOCAL_TTL_S.
         metrics.CACHE_ERRORS.labels("epoch").inc()
         log.warning("cache epoch bump failed", error=str(exc))
+
+
+# LEADERBOARDS
+#
+# Per timeframe, the leaderboard statement's row of every symbol, kept by whoever changed
+# the symbol (the ingester, after its commit) and read by /v1/leaderboard:
+#   md:lb:<tf>:v            hash  symbol id -> the symbol's version the row was computed at
+#   md:lb:<tf>:e            hash  symbol id -> "<version>|<row as JSON>"
+#   md:lb:<tf>:volume       zset  symbol id -> the latest bar's volume
+#   md:lb:<tf>:change_pct   zset  symbol id -> change_pct (symbols with a previous close)
+# A row is good while its version is the symbol's current one; a reader that finds a
+# candidate's row missing or older computes those rows itself (the same statement) and
+# stores them, so the sets fill themselves and a lost update costs one slower answer.
+
+LB_KEY = "md:lb:{tf}:{part}"
+LB_CHUNK = 100
+LB_REFRESH_EVERY_S = 1.0
+
+
+def _lb(tf: str, part: str) -> str:
+    return LB_KEY.format(tf=tf, part=part)
+
+
+def _lb_encode(entry: Any) -> bytes:
+    import orjson
+
+    from .timeframes import ORIGIN
+
+    micros = (entry.bucket - ORIGIN) // timedelta(microseconds=1)
+    change = None if entry.change_pct is None else str(entry.change_pct)
+    return orjson.dumps([entry.base, micros, entry.open, entry.high, entry.low, entry.close, entry.volume,
+                         entry.anomalies, entry.prev_close, change])  # fmt: skip
+
+
+def _lb_decode(symbol_id: int, raw: bytes) -> Any:
+    import orjson
+
+    from .selectors import LeaderboardEntry
+    from .timeframes import ORIGIN
+
+    base, micros, o, h, low, c, v, a, prev, change = orjson.loads(raw)
+    bucket = ORIGIN + timedelta(microseconds=micros)
+    return LeaderboardEntry(
+        symbol_id, base, bucket, o, h, low, c, v, a, prev, None if change is None else Decimal(change)
+    )
+
+
+def leaderboard_refresh(*, symbol_ids: Iterable[int], tfs: Sequence[str] | None = None) -> None:
+    """Recompute these symbols' leaderboard rows from the database and store them (after the commit)."""
+    from .selectors import leaderboard_entries
+    from .timeframes import SERVED_TIMEFRAMES
+
+    ids = sorted(set(symbol_ids))
+    if not ids:
+        return
+    r = client()
+    # The versions first: what the statement then reads is at least as new as they are.
+    versions = [int(v or 0) for v in r.mget([version_key(i) for i in ids])]
+    for tf in tfs or SERVED_TIMEFRAMES:
+        entries = {e.symbol_id: e for e in leaderboard_entries(symbol_ids=ids, tf=tf)}
+        pipe = r.pipeline(transaction=True)  # a reader sees a symbol's row, stamp and scores change together
+        for symbol_id, version in zip(ids, versions, strict=True):
+            entry = entries.get(symbol_id)
+            pipe.hset(_lb(tf, "v"), str(symbol_id), version)
+            if entry is None:
+                pipe.hdel(_lb(tf, "e"), str(symbol_id))
+                pipe.zrem(_lb(tf, "volume"), str(symbol_id))
+                pipe.zrem(_lb(tf, "change_pct"), str(symbol_id))
+                continue
+            pipe.hset(_lb(tf, "e"), str(symbol_id), b"%d|" % version + _lb_encode(entry))
+            pipe.zadd(_lb(tf, "volume"), {str(symbol_id): entry.volume})
+            if entry.change_pct is None:
+                pipe.zrem(_lb(tf, "change_pct"), str(symbol_id))
+            else:
+                pipe.zadd(_lb(tf, "change_pct"), {str(symbol_id): float(entry.change_pct)})
+        pipe.execute()
+
+
+class LeaderboardStale(Exception):
+    """Rows changed between the round trips of one read."""
+
+
+def leaderboard_read(*, metric: str, tf: str, limit: int, candidates: Sequence[int]) -> list[Any] | None:
+    """The top ``limit`` rows among ``candidates`` by ``metric`` (descending), or None when Redis cannot say.
+
+    Rows come back as selectors.LeaderboardEntry, over-fetched past ties and past symbols
+    that are not candidates, for the caller to order exactly (Decimal, then ticker).
+    Candidates whose rows are missing or older than their version are recomputed first.
+    """
+    if not candidates:
+        return []
+    ids = [str(i) for i in candidates]
+    r = client()
+    for attempt in range(2):
+        pipe = r.pipeline(transaction=True)
+        pipe.hmget(_lb(tf, "v"), ids)
+        pipe.mget([version_key(int(i)) for i in ids])
+        pipe.zrevrange(_lb(tf, metric), 0, max(LB_CHUNK, 2 * limit) - 1, withscores=True)
+        stamps, versions, top = pipe.execute()
+        current = [int(v or 0) for v in versions]
+        stale = [int(i) for i, s, v in zip(ids, stamps, current, strict=True) if s is None or int(s) != v]
+        if stale:
+            if attempt:
+                return None
+            leaderboard_refresh(symbol_ids=stale, tfs=[tf])
+            continue
+        wanted = set(ids)
+        chosen: list[tuple[str, float]] = []
+        start, chunk = 0, max(LB_CHUNK, 2 * limit)
+        while True:
+            chosen += [(m.decode(), score) for m, score in top if m.decode() in wanted]
+            exhausted = len(top) < chunk
+            # Every candidate scoring at least the limit-th one may rank above it once ties are broken.
+            if exhausted or (len(chosen) >= limit and top[-1][1] < chosen[limit - 1][1]):
+                break
+            start += chunk
+            top = r.zrevrange(_lb(tf, metric), start, start + chunk - 1, withscores=True)
+        if len(chosen) >= limit:
+            threshold = chosen[limit - 1][1]
+            chosen = [(m, score) for m, score in chosen if score >= threshold]
+        pipe = r.pipeline(transaction=True)
+        pipe.hmget(_lb(tf, "v"), ids)
+        pipe.hmget(_lb(tf, "e"), [m for m, _ in chosen] or ["-"])
+        stamps_after, raws = pipe.execute()
+        if stamps_after != stamps:
+            continue  # rows changed meanwhile: read again
+        by_id = dict(zip(ids, current, strict=True))
+        out = []
+        for (member, _), raw in zip(chosen, raws, strict=False):
+            head, _, body = (raw or b"").partition(b"|")
+            if raw is None or int(head) != by_id[member]:
+                return None
+            out.append(_lb_decode(int(member), body))
+        return out
+    return None
+
+
+class LeaderboardRefresher:
+    """An ingester's side of the leaderboards: rows of the symbols it changed, at most every LB_REFRESH_EVERY_S.
+
+    Readers never depend on it for correctness (they recompute rows older than their
+    symbol's version); it keeps their answers in Redis while data flows.
+    """
+
+    def __init__(self, every_s: float = LB_REFRESH_EVERY_S) -> None:
+        self.every_s = every_s
+        self.dirty: set[int] = set()
+        self.last = 0.0
+
+    def changed(self, symbol_ids: Iterable[int]) -> None:
+        """Note symbols whose data was committed (after their version bump); refresh when due."""
+        self.dirty.update(symbol_ids)
+        if self.dirty and time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Refresh every noted symbol now (failures are logged: readers recompute what is missing)."""
+        from django.db import DatabaseError
+
+        ids, self.dirty, self.last = self.dirty, set(), time.monotonic()
+        if not ids:
+            return
+        try:
+            leaderboard_refresh(symbol_ids=ids)
+        except (redis.RedisError, DatabaseError) as exc:
+            metrics.CACHE_ERRORS.labels("leaderboard").inc()
+            log.warning("leaderboard refresh failed", error=str(exc), symbols=len(ids))

@@ -480,9 +480,9 @@ WITH src AS (
         WHERE m.last_ts IS NOT NULL
         ORDER BY cand.n LIMIT 1
     ) c
-    WHERE s.active {{dataset_filter}}
+    WHERE {{symbol_filter}}
 ), board AS (
-    SELECT src.ticker, src.dataset, src.base, src.bucket, agg.open, agg.high, agg.low, agg.close, agg.volume,
+    SELECT src.id, src.ticker, src.dataset, src.base, src.bucket, agg.open, agg.high, agg.low, agg.close, agg.volume,
            agg.anomalies, prev.close AS prev_close,
            round((agg.close - prev.close)::numeric * 100 / NULLIF(prev.close, 0), 4) AS change_pct
     FROM src
@@ -500,10 +500,8 @@ WITH src AS (
         ORDER BY b.ts DESC, b.publisher_id DESC LIMIT 1
     ) prev ON true
 )
-SELECT ticker, dataset, base, bucket, open, high, low, close, volume, anomalies, prev_close, change_pct
-FROM board {{metric_filter}}
-ORDER BY {{metric}} DESC, ticker
-LIMIT %(limit)s
+SELECT {{columns}}ticker, dataset, base, bucket, open, high, low, close, volume, anomalies, prev_close, change_pct
+FROM board {{rest}}
 """
 
 
@@ -528,9 +526,10 @@ def leaderboard(
     if datasets is not None and not datasets:
         return []
     sql = _LEADERBOARD_SQL.format(
-        dataset_filter="" if datasets is None else "AND s.dataset = ANY(%(datasets)s)",
-        metric_filter="WHERE change_pct IS NOT NULL" if metric == "change_pct" else "",
-        metric=metric,
+        symbol_filter="s.active" + ("" if datasets is None else " AND s.dataset = ANY(%(datasets)s)"),
+        columns="",
+        rest=("WHERE change_pct IS NOT NULL " if metric == "change_pct" else "")
+        + f"ORDER BY {metric} DESC, ticker LIMIT %(limit)s",
     )
     params: dict[str, Any] = {
         "stride": DURATIONS[tf],
@@ -549,6 +548,41 @@ def leaderboard(
         bar = BarOut(bucket, o, h, low, c, v, a or 0, base == tf or bucket + DURATIONS[tf] <= now)
         out.append(LeaderboardRow(rank, ticker, dataset, bar, prev_close, change))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderboardEntry:
+    """What the leaderboard knows of one symbol for one timeframe: its latest bar, the close before, the change."""
+
+    symbol_id: int
+    base: str
+    bucket: datetime
+    open: int
+    high: int
+    low: int
+    close: int
+    volume: int
+    anomalies: int
+    prev_close: int | None
+    change_pct: Decimal | None
+
+
+def leaderboard_entries(*, symbol_ids: Sequence[int], tf: str) -> list[LeaderboardEntry]:
+    """The leaderboard's rows of these symbols (active or not, any dataset), by the leaderboard's own statement."""
+    validate_timeframe(tf)
+    if not symbol_ids:
+        return []
+    sql = _LEADERBOARD_SQL.format(symbol_filter="s.id = ANY(%(ids)s)", columns="id, ", rest="")
+    params: dict[str, Any] = {
+        "stride": DURATIONS[tf], "origin": ORIGIN, "candidates": source_candidates(tf), "ids": list(symbol_ids)
+    }  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [
+        LeaderboardEntry(sid, base, bucket, o, h, low, c, v, a or 0, prev, change)
+        for sid, _ticker, _dataset, base, bucket, o, h, low, c, v, a, prev, change in rows
+    ]
 
 
 class SymbolRef(NamedTuple):

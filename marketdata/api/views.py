@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import orjson
+import redis
 from django.conf import settings
 from django.db.models import Q
 from django.http import HttpResponse
@@ -30,6 +31,7 @@ from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
 from marketdata.models import Symbol
 from marketdata.selectors import (
     BarOut,
+    LeaderboardRow,
     SymbolRef,
     bar_list,
     latest_bars,
@@ -37,7 +39,7 @@ from marketdata.selectors import (
     symbol_ref,
     trade_list,
 )
-from marketdata.timeframes import bucket_ceil, bucket_start
+from marketdata.timeframes import DURATIONS, bucket_ceil, bucket_start
 from marketdata.wire import bar_json, price_text, trade_json, ts_text
 from ops import metrics
 
@@ -392,7 +394,11 @@ class LeaderboardView(ApiView):
     )
     def get(self, request: Request) -> HttpResponse:
         q = self.query(s.LeaderboardQuery)
-        rows = leaderboard(metric=q["metric"], tf=q["tf"], limit=q["limit"], datasets=datasets_allowed(request.user))
+        metric, tf, limit = q["metric"], q["tf"], q["limit"]
+        datasets = datasets_allowed(request.user)
+        rows = _leaderboard_hot(metric=metric, tf=tf, limit=limit, datasets=datasets) if _hot_cache() else None
+        if rows is None:
+            rows = leaderboard(metric=metric, tf=tf, limit=limit, datasets=datasets)
         entries = []
         for row in rows:
             prev = "null" if row.prev_close is None else price_text(row.prev_close)
@@ -401,8 +407,53 @@ class LeaderboardView(ApiView):
                 f'{{"rank":{row.rank},"symbol":{_text(row.ticker)},"dataset":{_text(row.dataset)},'
                 f'"bar":{_bar_text(row.bar)},"prev_close":{prev},"change_pct":{change}}}'
             )
-        body = f'{{"metric":"{q["metric"]}","tf":"{q["tf"]}","results":[' + ",".join(entries) + "]}"
+        body = f'{{"metric":"{metric}","tf":"{tf}","results":[' + ",".join(entries) + "]}"
         return HttpResponse(body.encode(), content_type=JSON)
+
+
+def _leaderboard_hot(*, metric: str, tf: str, limit: int, datasets: set[str] | None) -> list[LeaderboardRow] | None:
+    """selectors.leaderboard's answer from the Redis sets the ingester keeps; None when Redis cannot give it."""
+    if datasets is not None and not datasets:
+        return []
+    symbols = Symbol.objects.filter(active=True).order_by("ticker")
+    if datasets is not None:
+        symbols = symbols.filter(dataset__in=sorted(datasets))
+    # Ties go by ticker in the database's collation, as the statement orders them: by this list's order.
+    known = {
+        sid: (ticker, dataset, n)
+        for n, (sid, ticker, dataset) in enumerate(symbols.values_list("id", "ticker", "dataset"))
+    }
+    try:
+        found = cache.leaderboard_read(metric=metric, tf=tf, limit=limit, candidates=sorted(known))
+    except redis.RedisError:
+        metrics.CACHE_ERRORS.labels("get").inc()
+        found = None
+    metrics.API_CACHE.labels("leaderboard", "miss" if found is None else "hit").inc()
+    if found is None:
+        return None
+    # The statement's order exactly: the metric (Decimal for change_pct) descending, then the ticker.
+    found.sort(key=lambda e: (-(e.volume if metric == "volume" else e.change_pct), known[e.symbol_id][2]))
+    now = timezone.now()
+    return [
+        LeaderboardRow(
+            rank,
+            known[e.symbol_id][0],
+            known[e.symbol_id][1],
+            BarOut(
+                e.bucket,
+                e.open,
+                e.high,
+                e.low,
+                e.close,
+                e.volume,
+                e.anomalies,
+                e.base == tf or e.bucket + DURATIONS[tf] <= now,
+            ),
+            e.prev_close,
+            e.change_pct,
+        )
+        for rank, e in enumerate(found[:limit], start=1)
+    ]
 
 
 class SymbolsView(ApiView):
