@@ -47,14 +47,16 @@ class PooledWsgiToAsgi(WsgiToAsgi):
 # handler). It also sets Django up, which must happen before anything imports models.
 http_app = PooledWsgiToAsgi(get_wsgi_application())
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from streaming.auth import SessionUserMiddleware  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+        # The session and user, read once per connection (not Channels' AuthMiddlewareStack,
+        # which checks the session on every frame sent: see streaming/auth.py).
+        "websocket": SessionUserMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYMBOL_TTL_S = 60.0
+REDIS_POOL_SIZE = 50
+REDIS_POOL_WAIT_S = 20.0
 TICK_S = 1.0
 
 
@@ -91,7 +93,13 @@ class Hub:
 
     def __init__(self) -> None:
         self.connections: set[Connection] = set()
-        self.redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+        # A blocking pool: a burst of subscribes (a reconnect storm) waits for a connection
+        # instead of failing with "Too many connections" as redis-py's default pool does.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S,
+            socket_timeout=5, socket_connect_timeout=2,
+        )  # fmt: skip
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.buffer = Buffer(self.redis)
         self.symbols: dict[str, tuple[float, SymbolRef]] = {}
         self.states: dict[str, tuple[str, str]] | None = None

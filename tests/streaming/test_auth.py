@@ -1,6 +1,6 @@
 """Who may open the stream (SPEC section 5, Auth): tokens, sessions, entitlements, origins, the auth deadline.
 
-Over Channels' WebsocketCommunicator on the full ASGI stack (AuthMiddlewareStack
+Over Channels' WebsocketCommunicator on the full ASGI stack (the session middleware
 included); test_e2e.py runs the same refusals through daphne with a real client.
 """
 
