@@ -11,6 +11,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from . import services
+from .cache import epoch_bump
 from .models import ApiToken, Entitlement, FeedStatus, InstrumentMapping, RetentionPolicy, Symbol
 
 
@@ -116,6 +117,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke selected tokens")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
         count = queryset.update(revoked=True)
+        epoch_bump()  # update() sends no signal: tell every process to forget the tokens now
         self.message_user(request, f"{count} token(s) revoked.", messages.SUCCESS)
 
 

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from ops import metrics
 
+from .cache import epoch_bump
 from .errors import (
     ERR_BAD_SIDE,
     ERR_BAD_TIMEFRAME_STORED,
@@ -363,7 +364,11 @@ def api_token_create(*, user: Any, name: str, expires_at: datetime | None = None
 
 def symbols_set_active(*, symbol_ids: Sequence[int], active: bool) -> int:
     """Activate or deactivate symbols; return how many changed."""
-    return Symbol.objects.filter(pk__in=list(symbol_ids)).exclude(active=active).update(active=active)
+    changed = Symbol.objects.filter(pk__in=list(symbol_ids)).exclude(active=active).update(active=active)
+    if changed:
+        # update() sends no signal: processes that remember symbols must forget them now.
+        transaction.on_commit(epoch_bump)
+    return changed
 
 
 def retention_policy_save(*, policy: RetentionPolicy) -> dict[str, tuple[int, int]]:

@@ -109,3 +109,19 @@ def test_instrument_mapping_search_by_ticker_or_id(client, staff, make_symbol):
     url = reverse("admin:marketdata_instrumentmapping_changelist")
     assert "6819" in client.get(url, {"q": "MSFT"}).content.decode()
     assert "MSFT" in client.get(url, {"q": "6819"}).content.decode()
+
+
+def test_revoking_tokens_in_the_admin_tells_every_process_at_once(client, staff, redis_client):
+    from marketdata.cache import EPOCH_KEY
+    from marketdata.services import api_token_create
+
+    api_token_create(user=staff, name="desk")
+    before = redis_client.get(EPOCH_KEY)
+    response = client.post(
+        reverse("admin:marketdata_apitoken_changelist"),
+        {"action": "revoke", "_selected_action": [t.pk for t in ApiToken.objects.all()]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert ApiToken.objects.get().revoked
+    assert redis_client.get(EPOCH_KEY) not in (None, before)  # update() sends no signal: bumped by the action
