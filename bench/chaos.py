@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
 
+from bench import machine  # noqa: E402
 from tests.chaos.client import StreamClient  # noqa: E402
 from tests.chaos.stack import Proc, Stack  # noqa: E402
 from tests.ingest.dbnfile import bar, metadata, write  # noqa: E402
@@ -78,17 +78,6 @@ def parse_args() -> argparse.Namespace:
     if not 1 <= args.symbols <= args.clients <= 2000 or not 1 <= args.rate <= 60 or not 5 <= args.seconds <= 600:
         parser.error("1 <= --symbols <= --clients <= 2000, --rate 1..60, --seconds 5..600")
     return args
-
-
-def machine() -> str:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0))
-    return f"{os.cpu_count()} cores ({usable} usable), {model}, Python {platform.python_version()}"
 
 
 @dataclass

@@ -215,9 +215,9 @@ def raise_nofile(want: int) -> int:
 def machine(redis_url: str) -> dict[str, str]:
     import redis
 
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    from bench import cpu_model
+
+    model = cpu_model()
     mem = "unknown"
     with contextlib.suppress(OSError, StopIteration, ValueError):
         kib = next(

@@ -492,13 +492,11 @@ def ratio(before: tuple[float, float], after: tuple[float, float]) -> float:
 
 
 def machine() -> dict[str, str]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
     from django.db import connection
+
+    from bench import cpu_model
+
+    model = cpu_model()
 
     from marketdata.storage import timescaledb_enabled
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 # First on the path, so `ingest` is the project's package and never this file.
 sys.path.insert(0, str(ROOT))
+
+from bench import machine  # noqa: E402
 
 BENCH_DB = "marketdata_bench_ingest"
 BENCH_REDIS_DB = 14
@@ -53,18 +54,6 @@ def parse_args() -> argparse.Namespace:
     if not 1 <= args.symbols <= 5000:
         parser.error("--symbols must be within 1..5000")
     return args
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, {platform.system()}"
 
 
 def metadata(schema: Any, symbols: dict[str, int]) -> bytes:

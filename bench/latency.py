@@ -37,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import machine  # noqa: E402
+
 BENCH_DB = "marketdata_bench_latency"
 BENCH_REDIS_DB = 5
 LOG = open(os.devnull, "w") if not os.environ.get("BENCH_VERBOSE") else None  # noqa: SIM115
@@ -58,12 +60,6 @@ def parse_args() -> argparse.Namespace:
     if not 1 <= args.symbols <= 1000 or not 1 <= args.clients <= 200:
         parser.error("--symbols within 1..1000, --clients within 1..200")
     return args
-
-
-def machine() -> str:
-    from bench.ingest import machine as ingest_machine
-
-    return ingest_machine()
 
 
 def bench_env() -> dict[str, str]:

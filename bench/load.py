@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench import machine  # noqa: E402
 
 TARGET_ERROR_RATE = 0.01
 
@@ -153,17 +154,6 @@ def parse_args() -> argparse.Namespace:
     if not 2 <= args.users <= 500 or not 10 <= args.seconds <= 3600:
         parser.error("--users 2..500, --seconds 10..3600")
     return args
-
-
-def machine() -> str:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0))
-    return f"{os.cpu_count()} cores ({usable} usable), {model}, Python {platform.python_version()}"
 
 
 def run_locust(base: str, symbols: list[str], users: int, seconds: int, spike: bool, workdir: Path, label: str):

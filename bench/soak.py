@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.test")
 
+from bench import machine  # noqa: E402
 from tests.chaos.client import StreamClient  # noqa: E402
 from tests.chaos.stack import Proc, Stack  # noqa: E402
 from tests.ingest.dbnfile import bar, metadata, write  # noqa: E402
@@ -64,17 +64,6 @@ def parse_args() -> argparse.Namespace:
     if not 0.5 <= args.minutes <= 24 * 60 or not 1 <= args.symbols <= args.clients <= 5000 or not 1 <= args.rate <= 60:
         parser.error("--minutes 0.5..1440, 1 <= --symbols <= --clients <= 5000, --rate 1..60")
     return args
-
-
-def machine() -> str:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0))
-    return f"{os.cpu_count()} cores ({usable} usable), {model}, Python {platform.python_version()}"
 
 
 def feed_file(tmp: Path, tickers: list[str], n: int) -> Path:

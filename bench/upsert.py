@@ -274,17 +274,10 @@ def run_upsert(bars: list, batch: int) -> tuple[float, int, int, int]:
 def machine() -> dict[str, str]:
     from django.db import connection
 
+    from bench import cpu_model
     from marketdata.storage import timescaledb_enabled
 
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     with connection.cursor() as cursor:
         cursor.execute("SELECT version()")
         (pg_version,) = cursor.fetchone()
