@@ -79,7 +79,7 @@ def source_candidates(tf: str) -> list[str]:
     return exact + finer
 
 
-@lru_cache(maxsize=1 << 14)  # a batch holds many symbols' bars of the same few minutes
+@lru_cache(maxsize=4096)  # a batch holds many symbols' bars of the same few minutes (bounded small: see wire)
 def bucket_start(ts: datetime, tf: str) -> datetime:
     """Open time of the ``tf`` bucket holding ``ts`` (``date_bin`` with ORIGIN)."""
     stride = DURATIONS[tf]
