@@ -269,17 +269,20 @@ def test_where_anonymous_streaming_is_off_the_page_streams_after_logging_in(
     from django.contrib.auth.models import User
     from selenium.webdriver.common.by import By
 
-    User.objects.create_user("trader", password="pw-for-tests-only", is_staff=True)
+    from marketdata.models import Entitlement
+
+    trader = User.objects.create_user("trader", password="pw-for-tests-only")  # a trader, not staff
+    Entitlement.objects.create(user=trader, dataset="XNAS.ITCH")
     gateway.stop()
     gateway.env["STREAMING_ALLOW_ANONYMOUS"] = "false"
     gateway.start()
     driver = browser
 
     driver.get(f"{gateway.url}/")
-    assert driver.current_url == f"{gateway.url}/admin/login/?next=/"
+    assert driver.current_url == f"{gateway.url}/login/?next=/"
     driver.find_element(By.ID, "id_username").send_keys("trader")
     driver.find_element(By.ID, "id_password").send_keys("pw-for-tests-only")
-    driver.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
     # Back on the page: the first active symbol, streamed over a socket the session authenticates.
     state = wait_for(driver, "the snapshot", lambda s: s.get("bars") == HISTORY and s.get("connection") == "open")

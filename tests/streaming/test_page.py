@@ -30,7 +30,7 @@ def test_page_sends_anonymous_visitors_to_log_in_where_not_allowed():
     response = Client().get("/")
 
     assert response.status_code == 302
-    assert response["Location"] == "/admin/login/?next=/"
+    assert response["Location"] == "/login/?next=/"
 
 
 @override_settings(STREAMING_ALLOW_ANONYMOUS=False)
@@ -64,3 +64,22 @@ def test_page_has_no_inline_script_or_style():
 
 def test_page_answers_only_safe_methods():
     assert Client().post("/").status_code == 405
+
+
+@override_settings(STREAMING_ALLOW_ANONYMOUS=False)
+def test_a_trader_who_is_not_staff_logs_in_and_gets_the_page():
+    User.objects.create_user("trader", password="pw-for-tests-only")
+    client = Client()
+    form = client.get("/login/?next=/")
+    assert form.status_code == 200
+    assert 'name="password"' in form.content.decode()
+
+    refused = client.post("/login/", {"username": "trader", "password": "wrong", "next": "/"})
+    assert refused.status_code == 200
+    assert "Wrong username or password" in refused.content.decode()
+
+    response = client.post("/login/", {"username": "trader", "password": "pw-for-tests-only", "next": "/"})
+    assert (response.status_code, response["Location"]) == (302, "/")
+    assert client.get("/").status_code == 200
+    client.post("/logout/")
+    assert client.get("/")["Location"] == "/login/?next=/"
