@@ -19,3 +19,21 @@ def machine() -> str:
     """One line on the machine a benchmark ran on: cores, CPU model, Python."""
     usable = len(os.sched_getaffinity(0))
     return f"{os.cpu_count()} cores ({usable} usable), {cpu_model()}, Python {platform.python_version()}"
+
+
+def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's child processes: its own database and Redis database
+    on the servers DATABASE_URL and REDIS_URL name, local settings, quiet logs."""
+    import environ
+
+    base = environ.Env.db_url_config(os.environ.get("DATABASE_URL", "postgres://root@127.0.0.1:5432/marketdata"))
+    host, port, user = base.get("HOST") or "127.0.0.1", base.get("PORT") or 5432, base.get("USER") or "root"
+    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.local",
+        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{database}",
+        "REDIS_URL": f"{redis}/{redis_db}",
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }

@@ -17,7 +17,6 @@ checked so that a wrong run fails loudly instead of looking fast.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
 import sys
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # First on the path, so `ingest` is the project's package and never this file.
 sys.path.insert(0, str(ROOT))
 
+from bench import bench_env as common_env  # noqa: E402
 from bench import machine  # noqa: E402
 
 BENCH_DB = "marketdata_bench_ingest"
@@ -113,18 +113,7 @@ def write_files(out: Path, n: int, n_symbols: int) -> tuple[Path, Path, list[tup
 
 
 def bench_env() -> dict[str, str]:
-    import environ
-
-    base = environ.Env.db_url_config(os.environ.get("DATABASE_URL", "postgres://root@127.0.0.1:5432/marketdata"))
-    host, port, user = base.get("HOST") or "127.0.0.1", base.get("PORT") or 5432, base.get("USER") or "root"
-    redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.local",
-        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{BENCH_DB}",
-        "REDIS_URL": f"{redis}/{BENCH_REDIS_DB}",
-        "LOG_LEVEL": "WARNING",
-    }
+    return common_env(BENCH_DB, BENCH_REDIS_DB)
 
 
 def dsn(env: dict[str, str], dbname: str) -> str:

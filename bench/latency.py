@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import bench_env as common_env  # noqa: E402
 from bench import machine  # noqa: E402
 
 BENCH_DB = "marketdata_bench_latency"
@@ -63,20 +64,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def bench_env() -> dict[str, str]:
-    import environ
-
-    base = environ.Env.db_url_config(os.environ.get("DATABASE_URL", "postgres://root@127.0.0.1:5432/marketdata"))
-    host, port, user = base.get("HOST") or "127.0.0.1", base.get("PORT") or 5432, base.get("USER") or "root"
-    redis_base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.local",
-        "DATABASE_URL": f"postgres://{user}@{host}:{port}/{BENCH_DB}",
-        "REDIS_URL": f"{redis_base}/{BENCH_REDIS_DB}",
-        "CHANNELS_PREFIX": "bench.latency",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return common_env(BENCH_DB, BENCH_REDIS_DB, CHANNELS_PREFIX="bench.latency", PYTHONUNBUFFERED="1")
 
 
 def write_trades(path: Path, symbols: dict[str, int], seconds: int, rate: int) -> int:

@@ -15,16 +15,17 @@ Raw SQL through ``django.db.connection`` is not routed: it runs on ``default``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase as HttpResponse
+
+from ops.middleware import _SyncAndAsync
 
 REPLICA_DB_ALIAS = "replica"
 PRIMARY_APPS = frozenset({"admin", "auth", "contenttypes", "sessions"})
@@ -78,17 +79,8 @@ class PrimaryReplicaRouter:
         return None
 
 
-class PrimaryPinMiddleware:
+class PrimaryPinMiddleware(_SyncAndAsync):
     """Pin the reads of admin pages and of unsafe requests to the primary (see the module docstring)."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse | Awaitable[HttpResponse]]) -> None:
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)  # the instance is the callable Django awaits
 
     def _pins(self, request: HttpRequest) -> bool:
         return request.method not in SAFE_METHODS or request.path.startswith(ADMIN_PREFIX)
