@@ -28,6 +28,7 @@ from marketdata.timeframes import (
 
 Loader = Callable[[int, str, datetime, datetime], list[OHLCV]]
 _ORDER = {tf: i for i, tf in enumerate(SERVED_TIMEFRAMES)}
+_MICROSECOND = timedelta(microseconds=1)  # the store's resolution: [start, upto] as a half-open range
 
 
 def targets(base: str) -> list[str]:
@@ -149,8 +150,12 @@ class Deriver:
         state = self.forming.get(key)
         if state is None or (start == state.bar.ts and piece.first_ts <= state.last_ts):
             # First sight of this stream, or a correction inside the bucket: rebuild it from the
-            # store, which already holds this committed batch.
-            stored = self.load(symbol_id, base, start, start + DURATIONS[tf])
+            # store, which already holds this committed batch. Only up to what this batch and
+            # the state reach: the publisher runs behind the writer, and bars of batches not
+            # derived yet would make each of those batches look like a correction (a reload
+            # per batch and stream: 37% of a replay's time before this bound).
+            upto = piece.last_ts if state is None else max(piece.last_ts, state.last_ts)
+            stored = self.load(symbol_id, base, start, min(start + DURATIONS[tf], upto + _MICROSECOND))
             bar = resample(stored, tf)[0] if stored else piece.bar
             state = _Forming(bar, max([piece.last_ts] + [m.ts for m in stored]))
         elif start > state.bar.ts:

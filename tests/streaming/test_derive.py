@@ -30,8 +30,11 @@ def _bars(raw: list[tuple[int, int, int]]) -> list[BarIn]:
         st.tuples(st.integers(0, 4 * 3600), st.integers(2, 500), st.integers(0, 100)), min_size=1, max_size=80
     ),
     cuts=st.lists(st.integers(1, 79), max_size=6),
+    ahead=st.integers(0, 3),
 )
-def test_latest_state_per_bucket_equals_resampling_everything(raw, cuts):
+def test_latest_state_per_bucket_equals_resampling_everything(raw, cuts, ahead):
+    """``ahead``: how many batches the writer has committed beyond the one being derived
+    (the ingester's publisher thread runs behind its writer)."""
     bars = _bars(raw)
     stored: list[BarIn] = []
 
@@ -42,9 +45,9 @@ def test_latest_state_per_bucket_equals_resampling_everything(raw, cuts):
     deriver = Deriver(load=load)
     latest: dict[tuple[str, datetime], tuple[OHLCV, bool]] = {}
     edges = [0, *sorted({c for c in cuts if c < len(bars)}), len(bars)]
-    for lo, hi in pairwise(edges):
-        batch = bars[lo:hi]
-        stored.extend(batch)  # committed before derivation, as in the pipeline
+    batches = [bars[lo:hi] for lo, hi in pairwise(edges)]
+    for i, batch in enumerate(batches):
+        stored[:] = [b for committed in batches[: i + 1 + ahead] for b in committed]  # committed before derivation
         for d in deriver.add(batch):
             latest[(d.tf, d.bar.ts)] = (d.bar, d.final)
 
