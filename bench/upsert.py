@@ -185,8 +185,11 @@ def run_baseline(bars: list) -> float:
 
     with connection.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {BASELINE_TABLE}")
-        # Same columns, types, NOT NULL and defaults (ingested_at) as the target; no key, no index.
+        # Same columns, types, NOT NULL and defaults as the target; no key, no index; and
+        # ingested_at defaulting to now(), not the target's volatile clock_timestamp(), so
+        # the baseline COPY keeps PostgreSQL's multi-insert path (the fastest there is).
         cursor.execute(f"CREATE TABLE {BASELINE_TABLE} (LIKE marketdata_bar INCLUDING DEFAULTS)")
+        cursor.execute(f"ALTER TABLE {BASELINE_TABLE} ALTER COLUMN ingested_at SET DEFAULT now()")
     checkpoint()
     started = time.perf_counter()
     with transaction.atomic(), connection.cursor() as cursor:

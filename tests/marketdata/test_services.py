@@ -182,3 +182,49 @@ def test_appending_batches_take_the_copy_path(make_symbol):
     assert (first.inserted, second.inserted, again.unchanged) == (3, 3, 3)
     assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks
     assert Bar.objects.count() == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_append_inside_a_callers_transaction_keeps_the_rest_of_it(make_symbol):
+    from django.db import transaction
+
+    from ops import metrics
+
+    symbol = make_symbol("AAPL")
+    other = make_symbol("MSFT")
+    fallbacks = metrics.DB_APPEND_FALLBACKS._value.get()
+    with transaction.atomic():
+        bars_upsert(bars=_bars(other.pk, n=2))
+        # Two rows with one key: the copy is refused, its savepoint (not the caller's
+        # transaction) rolls back, and the staged upsert keeps the last row.
+        result = bars_upsert(bars=_bars(symbol.pk, n=1) + _bars(symbol.pk, n=1, close=99 * P))
+
+    assert result.inserted == 1
+    assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks + 1
+    assert Bar.objects.filter(symbol=other).count() == 2
+    assert Bar.objects.get(symbol=symbol).close == 99 * P
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_row_in_an_appending_batch_writes_nothing(make_symbol):
+    symbol = make_symbol("AAPL")
+    rows = _bars(symbol.pk, n=5)
+    rows[3] = rows[3]._replace(low=rows[3].high + 1)
+
+    with pytest.raises(ValidationError, match="high"):
+        bars_upsert(bars=rows)
+    assert not Bar.objects.exists()
+
+
+@pytest.mark.django_db
+def test_bar_ingested_at_defaults_to_the_clock_not_the_transaction_start():
+    """A volatile default keeps COPY into marketdata_bar off its multi-insert path (see models.Bar)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT column_default FROM information_schema.columns"
+            " WHERE table_name = 'marketdata_bar' AND column_name = 'ingested_at'"
+        )
+        (default,) = cursor.fetchone()
+    assert "clock_timestamp()" in default
