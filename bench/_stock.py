@@ -34,7 +34,7 @@ from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from marketdata.errors import ValidationError  # noqa: E402
-from streaming.publish import SEQ_KEY  # noqa: E402
+from streaming.publish import SEQ_KEY, message_frames  # noqa: E402
 from streaming.streams import group_name, stream_parse  # noqa: E402
 
 WELCOME = json.dumps({"type": "welcome", "protocol": 1, "heartbeat_s": 20, "limits": {}})
@@ -92,7 +92,7 @@ class StockStreamConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=json.dumps(reply))
 
     async def stream_frames(self, message: dict[str, Any]) -> None:
-        for frame in message["frames"]:
+        for frame in message_frames(message):
             await self.send(text_data=frame)
 
     async def error(self, op_id: Any, code: str, text: str) -> None:

@@ -122,7 +122,7 @@ async def measure(env: dict[str, str], port: int, streams: list[str], args: argp
     import django
 
     django.setup()
-    from streaming.publish import channel_of
+    from streaming.publish import channel_of, message_frames
 
     published: dict[tuple[str, int], float] = {}
     redis_latency: list[float] = []
@@ -139,7 +139,7 @@ async def measure(env: dict[str, str], port: int, streams: list[str], args: argp
             body = msgpack.unpackb(message["data"])
             t = body["t"]
             redis_latency.append(now - t)
-            for i in range(len(body["frames"])):
+            for i in range(len(message_frames(body))):
                 published[(body["stream"], body["first"] + i)] = t
 
     results: list[dict[str, Any]] = []

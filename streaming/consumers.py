@@ -47,6 +47,7 @@ from ops.middleware import websocket_bind
 from . import protocol
 from .hub import Hub, hub_get
 from .protocol import ProtocolError, Request
+from .publish import message_frames
 from .server import TRANSPORT_EXTENSION
 from .snapshot import snapshot
 from .streams import Stream, group_name, stream_parse
@@ -345,7 +346,7 @@ class StreamConsumer(AsyncConsumer):
                 continue
             try:
                 async with flow:
-                    await self._apply(sub, message["first"], message["frames"], message.get("t"))
+                    await self._apply(sub, message["first"], message_frames(message), message.get("t"))
             except Exception:  # a bug: say so and close, rather than go silent on an open socket
                 log.exception("stream delivery failed", extra={"stream": sub.name})
                 await self.close(1011, "internal error")
@@ -548,7 +549,7 @@ class StreamConsumer(AsyncConsumer):
             sub.ready = True
             early, sub.early = sub.early, []
             for message in early:
-                await self._apply(sub, message["first"], message["frames"], message.get("t"))
+                await self._apply(sub, message["first"], message_frames(message), message.get("t"))
 
     async def _unsubscribe(self, request: Request) -> None:
         for name in request.streams:

@@ -21,7 +21,6 @@ from marketdata import selectors
 from marketdata.wire import bar_json, trade_json
 
 from .buffer import Buffer, Entry
-from .protocol import frame_data
 from .streams import Stream
 
 # How far back the buffer is searched for N items (entries hold whole batches).
@@ -50,8 +49,7 @@ async def _scan(buffer: Buffer, stream: str, entries: list[Entry], enough: int, 
     scanned = 0
     while entries:
         for entry in entries:
-            for frame in reversed(entry.frames):
-                data = frame_data(frame)
+            for data in reversed(entry.datas):
                 if want_bars:
                     key = data[7 : data.index('"', 7)]
                     if key in seen:
@@ -60,7 +58,7 @@ async def _scan(buffer: Buffer, stream: str, entries: list[Entry], enough: int, 
                 out.append(data)
                 if len(out) >= enough:
                     return out
-            scanned += len(entry.frames)
+            scanned += len(entry.datas)
         if scanned >= enough * MAX_SCAN_FACTOR:
             break
         entries = await buffer.older(stream, entries[-1].first)

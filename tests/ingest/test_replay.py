@@ -182,7 +182,7 @@ def test_second_ingester_for_the_same_feed_refuses(tmp_path):
 def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
     path = write(tmp_path / "pub.dbn", metadata(symbols={"AAPL": 7}), [bar(7, T0 + 60 * i, 100 + i) for i in range(5)])
     pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub()
-    from streaming.publish import channel_of
+    from streaming.publish import channel_of, message_frames
 
     pubsub.subscribe(channel_of("bars:1m:AAPL"))
     pubsub.get_message(timeout=1)  # the subscribe confirmation
@@ -198,7 +198,7 @@ def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
                 return
             if message["type"] != "message":
                 continue
-            for text in msgpack.unpackb(message["data"])["frames"]:
+            for text in message_frames(msgpack.unpackb(message["data"])):
                 frame = json.loads(text)
                 with psycopg.connect(_dsn()) as conn:
                     ts = datetime.fromisoformat(frame["data"]["ts"])
@@ -220,10 +220,14 @@ def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
 
 def buffer_frames(client: redis.Redis, stream: str) -> list[dict]:
     """Every frame in a stream's replay buffer, in order."""
+    from streaming.publish import frames_build
+
     frames: list[dict] = []
     entries: Any = client.xrange(f"md:buf:{stream}")
-    for _, fields in entries:
-        frames += [json.loads(line) for line in fields[b"f"].split(b"\n")]
+    for entry_id, fields in entries:
+        last, n = int(entry_id.split(b"-")[0]), int(fields[b"n"])
+        datas = fields[b"d"].decode().split("\n")
+        frames += [json.loads(text) for text in frames_build(fields[b"k"].decode(), stream, last - n + 1, datas)]
     return frames
 
 

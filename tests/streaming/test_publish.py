@@ -65,3 +65,44 @@ def test_a_retried_batch_is_not_published_again(redis_client):
     assert pubsub.get_message(timeout=1)["type"] == "message"
     assert pubsub.get_message(timeout=0.3) is None  # one PUBLISH, not two
     assert publisher.publish(batch, batch_id="run:2") == {STREAM: 4}  # another batch goes out
+
+
+def test_a_channel_message_holds_the_data_and_the_gateway_builds_the_frames(redis_client):
+    import json
+
+    import msgpack
+
+    from streaming.publish import message_frames
+
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(channel_of(STREAM))
+    pubsub.get_message(timeout=1)
+    Publisher().publish([Message(STREAM, "bar", '{"a":1}'), Message(STREAM, "bar", '{"a":2}')])
+    message = msgpack.unpackb(pubsub.get_message(timeout=2)["data"])
+
+    assert (message["type"], message["stream"], message["kind"], message["first"]) == ("stream.frames", STREAM, "bar", 1)
+    assert [json.loads(f) for f in message_frames(message)] == [
+        {"type": "bar", "stream": STREAM, "seq": 1, "data": {"a": 1}},
+        {"type": "bar", "stream": STREAM, "seq": 2, "data": {"a": 2}},
+    ]
+
+
+async def test_the_gateway_reads_buffers_and_messages_an_earlier_version_wrote(redis_client):
+    """Entries and channel messages holding whole frames (the format before 2026-11) still read."""
+    import redis.asyncio as aioredis
+    from django.conf import settings
+
+    from streaming.buffer import Buffer
+    from streaming.publish import message_frames
+
+    frames = [f'{{"type":"bar","stream":"{STREAM}","seq":{seq},"data":{{"a":{seq}}}}}' for seq in (1, 2, 3)]
+    redis_client.set(f"md:seq:{STREAM}", 3)
+    redis_client.xadd(f"md:buf:{STREAM}", {"n": 3, "t": 0, "f": "\n".join(frames)}, id="3-1")
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    try:
+        last, replayed = await Buffer(client).after(STREAM, 1)
+    finally:
+        await client.aclose()
+
+    assert (last, replayed) == (3, frames[1:])
+    assert message_frames({"type": "stream.frames", "stream": STREAM, "first": 1, "frames": frames}) == frames
