@@ -17,8 +17,9 @@ daphne on a free loopback port and runs locust headless against it:
   from a Zipf law (exponent ``--zipf``) over the symbols; 80% of the requests are a
   chart's first load (the latest 1,000 bars), 20% one of the 9 pages before it;
 - meanwhile a writer stores each symbol's next 1m bar once a minute (spread over the
-  minute) with bars_upsert then versions_bump, as the ingester does, so cached pages are
-  invalidated as they would be in a live market;
+  minute) with bars_upsert then versions_bump (naming the bar's time, so pages wholly
+  before it stay cached), as the ingester does, so cached pages are invalidated as they
+  would be in a live market;
 - run 1 with the cache off (API_HOT_CACHE=false), run 2 with it on, same seed.
 
 It prints requests/s, p50/p95/p99 (ms, locust's), failures, the cache hit ratio (from the
@@ -255,7 +256,7 @@ class Writer(threading.Thread):
                 self.next_open[sid] = ts + timedelta(minutes=1)
                 p = 100 * 1_000_000_000
                 bars_upsert(bars=[BarIn(sid, "1m", ts, 1, p, p, p, p, 1)])
-                versions_bump(symbol_ids=[sid])
+                versions_bump(symbol_ids=[sid], changed={sid: {"1m": ts}})
                 self.writes += 1
         finally:
             connection.close()

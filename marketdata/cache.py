@@ -1,12 +1,14 @@
 """The Redis hot cache: versioned entries, so a read never returns data older than the database.
 
 Every writer bumps a symbol's version after its commit. An entry holds the version it
-was computed at in front of its body (``b"<version>|<body>"``), and a reader fetches the
-symbol's version and the entry in one round trip (MGET): an entry of another version is
-a miss. A reader reads the version before it queries the database, so what it stores
-under that version is at least as new as every commit that version covers; a slower
-reader overwriting a newer entry with an older one only costs the next reader a miss.
-When Redis is unreachable, reads go to the database and stay correct.
+was computed at in front of its body (``b"<version>|<base>|<hi>|<body>"``), and a reader
+fetches the symbol's version, its change log and the entry in one round trip (MGET): an
+entry of another version is a miss unless the log shows that no bump since touched what
+it depends on (its bars all open before ``hi``). A reader reads the version before it
+queries the database, so what it stores under that version is at least as new as every
+commit that version covers; a slower reader overwriting a newer entry with an older one
+only costs the next reader a miss. When Redis is unreachable, reads go to the database
+and stay correct.
 
 Also here: the process-local caches of the API's hot path (token and symbol look-ups,
 a few seconds each) and the epoch that empties them in every process at once.
@@ -17,10 +19,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import redis
 import structlog
@@ -48,38 +50,199 @@ def client() -> redis.Redis:
     return _clients[url]
 
 
-def versions_bump(*, symbol_ids: Iterable[int]) -> None:
-    """Invalidate every cached read of these symbols; call after the commit that changed them."""
-    ids = sorted(set(symbol_ids))
+# Per symbol, what each recent version bump changed: "<base>|<version>:<tf>=<micros>,...;...",
+# the earliest bar open time each bump changed per stored timeframe ("*=0": unknown,
+# everything). A cached page whose bars all lie before a bump's changes outlives the bump
+# (an older page of a chart survives the new bar at the end; the latest page does not).
+# The log covers every bump after <base>; past CHANGES_KEEP records the two oldest merge
+# into one at the older version, with the earlier time per timeframe (stricter, never
+# looser). Written by the same script that bumps the version, so a reader's MGET sees both
+# or neither.
+CHANGES_KEY = "md:chg:{symbol_id}"
+CHANGES_KEEP = 16
+CHANGES_TTL_S = 3600
+ANY_CHANGE = "*"
+_BUMP_CHUNK = 500
+_BUMP_LUA = """
+local keep, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local vkey, lkey = KEYS[2 * (i - 2) - 1], KEYS[2 * (i - 2)]
+  local v = redis.call('INCR', vkey)
+  local raw = redis.call('GET', lkey)
+  local base, recs = nil, {}
+  if raw then
+    local b, rest = string.match(raw, '^(%d+)|(.*)$')
+    base = tonumber(b)
+    if rest then
+      for rv, body in string.gmatch(rest, '(%d+):([^;]*)') do
+        local spans, order = {}, {}
+        for tf, t in string.gmatch(body, '([^,=]+)=([^,]+)') do spans[tf] = t; table.insert(order, tf) end
+        table.insert(recs, {tonumber(rv), spans, order})
+      end
+    end
+  end
+  -- No log, or bumps made around it (a plain INCR): the log starts at the version before this one.
+  local last = base
+  if #recs > 0 then last = recs[#recs][1] end
+  if last == nil or last ~= v - 1 then base, recs = v - 1, {} end
+  local spans, order = {}, {}
+  for tf, t in string.gmatch(ARGV[i], '([^,=]+)=([^,]+)') do spans[tf] = t; table.insert(order, tf) end
+  table.insert(recs, {v, spans, order})
+  while #recs > keep do
+    local a, b = recs[1], recs[2]
+    for _, tf in ipairs(b[3]) do
+      local t = b[2][tf]
+      if a[2][tf] == nil then a[2][tf] = t; table.insert(a[3], tf)
+      elseif tonumber(t) < tonumber(a[2][tf]) then a[2][tf] = t end
+    end
+    table.remove(recs, 2)
+  end
+  local parts = {}
+  for _, r in ipairs(recs) do
+    local items = {}
+    for _, tf in ipairs(r[3]) do table.insert(items, tf .. '=' .. r[2][tf]) end
+    table.insert(parts, string.format('%d', r[1]) .. ':' .. table.concat(items, ','))
+  end
+  redis.call('SET', lkey, string.format('%d', base) .. '|' .. table.concat(parts, ';'), 'EX', ttl)
+end
+return 0
+"""
+_bump_script: Any = None
+
+
+def versions_bump(*, symbol_ids: Iterable[int], changed: Mapping[int, Mapping[str, datetime]] | None = None) -> None:
+    """Invalidate cached reads of these symbols; call after the commit that changed them.
+
+    ``changed`` gives, per symbol, the earliest bar open time the commit changed in each
+    stored timeframe: cached pages wholly before those times stay valid. A symbol without
+    it invalidates all of its cached reads.
+    """
+    global _bump_script
+    spans = changed or {}
+    ids = sorted(set(symbol_ids) | set(spans))
     if not ids:
         return
     try:
-        pipe = client().pipeline(transaction=False)
-        for symbol_id in ids:
-            pipe.incr(VERSION_KEY.format(symbol_id=symbol_id))
-        pipe.execute()
+        r = client()
+        if _bump_script is None:
+            _bump_script = r.register_script(_BUMP_LUA)
+        for at in range(0, len(ids), _BUMP_CHUNK):
+            chunk = ids[at : at + _BUMP_CHUNK]
+            keys = [key for symbol_id in chunk for key in (version_key(symbol_id), changes_key(symbol_id))]
+            args: list[Any] = [CHANGES_KEEP, CHANGES_TTL_S]
+            for symbol_id in chunk:
+                tfs = spans.get(symbol_id)
+                args.append(
+                    ",".join(f"{tf}={micros(ts)}" for tf, ts in sorted(tfs.items())) if tfs else f"{ANY_CHANGE}=0"
+                )
+            _bump_script(keys=keys, args=args, client=r)
     except redis.RedisError as exc:
         # Entries expire; until Redis is back readers cannot read entries either.
         metrics.CACHE_ERRORS.labels("bump").inc()
         log.warning("cache version bump failed", error=str(exc))
 
 
+def micros(ts: datetime) -> int:
+    """Microseconds since the Unix epoch (exact: no float)."""
+    return (ts - _EPOCH) // _MICRO
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+
 def version_key(symbol_id: int) -> str:
     return VERSION_KEY.format(symbol_id=symbol_id)
+
+
+def changes_key(symbol_id: int) -> str:
+    return CHANGES_KEY.format(symbol_id=symbol_id)
 
 
 def entry_key(symbol_id: int, what: str) -> str:
     return ENTRY_KEY.format(symbol_id=symbol_id, what=what)
 
 
-def entry_body(version: int, value: bytes | None) -> bytes | None:
-    """The body of a fetched entry if it was stored at ``version``, else None (a miss)."""
+class Changes(NamedTuple):
+    """A symbol's change log: every bump after ``base``, as (version, {timeframe: earliest micros})."""
+
+    base: int
+    records: list[tuple[int, dict[str, int]]]
+
+
+def changes_parse(raw: bytes | None) -> Changes | None:
+    """The log as the bump script wrote it; None when there is none (or it is not one)."""
+    if not raw:
+        return None
+    try:
+        head, _, rest = raw.decode().partition("|")
+        records = []
+        for record in rest.split(";") if rest else ():
+            version, _, body = record.partition(":")
+            spans = {tf: int(t) for tf, _, t in (item.partition("=") for item in body.split(","))}
+            records.append((int(version), spans))
+        return Changes(int(head), records)
+    except ValueError:
+        return None
+
+
+def entry_value(*, version: int, body: bytes, base: str | None = None, hi: int | None = None) -> bytes:
+    """An entry: the version it was computed at, then what may outlive a bump, then the body.
+
+    ``base`` is the stored timeframe the answer was built from and ``hi`` (microseconds)
+    the open time before which every bar it depends on lies; either None: no bump spares it.
+    """
+    return b"%d|%s|%s|" % (version, (base or "-").encode(), b"-" if hi is None else b"%d" % hi) + body
+
+
+def entry_body(
+    version: int, value: bytes | None, *, changes: bytes | None = None, candidates: Sequence[str] = ()
+) -> bytes | None:
+    """The body of a fetched entry if it holds at ``version``, else None (a miss).
+
+    It holds when it was computed at ``version``, or at an older one and no bump since
+    changed anything it depends on: bars of its base timeframe at or after ``hi`` only,
+    and no bars of a timeframe that ``candidates`` (marketdata.timeframes.source_candidates
+    of the answer's timeframe) prefers to its base.
+    """
     if value is None:
         return None
-    head, sep, body = value.partition(b"|")
-    if not sep or head != b"%d" % version:
+    parts = value.split(b"|", 3)
+    if len(parts) != 4:
+        return None
+    head, base, hi, body = parts
+    try:
+        stamped = int(head)
+        upto = None if hi == b"-" else int(hi)
+    except ValueError:
+        return None
+    if stamped == version:
+        return body
+    if stamped > version or not _spared(stamped, base.decode(), upto, version, changes_parse(changes), candidates):
         return None
     return body
+
+
+def _spared(
+    stamped: int, base: str, hi: int | None, version: int, log: Changes | None, candidates: Sequence[str]
+) -> bool:
+    # The log must account for every bump since the entry's version, up to the current one.
+    if log is None or stamped < log.base or not log.records or log.records[-1][0] != version:
+        return False
+    rank = {tf: n for n, tf in enumerate(candidates)}
+    base_rank = rank.get(base)
+    for bumped, spans in log.records:
+        if bumped <= stamped:
+            continue
+        for tf, since in spans.items():
+            if tf == ANY_CHANGE:
+                return False
+            tf_rank = rank.get(tf)
+            if tf_rank is None or (base_rank is not None and tf_rank > base_rank):
+                continue  # not a source of this answer, nor one preferred to its source
+            if tf_rank != base_rank or hi is None or since < hi:
+                return False
+    return True
 
 
 def round_trip(*, incr: Sequence[tuple[str, int]] = (), get: Sequence[str] = ()) -> tuple[list[int], list[Any]] | None:
@@ -104,12 +267,12 @@ def mget(keys: Sequence[str]) -> list[Any] | None:
     return None if result is None else result[1]
 
 
-def cached_set(*, key: str | None, version: int, value: bytes) -> None:
+def cached_set(*, key: str | None, version: int, value: bytes, base: str | None = None, hi: int | None = None) -> None:
     """Store a computed body under ``key`` at the version read before computing it (no-op without a key)."""
     if key is None:
         return
     try:
-        client().set(key, b"%d|" % version + value, ex=ENTRY_TTL_S)
+        client().set(key, entry_value(version=version, body=value, base=base, hi=hi), ex=ENTRY_TTL_S)
     except redis.RedisError:
         metrics.CACHE_ERRORS.labels("set").inc()
 

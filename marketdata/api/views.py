@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from functools import cache as cache_fn
 from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
@@ -36,10 +37,11 @@ from marketdata.selectors import (
     bar_list,
     latest_bars,
     leaderboard,
+    stored_timeframes,
     symbol_ref,
     trade_list,
 )
-from marketdata.timeframes import DURATIONS, bucket_ceil, bucket_start
+from marketdata.timeframes import DURATIONS, bucket_ceil, bucket_start, source_candidates
 from marketdata.wire import bar_json, price_text, trade_json, ts_text
 from ops import metrics
 
@@ -86,13 +88,18 @@ def _clock(tf: str, end: datetime | None, now: datetime) -> str:
 class CacheSlot(NamedTuple):
     """Where an answer is kept: under ``stable`` when only new data can change it, else ``clocked``.
 
-    ``keys`` are what the request's round trip fetches: the symbol's version, then the
-    entries (``stable`` and, for an answer that may hold a forming bar, ``clocked``).
+    ``keys`` are what the request's round trip fetches: the symbol's version and change
+    log, then the entries (``stable`` and, for an answer that may hold a forming bar,
+    ``clocked``). ``hi`` (microseconds) is the open time before which every bar the
+    answer depends on lies (None: no end); ``candidates`` the stored timeframes it may
+    be built from, preferred first.
     """
 
     keys: list[str]
     stable: str
     clocked: str | None
+    hi: int | None = None
+    candidates: tuple[str, ...] = ()
 
 
 def _cache_slot(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> CacheSlot:
@@ -104,34 +111,57 @@ def _cache_slot(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> 
     forming bar also carries the current bucket in its key.
     """
     clock = _clock(tf, end, timezone.now())
-    version = cache.version_key(symbol_id)
+    head = [cache.version_key(symbol_id), cache.changes_key(symbol_id)]
+    # Resampled buckets reach past an unaligned end: the answer depends on bars before its ceiling.
+    hi = None if end is None else cache.micros(bucket_ceil(end, tf))
+    candidates = _candidates(tf)
     if clock == "closed":
         key = cache.entry_key(symbol_id, f"{what}|closed")
-        return CacheSlot([version, key], key, key)
+        return CacheSlot([*head, key], key, key, hi, candidates)
     stable, clocked = cache.entry_key(symbol_id, f"{what}|final"), cache.entry_key(symbol_id, f"{what}|{clock}")
-    return CacheSlot([version, stable, clocked], stable, clocked)
+    return CacheSlot([*head, stable, clocked], stable, clocked, hi, candidates)
+
+
+@cache_fn
+def _candidates(tf: str) -> tuple[str, ...]:
+    return tuple(source_candidates(tf))
 
 
 class CacheRead(NamedTuple):
-    """A slot's fetched values: the body if one was cached at the current version, and that version."""
+    """A slot's fetched values: the body if one was cached that still holds, and the version read."""
 
     body: bytes | None
     version: int
 
 
 def _cache_read(slot: CacheSlot, values: list[Any]) -> CacheRead:
-    version = int(values[0] or 0)
-    for value in values[1:]:
-        body = cache.entry_body(version, value)
+    version, changes = int(values[0] or 0), values[1]
+    for value in values[2:]:
+        body = cache.entry_body(version, value, changes=changes, candidates=slot.candidates)
         if body is not None:
             return CacheRead(body, version)
     return CacheRead(None, version)
 
 
-def _cache_write(slot: CacheSlot, read: CacheRead | None, value: bytes, *, all_final: bool) -> None:
+def _source_base(symbol_id: int, candidates: tuple[str, ...]) -> str | None:
+    """The stored timeframe an answer is built from (bar_list's choice), asked before bar_list itself.
+
+    Asked first, so a timeframe that appears in between makes the entry stricter (its
+    bump then names a timeframe preferred to this base), never looser.
+    """
+    stored = set(stored_timeframes(symbol_id=symbol_id))
+    return next((tf for tf in candidates if tf in stored), None)
+
+
+def _cache_write(
+    slot: CacheSlot, read: CacheRead | None, value: bytes, *, all_final: bool, base: str | None = None
+) -> None:
     """Keep a computed answer under the version read before computing it (nothing when Redis was down)."""
     if read is not None:
-        cache.cached_set(key=slot.stable if all_final else slot.clocked, version=read.version, value=value)
+        cache.cached_set(
+            key=slot.stable if all_final else slot.clocked, version=read.version, value=value,
+            base=base, hi=slot.hi if base is not None else None,
+        )  # fmt: skip
 
 
 def _hot_cache() -> bool:
@@ -260,6 +290,7 @@ class OhlcvView(ApiView):
             metrics.CACHE_REQUESTS.labels("miss" if read.body is None else "hit").inc()
             if read.body is not None:
                 return HttpResponse(read.body, content_type=JSON)
+        base = _source_base(symbol.id, slot.candidates) if read is not None and slot is not None else None
         page = bar_list(
             ticker=symbol.ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
             exclude_anomalies=q["anomalies"] == "exclude",
@@ -277,7 +308,7 @@ class OhlcvView(ApiView):
             + f'],"next":{next_url}}}'
         ).encode()
         if slot is not None:
-            _cache_write(slot, read, body, all_final=all(bar.final for bar in page.bars))
+            _cache_write(slot, read, body, all_final=all(bar.final for bar in page.bars), base=base)
         return HttpResponse(body, content_type=JSON)
 
 
