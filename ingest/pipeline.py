@@ -44,7 +44,7 @@ from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades
 from marketdata.wire import bar_json, trade_json
 from ops import metrics, tracing
 from streaming.derive import Deriver, load_stored
-from streaming.publish import Message, Publisher
+from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
 
 from .records import Normaliser, Stats
@@ -276,6 +276,9 @@ class Pipeline:
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
         self._run_id = uuid.uuid4().hex  # with a batch number, names each publish so a retry is not repeated
         self._published = 0
+        # Stream names and kinds by (timeframe, symbol id) and by symbol id: made once, not per message.
+        self._bar_streams: dict[tuple[str, int], tuple[str, str]] = {}
+        self._trade_streams: dict[int, tuple[str, str]] = {}
         self._publisher: threading.Thread | None = None
         if publish:
             self._publisher = threading.Thread(target=self._publish_loop, name="ingest-publisher", daemon=True)
@@ -422,19 +425,23 @@ class Pipeline:
             connections.close_all()
 
     def _publish_job(self, publisher: Publisher, bars: list[BarIn], trades: list[TradeIn]) -> None:
-        messages: list[Message] = []
+        groups: dict[tuple[str, str], list[str]] = {}
         if bars:
-            messages += self._retry("derive", lambda: self._bar_messages(bars))[0]
+            groups = self._retry("derive", lambda: self._bar_messages(bars))[0]
         if trades:
-            tickers = self.resolver.tickers
-            messages += [
-                Message(trades_stream(tickers[t.symbol_id]), "trade", trade_json(t.ts_event, t.price, t.size, t.side))
-                for t in trades
-            ]
-        if messages:
+            tickers, streams = self.resolver.tickers, self._trade_streams
+            for t in trades:
+                key = streams.get(t.symbol_id)
+                if key is None:
+                    key = streams[t.symbol_id] = (trades_stream(tickers[t.symbol_id]), "trade")
+                datas = groups.get(key)
+                if datas is None:
+                    datas = groups[key] = []
+                datas.append(trade_json(t.ts_event, t.price, t.size, t.side))
+        if groups:
             self._published += 1
             batch_id = f"{self._run_id}:{self._published}"
-            self._retry("publish", lambda: publisher.publish(messages, batch_id=batch_id))
+            self._retry("publish", lambda: publisher.publish_groups(groups, batch_id=batch_id))
 
     def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> tuple[WriteResult, bool]:
         """Run one batch write (its own transaction) and account for it; True when it had to be retried."""
@@ -468,22 +475,33 @@ class Pipeline:
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
-    def _bar_messages(self, bars: list[BarIn]) -> list[Message]:
-        """Every written bar (final), then the derived and forming bars of coarser timeframes."""
-        tickers = self.resolver.tickers
-        messages = [
-            Message(
-                bars_stream(b.timeframe, tickers[b.symbol_id]),
-                "bar",
-                bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True),
-            )
-            for b in bars
-        ]
+    def _bar_messages(self, bars: list[BarIn]) -> dict[tuple[str, str], list[str]]:
+        """Every written bar (final), then the derived and forming bars of coarser timeframes.
+
+        Grouped as Publisher.publish_groups takes them: (stream, "bar") -> data texts in
+        order; no object per message (a Message each was a fifth of the publisher's time).
+        """
+        groups: dict[tuple[str, str], list[str]] = {}
+        streams = self._bar_streams
+        for b in bars:
+            key = streams.get((b.timeframe, b.symbol_id))
+            if key is None:
+                key = self._bar_stream(b.timeframe, b.symbol_id)
+            datas = groups.get(key)
+            if datas is None:
+                datas = groups[key] = []
+            datas.append(bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True))
         for d in self.deriver.add(bars):
             bar = d.bar
-            data = bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
-            messages.append(Message(bars_stream(d.tf, tickers[d.symbol_id]), "bar", data))
-        return messages
+            key = streams.get((d.tf, d.symbol_id)) or self._bar_stream(d.tf, d.symbol_id)
+            groups.setdefault(key, []).append(
+                bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
+            )
+        return groups
+
+    def _bar_stream(self, tf: str, symbol_id: int) -> tuple[str, str]:
+        key = self._bar_streams[(tf, symbol_id)] = (bars_stream(tf, self.resolver.tickers[symbol_id]), "bar")
+        return key
 
     def _feed_status(self) -> None:
         stats = self.stats
