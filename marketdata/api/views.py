@@ -34,10 +34,9 @@ from marketdata.selectors import (
     BarOut,
     LeaderboardRow,
     SymbolRef,
-    bar_list,
+    bar_page_text,
     latest_bars,
     leaderboard,
-    stored_timeframes,
     symbol_ref,
     trade_list,
 )
@@ -141,16 +140,6 @@ def _cache_read(slot: CacheSlot, values: list[Any]) -> CacheRead:
         if body is not None:
             return CacheRead(body, version)
     return CacheRead(None, version)
-
-
-def _source_base(symbol_id: int, candidates: tuple[str, ...]) -> str | None:
-    """The stored timeframe an answer is built from (bar_list's choice), asked before bar_list itself.
-
-    Asked first, so a timeframe that appears in between makes the entry stricter (its
-    bump then names a timeframe preferred to this base), never looser.
-    """
-    stored = set(stored_timeframes(symbol_id=symbol_id))
-    return next((tf for tf in candidates if tf in stored), None)
 
 
 def _cache_write(
@@ -290,8 +279,7 @@ class OhlcvView(ApiView):
             metrics.CACHE_REQUESTS.labels("miss" if read.body is None else "hit").inc()
             if read.body is not None:
                 return HttpResponse(read.body, content_type=JSON)
-        base = _source_base(symbol.id, slot.candidates) if read is not None and slot is not None else None
-        page = bar_list(
+        page = bar_page_text(
             ticker=symbol.ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
             exclude_anomalies=q["anomalies"] == "exclude",
         )  # fmt: skip
@@ -302,13 +290,9 @@ class OhlcvView(ApiView):
                 params["end"] = ts_text(end)
             params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
             next_url = _text(base_url + "?" + urlencode(params))
-        body = (
-            f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":['
-            + ",".join(_bar_text(bar) for bar in page.bars)
-            + f'],"next":{next_url}}}'
-        ).encode()
+        body = f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
         if slot is not None:
-            _cache_write(slot, read, body, all_final=all(bar.final for bar in page.bars), base=base)
+            _cache_write(slot, read, body, all_final=page.all_final, base=page.base)
         return HttpResponse(body, content_type=JSON)
 
 
