@@ -111,15 +111,23 @@ class OHLCV(NamedTuple):
 
 def combine(a: OHLCV, b: OHLCV, ts: datetime) -> OHLCV:
     """Merge two consecutive pieces of one bucket (``a`` before ``b``): the one aggregation rule."""
-    return OHLCV(
-        ts=ts,
-        open=a.open,
-        high=a.high if a.high >= b.high else b.high,
-        low=a.low if a.low <= b.low else b.low,
-        close=b.close,
-        volume=a.volume + b.volume,
-        anomalies=a.anomalies | b.anomalies,
+    # Positional and without NamedTuple's Python __new__: the ingester calls this per piece.
+    return _new_ohlcv(
+        OHLCV,
+        (
+            ts,
+            a.open,
+            a.high if a.high >= b.high else b.high,
+            a.low if a.low <= b.low else b.low,
+            b.close,
+            a.volume + b.volume,
+            a.anomalies | b.anomalies,
+            0,
+        ),
     )
+
+
+_new_ohlcv = tuple.__new__
 
 
 def resample(bars: Iterable[OHLCV], tf: str, *, exclude_anomalies: bool = False) -> list[OHLCV]:

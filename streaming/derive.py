@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -28,13 +29,16 @@ from marketdata.timeframes import (
 
 Loader = Callable[[int, str, datetime, datetime], list[OHLCV]]
 _ORDER = {tf: i for i, tf in enumerate(SERVED_TIMEFRAMES)}
+# NamedTuples made positionally without their Python-level __new__ (this runs per piece).
+_new = tuple.__new__
 _MICROSECOND = timedelta(microseconds=1)  # the store's resolution: [start, upto] as a half-open range
 
 
-def targets(base: str) -> list[str]:
+@cache  # a handful of stored timeframes
+def targets(base: str) -> tuple[str, ...]:
     """Served timeframes that are built from ``base``."""
     step = DURATIONS[base]
-    return [tf for tf in SERVED_TIMEFRAMES if DURATIONS[tf] > step and DURATIONS[tf] % step == timedelta(0)]
+    return tuple(tf for tf in SERVED_TIMEFRAMES if DURATIONS[tf] > step and DURATIONS[tf] % step == timedelta(0))
 
 
 class Derived(NamedTuple):
@@ -66,12 +70,11 @@ def _pieces(items: list[_Piece], tf: str) -> list[_Piece]:
         start = bucket_start(item.bar.ts, tf)
         if out and out[-1].bar.ts == start:
             last = out[-1]
-            out[-1] = _Piece(combine(last.bar, item.bar, start), last.first_ts, item.last_ts)
+            out[-1] = _new(_Piece, (combine(last.bar, item.bar, start), last.first_ts, item.last_ts))
         else:
             b = item.bar
-            out.append(
-                _Piece(OHLCV(start, b.open, b.high, b.low, b.close, b.volume, b.anomalies), item.first_ts, item.last_ts)
-            )
+            bar = _new(OHLCV, (start, b.open, b.high, b.low, b.close, b.volume, b.anomalies, 0))
+            out.append(_new(_Piece, (bar, item.first_ts, item.last_ts)))
     return out
 
 
@@ -89,7 +92,7 @@ def _first_pieces(bars: list[BarIn], tf: str) -> list[_Piece]:
         s = bucket_start(b.ts, tf)
         if s != start:
             if start is not None:
-                out.append(_Piece(OHLCV(start, o, h, low, c, v, a), first, last))  # type: ignore[arg-type]
+                out.append(_new(_Piece, (_new(OHLCV, (start, o, h, low, c, v, a, 0)), first, last)))
             start, o, h, low, c, v, a, first = s, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.ts
         else:
             if b.high > h:
@@ -101,7 +104,7 @@ def _first_pieces(bars: list[BarIn], tf: str) -> list[_Piece]:
             a |= b.anomalies
         last = b.ts
     if start is not None:
-        out.append(_Piece(OHLCV(start, o, h, low, c, v, a), first, last))  # type: ignore[arg-type]
+        out.append(_new(_Piece, (_new(OHLCV, (start, o, h, low, c, v, a, 0)), first, last)))
     return out
 
 
@@ -159,14 +162,14 @@ class Deriver:
             bar = resample(stored, tf)[0] if stored else piece.bar
             state = _Forming(bar, max([piece.last_ts] + [m.ts for m in stored]))
         elif start > state.bar.ts:
-            out[(symbol_id, tf, state.bar.ts)] = Derived(symbol_id, tf, state.bar, final=True)
-            state = _Forming(piece.bar, piece.last_ts)
+            out[(symbol_id, tf, state.bar.ts)] = _new(Derived, (symbol_id, tf, state.bar, True))
+            state = _new(_Forming, (piece.bar, piece.last_ts))
         elif start < state.bar.ts:
             return  # a late bar of a closed bucket: stored, and its final was already sent
         else:
-            state = _Forming(combine(state.bar, piece.bar, start), piece.last_ts)
+            state = _new(_Forming, (combine(state.bar, piece.bar, start), piece.last_ts))
         self.forming[key] = state
-        out[(symbol_id, tf, start)] = Derived(symbol_id, tf, state.bar, final=False)
+        out[(symbol_id, tf, start)] = _new(Derived, (symbol_id, tf, state.bar, False))
 
 
 def load_stored(symbol_id: int, base: str, start: datetime, end: datetime) -> list[OHLCV]:

@@ -80,7 +80,8 @@ def test_a_channel_message_holds_the_data_and_the_gateway_builds_the_frames(redi
     Publisher().publish([Message(STREAM, "bar", '{"a":1}'), Message(STREAM, "bar", '{"a":2}')])
     message = msgpack.unpackb(pubsub.get_message(timeout=2)["data"])
 
-    assert (message["type"], message["stream"], message["kind"], message["first"]) == ("stream.frames", STREAM, "bar", 1)
+    header = (message["type"], message["stream"], message["kind"], message["first"])
+    assert header == ("stream.frames", STREAM, "bar", 1)
     assert [json.loads(f) for f in message_frames(message)] == [
         {"type": "bar", "stream": STREAM, "seq": 1, "data": {"a": 1}},
         {"type": "bar", "stream": STREAM, "seq": 2, "data": {"a": 2}},
