@@ -327,7 +327,10 @@ def _anomalies_sql(column: str) -> str:
 
 
 # The page's bars as wire.bar_json writes them, built by PostgreSQL: a 1,000-bar page cost
-# ~8 ms of Python (a datetime, a BarOut and an f-string per bar) and holds the GIL.
+# ~8 ms of Python (a datetime, a BarOut and an f-string per bar) and holds the GIL. Bars of
+# one ts from several publishers are consolidated as _AGG_SELECT does (open of the lowest
+# publisher, close of the highest), but with plain aggregates and an index probe only for
+# such a ts: the ordered array_agg sorted every group, 1.9 of the statement's 4.5 ms.
 _PAGE_TEXT_SQL = """
 SELECT count(*), string_agg(j, ',' ORDER BY b) FILTER (WHERE n <= %(limit)s),
        max(b) FILTER (WHERE n <= %(limit)s)
@@ -338,12 +341,23 @@ FROM (
          || 'Z","open":' || {open} || ',"high":' || {high} || ',"low":' || {low} || ',"close":' || {close}
          || ',"volume":' || v::text || ',"final":true' || {anomalies} || '}}' AS j
   FROM (
-    SELECT ts AS b, (array_agg(open ORDER BY publisher_id))[1] AS o, max(high) AS h, min(low) AS l,
-           (array_agg(close ORDER BY publisher_id DESC))[1] AS c, sum(volume)::bigint AS v, bit_or(anomalies)::int AS a
-    FROM marketdata_bar
-    WHERE symbol_id = %(symbol_id)s AND timeframe = %(base)s AND ts >= %(lo)s AND ts < %(hi)s {anomaly_filter}
-    GROUP BY ts ORDER BY ts {direction} LIMIT %(limit)s + 1
-  ) g
+    SELECT b, h, l, v, a,
+           CASE WHEN k = 1 THEN o ELSE (
+             SELECT open FROM marketdata_bar x
+             WHERE x.symbol_id = %(symbol_id)s AND x.timeframe = %(base)s AND x.ts = g.b {anomaly_filter_x}
+             ORDER BY x.publisher_id LIMIT 1) END AS o,
+           CASE WHEN k = 1 THEN c ELSE (
+             SELECT close FROM marketdata_bar x
+             WHERE x.symbol_id = %(symbol_id)s AND x.timeframe = %(base)s AND x.ts = g.b {anomaly_filter_x}
+             ORDER BY x.publisher_id DESC LIMIT 1) END AS c
+    FROM (
+      SELECT ts AS b, count(*) AS k, min(open) AS o, max(high) AS h, min(low) AS l, min(close) AS c,
+             sum(volume)::bigint AS v, bit_or(anomalies)::int AS a
+      FROM marketdata_bar
+      WHERE symbol_id = %(symbol_id)s AND timeframe = %(base)s AND ts >= %(lo)s AND ts < %(hi)s {anomaly_filter}
+      GROUP BY ts ORDER BY ts {direction} LIMIT %(limit)s + 1
+    ) g
+  ) p
 ) x
 """
 
@@ -391,6 +405,7 @@ def _page_text_sql(descending: bool, exclude: bool) -> str:
     return _PAGE_TEXT_SQL.format(
         direction="DESC" if descending else "ASC",
         anomaly_filter="AND anomalies = 0" if exclude else "",
+        anomaly_filter_x="AND x.anomalies = 0" if exclude else "",
         open=_price_sql("o"), high=_price_sql("h"), low=_price_sql("l"), close=_price_sql("c"),
         anomalies=_anomalies_sql("a"),
     )  # fmt: skip
