@@ -6,7 +6,6 @@ from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
-from django.db.models.functions import Now
 from timescale.db.models.fields import TimescaleDateTimeField
 
 from .timeframes import SCHEMAS, STORED_TIMEFRAMES
@@ -130,7 +129,7 @@ class Trade(models.Model):
     size = models.BigIntegerField()
     side = models.CharField(max_length=1, choices=[("A", "ask"), ("B", "bid"), ("N", "none")])
     flags = models.SmallIntegerField(default=0)
-    ingested_at = models.DateTimeField(db_default=Now())
+    ingested_at = models.DateTimeField(db_default=ClockTimestamp())  # volatile on purpose: see Bar
 
     def __str__(self) -> str:
         return f"{self.symbol_id} {self.ts_event:%Y-%m-%dT%H:%M:%S.%fZ}"

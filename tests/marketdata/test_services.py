@@ -217,14 +217,74 @@ def test_a_bad_row_in_an_appending_batch_writes_nothing(make_symbol):
 
 
 @pytest.mark.django_db
-def test_bar_ingested_at_defaults_to_the_clock_not_the_transaction_start():
-    """A volatile default keeps COPY into marketdata_bar off its multi-insert path (see models.Bar)."""
+@pytest.mark.parametrize("table", ["marketdata_bar", "marketdata_trade"])
+def test_ingested_at_defaults_to_the_clock_not_the_transaction_start(table):
+    """A volatile default keeps COPY into the table off its multi-insert path (see models.Bar)."""
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT column_default FROM information_schema.columns"
-            " WHERE table_name = 'marketdata_bar' AND column_name = 'ingested_at'"
+            " WHERE table_name = %s AND column_name = 'ingested_at'",
+            [table],
         )
         (default,) = cursor.fetchone()
     assert "clock_timestamp()" in default
+
+
+def _trades(symbol_id: int, n: int = 5, *, start: datetime = T0, seq0: int = 0) -> list[TradeIn]:
+    return [
+        TradeIn(symbol_id, start + timedelta(seconds=i), start + timedelta(seconds=i), 2, seq0 + i, 0, 100 * P, 10, "B")
+        for i in range(n)
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_appending_trade_batches_take_the_copy_path(make_symbol):
+    from ops import metrics
+
+    symbol = make_symbol("AAPL")
+    fallbacks = metrics.DB_APPEND_FALLBACKS._value.get()
+    first = trades_insert(trades=_trades(symbol.pk, n=3))
+    second = trades_insert(trades=_trades(symbol.pk, n=3, start=T0 + timedelta(minutes=1), seq0=10))
+    again = trades_insert(trades=_trades(symbol.pk, n=3))  # not newer than what is stored: the staged path
+
+    assert (first.inserted, second.inserted, again.inserted, again.unchanged) == (3, 3, 0, 3)
+    assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks
+    assert Trade.objects.count() == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_trade_at_the_newest_stored_time_with_another_sequence_is_kept(make_symbol):
+    symbol = make_symbol("AAPL")
+    trades_insert(trades=_trades(symbol.pk, n=3))
+    last = _trades(symbol.pk, n=3)[-1]
+    result = trades_insert(trades=[last._replace(sequence=99), last._replace(ts_event=last.ts_event + timedelta(1))])
+
+    assert result.inserted == 2
+    assert Trade.objects.count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_trade_append_falls_back_and_keeps_one_of_each(make_symbol):
+    import psycopg
+    from django.conf import settings
+
+    from ops import metrics
+
+    symbol = make_symbol("AAPL")
+    trades_insert(trades=_trades(symbol.pk, n=2))  # this process now believes T0+1s is the newest
+    db = settings.DATABASES["default"]
+    with psycopg.connect(f"host={db['HOST']} port={db['PORT']} user={db['USER']} dbname={db['NAME']}") as other:
+        later = _trades(symbol.pk, n=2, start=T0 + timedelta(minutes=1), seq0=10)
+        other.execute(  # another writer stores the first of the next batch behind this one's back
+            "INSERT INTO marketdata_trade (symbol_id, ts_event, ts_recv, publisher_id, sequence, ordinal, price,"
+            " size, side, flags) VALUES (%s, %s, %s, 2, 10, 0, %s, 10, 'B', 0)",
+            [symbol.pk, later[0].ts_event, later[0].ts_recv, 100 * P],
+        )
+    fallbacks = metrics.DB_APPEND_FALLBACKS._value.get()
+    result = trades_insert(trades=later + later[1:])  # and this batch repeats a trade
+
+    assert (result.inserted, result.unchanged) == (1, 2)
+    assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks + 1
+    assert Trade.objects.count() == 4
