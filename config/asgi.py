@@ -7,6 +7,7 @@ from asgiref.sync import sync_to_async
 from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from django.core.wsgi import get_wsgi_application
 
+from marketdata.cache import COUNTED_KEY
 from ops import tracing
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
@@ -36,6 +37,12 @@ class _PooledWsgiInstance(WsgiToAsgiInstance):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         self.send_now = send
         await super().__call__(scope, receive, send)
+
+    def build_environ(self, scope: Any, body: Any) -> dict[str, Any]:
+        environ: dict[str, Any] = super().build_environ(scope, body)
+        if COUNTED_KEY in scope:
+            environ[COUNTED_KEY] = scope[COUNTED_KEY]
+        return environ
 
     async def run_wsgi_app(self, body: Any) -> None:
         whole = await sync_to_async(self._run_whole, thread_sensitive=False)(body)
@@ -99,7 +106,13 @@ class PooledWsgiToAsgi(WsgiToAsgi):
 # and a thread for each middleware hook. Measured with bench/history.py on 2 cores:
 # 128 -> 183 cached req/s, p50 480 -> 32 ms at 200 users (WsgiToAsgi against Django's ASGI
 # handler). It also sets Django up, which must happen before anything imports models.
-http_app = PooledWsgiToAsgi(get_wsgi_application())
+django_http_app = PooledWsgiToAsgi(get_wsgi_application())
+
+from marketdata.api.hot import OhlcvFastPath  # noqa: E402
+
+# GET /v1/ohlcv with an API token this process knows: answered in the event loop (see
+# marketdata.api.hot); every other request, and any that path declines, goes to Django.
+http_app = OhlcvFastPath(django_http_app)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

@@ -40,6 +40,10 @@ ENTRY_TTL_S = 300
 # caches past such a change.
 EPOCH_KEY = "md:epoch"
 _clients: dict[str, redis.Redis] = {}
+# Rate-limit counts of a request that the event loop's fast path (marketdata.api.hot) has
+# already made, handed to the Django view it falls back to: an ASGI scope and WSGI environ
+# key that config.asgi copies from one to the other (a client's headers cannot set it).
+COUNTED_KEY = "marketdata.counted"
 
 
 def client() -> redis.Redis:

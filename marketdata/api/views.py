@@ -49,6 +49,7 @@ from .renderers import FirstRendererNegotiation
 from .throttling import ApiRateThrottle
 
 JSON = "application/json"
+COUNTED_KEY = cache.COUNTED_KEY
 
 ERRORS = {
     400: OpenApiResponse(s.ErrorResponse, description="A bad parameter (field names it)."),
@@ -208,11 +209,17 @@ class ApiView(APIView):
             keys = self.prepare(request)
         except Exception as exc:  # raised after the rate limit, as the handler would have
             deferred, keys = exc, []
-        result = cache.round_trip(incr=[(c.key, c.period + 1) for c in checks], get=[cache.EPOCH_KEY, *keys])
+        # The event loop's fast path (marketdata.api.hot) may have counted this request already.
+        counted = request.META.get(COUNTED_KEY)
+        if counted is not None and len(counted) != len(checks):
+            counted = None
+        incr = [] if counted is not None else [(c.key, c.period + 1) for c in checks]
+        result = cache.round_trip(incr=incr, get=[cache.EPOCH_KEY, *keys])
         counts: list[int] | None = None
         self.fetched = None
         if result is not None:
             counts, values = result
+            counts = counted if counted is not None else counts
             self.fetched = values[1:]
             if cache.epoch_note(values[0]):
                 # A token, entitlement, user or symbol changed somewhere: look the caller
@@ -248,16 +255,8 @@ class OhlcvView(ApiView):
         self.symbol = symbol = _symbol(q["symbol"])
         dataset_check(datasets_allowed(request.user), symbol.dataset)
         self.base_url = self.request.build_absolute_uri(self.request.path)
-        self.slot = None
-        if not _hot_cache():
-            return []
-        start, end, cursor = q.get("start"), q.get("end"), q.get("cursor")
-        what = "|".join(
-            ("ohlcv", q["tf"], _micros(start), _micros(end), str(q["limit"]), cursor or "-", q["anomalies"],
-             self.base_url)
-        )  # fmt: skip
-        self.slot = _cache_slot(symbol_id=symbol.id, what=what, tf=q["tf"], end=end)
-        return self.slot.keys
+        self.slot = ohlcv_slot(q, symbol, self.base_url)
+        return [] if self.slot is None else self.slot.keys
 
     @extend_schema(
         operation_id="ohlcv",
@@ -270,30 +269,54 @@ class OhlcvView(ApiView):
         ),
     )
     def get(self, request: Request) -> HttpResponse:
-        q, symbol, base_url, slot = self.q, self.symbol, self.base_url, self.slot
-        tf, start, end, limit, cursor = q["tf"], q.get("start"), q.get("end"), q["limit"], q.get("cursor")
         read = None
-        if slot is not None and self.fetched is not None:
-            read = _cache_read(slot, self.fetched)
-            metrics.API_CACHE.labels("ohlcv", "miss" if read.body is None else "hit").inc()
-            metrics.CACHE_REQUESTS.labels("miss" if read.body is None else "hit").inc()
+        if self.slot is not None and self.fetched is not None:
+            read = ohlcv_cached(self.slot, self.fetched)
             if read.body is not None:
                 return HttpResponse(read.body, content_type=JSON)
-        page = bar_page_text(
-            ticker=symbol.ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
-            exclude_anomalies=q["anomalies"] == "exclude",
-        )  # fmt: skip
-        next_url = "null"
-        if page.next_cursor is not None:
-            params = {"symbol": symbol.ticker, "tf": tf}
-            if end is not None:
-                params["end"] = ts_text(end)
-            params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
-            next_url = _text(base_url + "?" + urlencode(params))
-        body = f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
-        if slot is not None:
-            _cache_write(slot, read, body, all_final=page.all_final, base=page.base)
-        return HttpResponse(body, content_type=JSON)
+        return HttpResponse(ohlcv_answer(self.q, self.symbol, self.base_url, self.slot, read), content_type=JSON)
+
+
+def ohlcv_slot(q: dict[str, Any], symbol: SymbolRef, base_url: str) -> CacheSlot | None:
+    """Where a /v1/ohlcv answer is cached (None: the hot cache is off)."""
+    if not _hot_cache():
+        return None
+    start, end, cursor = q.get("start"), q.get("end"), q.get("cursor")
+    what = "|".join(
+        ("ohlcv", q["tf"], _micros(start), _micros(end), str(q["limit"]), cursor or "-", q["anomalies"], base_url)
+    )
+    return _cache_slot(symbol_id=symbol.id, what=what, tf=q["tf"], end=end)
+
+
+def ohlcv_cached(slot: CacheSlot, fetched: list[Any]) -> CacheRead:
+    """The slot's cached answer, if one holds; counted as a hit or a miss."""
+    read = _cache_read(slot, fetched)
+    result = "miss" if read.body is None else "hit"
+    metrics.API_CACHE.labels("ohlcv", result).inc()
+    metrics.CACHE_REQUESTS.labels(result).inc()
+    return read
+
+
+def ohlcv_answer(
+    q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot | None, read: CacheRead | None
+) -> bytes:
+    """The /v1/ohlcv body from the database, kept in the cache under the version ``read`` found."""
+    tf, end, limit = q["tf"], q.get("end"), q["limit"]
+    page = bar_page_text(
+        ticker=symbol.ticker, tf=tf, start=q.get("start"), end=end, limit=limit, cursor=q.get("cursor"),
+        exclude_anomalies=q["anomalies"] == "exclude",
+    )  # fmt: skip
+    next_url = "null"
+    if page.next_cursor is not None:
+        params = {"symbol": symbol.ticker, "tf": tf}
+        if end is not None:
+            params["end"] = ts_text(end)
+        params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
+        next_url = _text(base_url + "?" + urlencode(params))
+    body = f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
+    if slot is not None:
+        _cache_write(slot, read, body, all_final=page.all_final, base=page.base)
+    return body
 
 
 class TradesView(ApiView):

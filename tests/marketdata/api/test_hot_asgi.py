@@ -1,0 +1,169 @@
+"""GET /v1/ohlcv through the gateway's ASGI application: the event loop's fast path and Django agree.
+
+These run the real config.asgi HTTP application (the fast path in front of Django's WSGI
+handler in worker threads), so the data must be committed: transactional tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+from django.conf import settings as django_settings
+from django.core.signals import request_started
+
+from config.asgi import django_http_app, http_app
+from marketdata.cache import EPOCH_KEY
+from marketdata.models import ApiToken
+from marketdata.services import BarIn
+from ops import metrics
+
+from .conftest import T0, P, minute_bars
+
+pytestmark = pytest.mark.django_db(transaction=True)
+CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
+
+
+def call(app: Any, query: str, *, token: str | None = None, headers: tuple = ()) -> tuple[int, dict[str, str], bytes]:
+    """One GET /v1/ohlcv?<query> through an ASGI app: status, headers (lower-case), body."""
+    raw = [(b"host", b"testserver"), *headers]
+    if token is not None:
+        raw.append((b"authorization", f"Token {token}".encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/v1/ohlcv", "raw_path": b"/v1/ohlcv", "query_string": query.encode(), "root_path": "",
+        "headers": raw, "client": ("10.0.0.9", 5000), "server": ("testserver", 80),
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = sent[0]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+@pytest.fixture
+def setup(make_symbol, make_user, make_token, write_bars):
+    symbol = make_symbol("AAPL")
+    write_bars(minute_bars(symbol, 30))
+    return symbol, make_token(make_user(datasets=("XNAS.ITCH",)))
+
+
+class Started:
+    """Counts Django's request_started: a request the fast path answers never starts Django's cycle."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, **kwargs: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> Started:
+        request_started.connect(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        request_started.disconnect(self)
+
+
+QUERY = "symbol=AAPL&tf=1m&limit=10"
+
+
+def test_a_known_token_is_answered_in_the_event_loop_as_django_answers(setup):
+    _, token = setup
+    with Started() as started:
+        django = call(django_http_app, QUERY, token=token)  # Django resolves and remembers the token
+        missed = call(http_app, QUERY, token=token)  # computed by the fast path (this process knows the token)
+        hit = call(http_app, QUERY, token=token, headers=((b"x-request-id", b"chart-42"),))
+    assert started.count == 1
+    for status, headers, body in (missed, hit):
+        assert status == 200
+        assert body == django[2]
+        assert {k: v for k, v in headers.items() if k != "x-request-id"} == {
+            k: v for k, v in django[1].items() if k != "x-request-id"
+        }
+    assert hit[1]["x-request-id"] == "chart-42"
+    assert len(orjson.loads(hit[2])["results"]) == 10
+
+
+def test_a_bar_written_after_a_cached_read_is_seen_at_once(setup, write_bars):
+    symbol, token = setup
+    call(django_http_app, QUERY, token=token)
+    for _ in range(2):
+        call(http_app, QUERY, token=token)
+    write_bars([BarIn(symbol.pk, "1m", T0 + timedelta(minutes=30), 1, P, P, P, 77 * P, 1)])
+    status, _, body = call(http_app, QUERY, token=token)
+    assert status == 200
+    assert orjson.loads(body)["results"][-1]["close"] == 77
+
+
+def test_rate_limits_count_each_request_once_and_refuse_with_retry_after(setup, settings, redis_client):
+    _, token = setup
+    settings.REST_FRAMEWORK = {
+        **django_settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {"principal": "4/min", "ip": None},
+    }
+    answers = [call(http_app, QUERY, token=token) for _ in range(2)]
+    # Another process changed a token: the next request is counted by the fast path, which then hands it
+    # to Django (the epoch changed), which must not count it again.
+    redis_client.set(EPOCH_KEY, "changed elsewhere")
+    answers += [call(http_app, QUERY, token=token) for _ in range(4)]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 429, 429]
+    _status, headers, body = answers[-1]
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert orjson.loads(body)["error"]["code"] == "rate_limited"
+
+
+def test_a_token_revoked_through_the_orm_is_refused_at_once(setup):
+    _, token = setup
+    for _ in range(2):
+        assert call(http_app, QUERY, token=token)[0] == 200
+    row = ApiToken.objects.get()
+    row.revoked = True
+    row.save()
+    status, _headers, body = call(http_app, QUERY, token=token)
+    assert status == 401
+    assert orjson.loads(body)["error"]["code"] == "unauthenticated"
+
+
+def test_refusals_and_bad_parameters_are_djangos(setup, make_user, make_token):
+    _, token = setup
+    call(http_app, QUERY, token=token)
+    assert call(http_app, "symbol=AAPL&limit=0", token=token)[0] == 400
+    assert call(http_app, "symbol=NOPE", token=token)[0] == 404
+    other = make_token(make_user(datasets=("GLBX.MDP3",)))
+    call(http_app, QUERY, token=other)
+    status, _, body = call(http_app, QUERY, token=other)
+    assert status == 403
+    assert orjson.loads(body)["error"]["code"] == "not_entitled"
+    assert call(http_app, QUERY, token="not-a-token")[0] == 401
+
+
+def test_with_redis_down_the_answer_comes_from_the_database(setup, settings):
+    _, token = setup
+    good = call(http_app, QUERY, token=token)
+    settings.REDIS_URL = CLOSED_PORT_REDIS
+    errors = metrics.CACHE_ERRORS.labels("get")._value.get()
+    status, _, body = call(http_app, QUERY, token=token)
+    assert (status, body) == (200, good[2])
+    assert metrics.CACHE_ERRORS.labels("get")._value.get() > errors
+
+
+def test_requests_are_counted_by_route(setup):
+    _, token = setup
+    call(http_app, QUERY, token=token)
+    before = metrics.HTTP_REQUESTS.labels("v1/ohlcv", "GET", "2xx")._value.get()
+    hits = metrics.API_CACHE.labels("ohlcv", "hit")._value.get()
+    for _ in range(3):
+        call(http_app, QUERY, token=token)
+    assert metrics.HTTP_REQUESTS.labels("v1/ohlcv", "GET", "2xx")._value.get() == before + 3
+    assert metrics.API_CACHE.labels("ohlcv", "hit")._value.get() >= hits + 2
