@@ -407,25 +407,30 @@ async def test_resume_recovers_a_gap_then_goes_live(gateways, symbols, open_clie
 async def test_resume_older_than_the_buffer_gets_recovered_false_and_a_snapshot(
     gateways, symbols, open_client, publisher
 ):
-    # 1,200 messages published 20 minutes ago, then 100 now: the buffer keeps the last
-    # 1,000 (everything it holds is older than 10 minutes but those).
+    # 1,400 messages published 20 minutes ago, then 100 now: the trim as seq 1,500 is
+    # reached (one every TRIM_EVERY = 500 seqs) keeps the last 1,000 (everything else it
+    # holds is older than 10 minutes), so seq 6 is gone.
+    from streaming.publish import BUFFER_MIN_MESSAGES, TRIM_EVERY
+
+    old_count = 1400
+    assert (old_count + 100) % TRIM_EVERY == 0 and old_count + 100 - BUFFER_MIN_MESSAGES > 6
     old = int((time.time() - 20 * 60) * 1000)
-    for first in range(0, 1200, 100):
+    for first in range(0, old_count, 100):
         publisher.publish(bars(STREAM, first, 100), now_ms=old)
-    publisher.publish(bars(STREAM, 1200, 100))
+    publisher.publish(bars(STREAM, old_count, 100))
     client = await open_client()
     await client.send({"op": "subscribe", "id": 2, "streams": [STREAM], "resume": {STREAM: 5}, "snapshot": 10})
     reply = await client.recv_type("resumed")
-    assert (reply["id"], reply["recovered"], reply["seq"]) == (2, False, 1300)
-    assert [b["close"] for b in reply["snapshot"]] == list(range(1390, 1400))
-    publisher.publish(bars(STREAM, 1300, 1))
-    assert (await client.recv_type("bar"))["seq"] == 1301
+    assert (reply["id"], reply["recovered"], reply["seq"]) == (2, False, 1500)
+    assert [b["close"] for b in reply["snapshot"]] == list(range(1590, 1600))
+    publisher.publish(bars(STREAM, 1500, 1))
+    assert (await client.recv_type("bar"))["seq"] == 1501
     # A resume the buffer still reaches is recovered.
-    await client.send({"op": "subscribe", "id": 3, "streams": [STREAM], "resume": {STREAM: 1290}})
+    await client.send({"op": "subscribe", "id": 3, "streams": [STREAM], "resume": {STREAM: 1490}})
     replayed = [await client.recv_type("bar") for _ in range(11)]
-    assert [m["seq"] for m in replayed] == list(range(1291, 1302))
+    assert [m["seq"] for m in replayed] == list(range(1491, 1502))
     reply = await client.recv_type("resumed")
-    assert (reply["id"], reply["recovered"], reply["seq"]) == (3, True, 1301)
+    assert (reply["id"], reply["recovered"], reply["seq"]) == (3, True, 1501)
 
 
 async def test_throttle_conflates_to_the_latest_message(gateways, symbols, open_client, publisher):
