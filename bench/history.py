@@ -406,11 +406,14 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def cache_counts(base: str) -> tuple[float, float]:
+def cache_counts(base: str) -> tuple[float, float, float]:
+    """/v1/ohlcv answers so far: from the cache, computed, and shared with a computation in flight (coalesced)."""
     # Generous timeout: under load the gateway answers /metrics behind a queue of requests.
     text = get(base + "/metrics", timeout=60).decode()
-    found = dict(re.findall(r'^api_cache_answers_total\{endpoint="ohlcv",result="(hit|miss)"\} (\S+)$', text, re.M))
-    return float(found.get("hit", 0)), float(found.get("miss", 0))
+    found = dict(
+        re.findall(r'^api_cache_answers_total\{endpoint="ohlcv",result="(hit|miss|coalesced)"\} (\S+)$', text, re.M)
+    )
+    return float(found.get("hit", 0)), float(found.get("miss", 0)), float(found.get("coalesced", 0))
 
 
 def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_open: datetime, token: str,
@@ -455,7 +458,7 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
     writer = None if args.no_writes else Writer(ids, last_open)
     # The counters a third into the run too: the ratio after that is the steady state,
     # once the first sight of each (symbol, page) has been paid for.
-    warm: list[tuple[float, float]] = []
+    warm: list[tuple[float, float, float]] = []
     timer = threading.Timer(args.seconds / 3, lambda: warm.append(cache_counts(base)))
     try:
         start = cache_counts(base)
@@ -473,6 +476,7 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
             writer.join()
         stop_gateway(proc)
     result["hit_ratio"] = ratio(start, end)
+    result["coalesced"] = end[2] - start[2]
     result["hit_ratio_warm"] = ratio(warm[0], end) if warm else float("nan")
     result["writes"] = float(writer.writes if writer is not None else 0)
     # The gateway's own CPU per answer: what a busy, shared machine changes least.
@@ -487,9 +491,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ratio(before: tuple[float, float], after: tuple[float, float]) -> float:
-    hits, misses = after[0] - before[0], after[1] - before[1]
-    return hits / (hits + misses) if hits + misses else float("nan")
+def ratio(before: tuple[float, ...], after: tuple[float, ...]) -> float:
+    """Cache hits among all answers: a coalesced answer (a miss that shared another's query) is not a hit."""
+    hits, others = after[0] - before[0], sum(after[1:]) - sum(before[1:])
+    return hits / (hits + others) if hits + others else float("nan")
 
 
 def machine() -> dict[str, str]:
@@ -519,7 +524,10 @@ def line(label: str, r: dict[str, float]) -> str:
     hits = (
         ""
         if r["hit_ratio"] != r["hit_ratio"]
-        else (f"  hits {r['hit_ratio']:.1%} (after the first third: {r['hit_ratio_warm']:.1%})")
+        else (
+            f"  hits {r['hit_ratio']:.1%} (after the first third: {r['hit_ratio_warm']:.1%};"
+            f" {int(r['coalesced'])} misses shared a query in flight)"
+        )
     )
     return (
         f"{label:10} {r['rps']:8.1f} req/s  p50 {r['p50']:5.0f} ms  p95 {r['p95']:5.0f} ms  p99 {r['p99']:5.0f} ms"

@@ -24,6 +24,7 @@ the one it was written for or when tracing is on (the spans come from Django's m
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import weakref
@@ -54,7 +55,7 @@ from ops.middleware import REQUEST_ID_HEADER, request_context
 from . import serializers as s
 from .authentication import KEYWORDS, QUERY_PARAM
 from .throttling import ApiRateThrottle
-from .views import JSON, _symbols, _validated, ohlcv_answer, ohlcv_cached, ohlcv_slot
+from .views import JSON, _cache_read, _symbols, _validated, ohlcv_answer, ohlcv_slot
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +93,7 @@ class OhlcvFastPath:
             SecurityMiddleware(_unused), CSPMiddleware(_unused), XFrameOptionsMiddleware(_unused)
         ]  # fmt: skip
         self._clients: weakref.WeakKeyDictionary[AbstractEventLoop, redis.asyncio.Redis] = weakref.WeakKeyDictionary()
+        self._flights: dict[tuple[str, str | None, int], asyncio.Future[bytes]] = {}
 
     def enabled(self) -> bool:
         return (
@@ -141,15 +143,19 @@ class OhlcvFastPath:
         structlog.contextvars.bind_contextvars(**context, path=PATH)
         metrics.HTTP_IN_FLIGHT.inc()
         try:
-            read = ohlcv_cached(slot, values[1:]) if slot is not None else None
+            read = _cache_read(slot, values[1:]) if slot is not None else None
             body = read.body if read is not None else None
+            if read is not None:
+                metrics.CACHE_REQUESTS.labels("miss" if body is None else "hit").inc()
             if body is None:
                 try:
-                    body = await sync_to_async(_answer, thread_sensitive=False)(q, symbol, base_url, slot, read)
+                    body = await self._compute(q, symbol, base_url, slot, read)
                 except Exception:
                     log.exception("ohlcv fast path failed; Django answers")
                     scope[cache.COUNTED_KEY] = counts
                     return False
+            else:
+                metrics.API_CACHE.labels("ohlcv", "hit").inc()
             response = HttpResponse(body, content_type=JSON)
             response.headers["Allow"] = "GET, HEAD, OPTIONS"
             for middleware in self._headers:
@@ -167,6 +173,36 @@ class OhlcvFastPath:
         metrics.HTTP_LATENCY.labels(ROUTE).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(ROUTE, "GET", "2xx").inc()
         return True
+
+    async def _compute(self, q: dict[str, Any], symbol: Any, base_url: str, slot: Any, read: Any) -> bytes:
+        """The answer from the database, computed once for all the requests of this process that want it at once.
+
+        Requests that missed the same entry at the same version share one computation
+        (counted ``coalesced``, not as hits): when a hot symbol's page is invalidated, or
+        at a cold start, its readers would otherwise all run the same query. What they get
+        is what each would have computed: the version they read is the one it was
+        computed at.
+        """
+        if read is None:  # the hot cache is off: every answer its own query
+            return await sync_to_async(_answer, thread_sensitive=False)(q, symbol, base_url, slot, read)
+        flight = (slot.stable, slot.clocked, read.version)
+        shared = self._flights.get(flight)
+        if shared is not None:
+            metrics.API_CACHE.labels("ohlcv", "coalesced").inc()
+            return await asyncio.shield(shared)
+        metrics.API_CACHE.labels("ohlcv", "miss").inc()
+        future: asyncio.Future[bytes] = get_running_loop().create_future()
+        self._flights[flight] = future
+        try:
+            body = await sync_to_async(_answer, thread_sensitive=False)(q, symbol, base_url, slot, read)
+        except BaseException as exc:  # cancelled too: the waiters then go to Django rather than wait forever
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the shared computation stopped"))
+            future.exception()  # retrieved: the waiters (if any) raise it themselves
+            raise
+        finally:
+            del self._flights[flight]
+        future.set_result(body)
+        return body
 
     def _prepare(self, scope: Any) -> tuple[Any, ...] | None:
         """What the view would know before its round trip, if this process knows it without the database."""

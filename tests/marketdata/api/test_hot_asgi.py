@@ -29,6 +29,13 @@ CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
 
 def call(app: Any, query: str, *, token: str | None = None, headers: tuple = ()) -> tuple[int, dict[str, str], bytes]:
     """One GET /v1/ohlcv?<query> through an ASGI app: status, headers (lower-case), body."""
+    return asyncio.run(acall(app, query, token=token, headers=headers))
+
+
+async def acall(
+    app: Any, query: str, *, token: str | None = None, headers: tuple = ()
+) -> tuple[int, dict[str, str], bytes]:
+    """call(), in the running event loop."""
     raw = [(b"host", b"testserver"), *headers]
     if token is not None:
         raw.append((b"authorization", f"Token {token}".encode()))
@@ -45,7 +52,7 @@ def call(app: Any, query: str, *, token: str | None = None, headers: tuple = ())
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     start = sent[0]
     body = b"".join(m.get("body", b"") for m in sent[1:])
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
@@ -167,3 +174,20 @@ def test_requests_are_counted_by_route(setup):
         call(http_app, QUERY, token=token)
     assert metrics.HTTP_REQUESTS.labels("v1/ohlcv", "GET", "2xx")._value.get() == before + 3
     assert metrics.API_CACHE.labels("ohlcv", "hit")._value.get() >= hits + 2
+
+
+def test_concurrent_misses_of_one_page_share_one_query(setup):
+    _, token = setup
+    call(django_http_app, QUERY, token=token)  # the token and the symbol are known in this process now
+    other = "symbol=AAPL&tf=1m&limit=11"  # a page nobody has read
+    misses = metrics.API_CACHE.labels("ohlcv", "miss")._value.get()
+    coalesced = metrics.API_CACHE.labels("ohlcv", "coalesced")._value.get()
+
+    async def together() -> list[tuple[int, dict[str, str], bytes]]:
+        return await asyncio.gather(*(acall(http_app, other, token=token) for _ in range(5)))
+
+    answers = asyncio.run(together())
+    expected = call(django_http_app, other, token=token)[2]
+    assert [(status, body) for status, _, body in answers] == [(200, expected)] * 5
+    assert metrics.API_CACHE.labels("ohlcv", "miss")._value.get() == misses + 1
+    assert metrics.API_CACHE.labels("ohlcv", "coalesced")._value.get() == coalesced + 4
