@@ -59,6 +59,7 @@ FRAMES_TYPE = "stream.frames"
 # A stream's first seq (see the module docstring): its creation time in ms times this.
 SEQ_EPOCH_PER_MS = 1000
 BATCH_KEY = "md:published:{batch_id}"
+SCRIPT_STREAMS = 64  # streams per publish script (see Publisher.publish_groups)
 BATCH_ID_TTL_S = 3600
 
 PUBLISH_LUA = """
@@ -180,23 +181,32 @@ class Publisher:
     def publish_groups(
         self, groups: dict[tuple[str, str], list[str]], *, now_ms: int | None = None, batch_id: str | None = None
     ) -> dict[str, int]:
-        """``publish`` for messages already grouped: (stream, kind) -> data texts, in order."""
-        # One msgpack argument: redis-py's Python encoder packing thousands of separate
-        # arguments cost more than the script itself.
-        payload = msgpack.packb(
-            [
-                (stream, channel_of(stream), kind, len(datas), "\n".join(datas))
-                for (stream, kind), datas in groups.items()
-            ]
-        )
+        """``publish`` for messages already grouped: (stream, kind) -> data texts, in order.
+
+        In scripts of at most SCRIPT_STREAMS streams: Redis runs one script at a time, and
+        a whole batch's script (4 ms for 1,000 bars) held up everything else meanwhile,
+        the ingester's cache-version bumps right after each commit among them. A retried
+        batch repeats none of its scripts that ran (each has its own id).
+        """
+        items = list(groups.items())
         now = now_ms or int(time.time() * 1000)
         seq_base = now * SEQ_EPOCH_PER_MS if settings.STREAM_SEQ_EPOCH else 0
-        args: list[Any] = [
-            now, BUFFER_MIN_MESSAGES, BUFFER_MIN_SECONDS * 1000, TRIM_EVERY, FRAMES_TYPE, payload, seq_base,
-            BATCH_KEY.format(batch_id=batch_id) if batch_id else "", BATCH_ID_TTL_S,
-        ]  # fmt: skip
-        lasts = self.script(keys=[], args=args)
-        return {stream: int(last) for (stream, _), last in zip(groups, lasts, strict=True)}
+        lasts: dict[str, int] = {}
+        for part, start in enumerate(range(0, len(items), SCRIPT_STREAMS)):
+            chunk = items[start : start + SCRIPT_STREAMS]
+            # One msgpack argument: redis-py's Python encoder packing thousands of separate
+            # arguments cost more than the script itself.
+            payload = msgpack.packb(
+                [(stream, channel_of(stream), kind, len(datas), "\n".join(datas)) for (stream, kind), datas in chunk]
+            )
+            batch_key = BATCH_KEY.format(batch_id=f"{batch_id}:{part}") if batch_id else ""
+            args: list[Any] = [
+                now, BUFFER_MIN_MESSAGES, BUFFER_MIN_SECONDS * 1000, TRIM_EVERY, FRAMES_TYPE, payload, seq_base,
+                batch_key, BATCH_ID_TTL_S,
+            ]  # fmt: skip
+            replies = self.script(keys=[], args=args)
+            lasts.update((stream, int(last)) for ((stream, _), _), last in zip(chunk, replies, strict=True))
+        return lasts
 
     def close(self) -> None:
         self.client.close()

@@ -413,7 +413,8 @@ async def test_resume_older_than_the_buffer_gets_recovered_false_and_a_snapshot(
     from streaming.publish import BUFFER_MIN_MESSAGES, TRIM_EVERY
 
     old_count = 1400
-    assert (old_count + 100) % TRIM_EVERY == 0 and old_count + 100 - BUFFER_MIN_MESSAGES > 6
+    assert (old_count + 100) % TRIM_EVERY == 0
+    assert old_count + 100 - BUFFER_MIN_MESSAGES > 6
     old = int((time.time() - 20 * 60) * 1000)
     for first in range(0, old_count, 100):
         publisher.publish(bars(STREAM, first, 100), now_ms=old)

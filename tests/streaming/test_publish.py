@@ -107,3 +107,17 @@ async def test_the_gateway_reads_buffers_and_messages_an_earlier_version_wrote(r
 
     assert (last, replayed) == (3, frames[1:])
     assert message_frames({"type": "stream.frames", "stream": STREAM, "first": 1, "frames": frames}) == frames
+
+
+def test_a_batch_of_many_streams_retried_after_a_partial_publish_sends_each_message_once(redis_client):
+    from streaming.publish import SCRIPT_STREAMS
+
+    publisher = Publisher()
+    streams = [f"bars:1m:S{i:03d}" for i in range(SCRIPT_STREAMS + 6)]  # two scripts
+    groups = {(stream, "bar"): ['{"a":1}', '{"a":2}'] for stream in streams}
+    # The first script ran, then the connection broke before the second.
+    publisher.publish_groups(dict(list(groups.items())[:SCRIPT_STREAMS]), batch_id="run:7")
+    lasts = publisher.publish_groups(groups, batch_id="run:7")  # the retry of the whole batch
+
+    assert lasts == dict.fromkeys(streams, 2)
+    assert all([f["seq"] for f in buffer_frames(redis_client, stream)] == [1, 2] for stream in streams)
