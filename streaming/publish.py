@@ -1,6 +1,7 @@
 """The one publish path: after a commit, frames go to Redis with a per-stream seq.
 
-One Lua script per batch does, atomically in Redis, for each stream the batch touched:
+One Lua script per batch (per SCRIPT_STREAMS streams of it) does, atomically in Redis, for
+each stream the batch touched:
 INCRBY the stream's seq by its number of messages, append the messages' data to the
 stream's replay buffer as one entry, and PUBLISH them as one message to the stream's
 Channels group (channels_redis' RedisPubSubChannelLayer wire format: msgpack of the
