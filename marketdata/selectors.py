@@ -232,7 +232,8 @@ def _to_bar(row: tuple, tf: str, base: str, now: datetime) -> BarOut:
 class _PagePlan(NamedTuple):
     """What a bar page reads: the bucket range [lo, hi) of ``base`` rows, newest first when ``descending``."""
 
-    symbol: Symbol
+    symbol_id: int
+    ticker: str
     now: datetime
     base: str
     lo: datetime | None
@@ -241,7 +242,14 @@ class _PagePlan(NamedTuple):
 
 
 def _page_plan(
-    *, ticker: str, tf: str, start: datetime | None, end: datetime | None, limit: int, cursor: str | None
+    *,
+    ticker: str,
+    tf: str,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+    cursor: str | None,
+    symbol_id: int | None = None,
 ) -> _PagePlan | BarPage:
     """bar_list's checks and range; an (empty) BarPage when there is nothing to read."""
     validate_timeframe(tf)
@@ -249,22 +257,23 @@ def _page_plan(
     _aware("end", end)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
         raise ValidationError(ERR_LIMIT.format(max=MAX_LIMIT, value=limit), field="limit")
-    symbol = symbol_get(ticker=ticker)
+    if symbol_id is None:
+        symbol_id, ticker = (symbol := symbol_get(ticker=ticker)).pk, symbol.ticker
     now = timezone.now()
     end = end or now + DURATIONS[tf]
     if cursor is not None:
         start = cursor_decode(cursor) + timedelta(microseconds=1)
     if start is not None and start >= end:
         if cursor is not None:
-            return BarPage(symbol.ticker, tf, [], None)
+            return BarPage(ticker, tf, [], None)
         raise ValidationError(ERR_RANGE, field="start")
-    base = _source_timeframe(symbol.pk, tf)
+    base = _source_timeframe(symbol_id, tf)
     if base is None:
-        return BarPage(symbol.ticker, tf, [], None)
+        return BarPage(ticker, tf, [], None)
     # Only whole buckets inside [start, end): align both edges up to bucket opens.
     hi = bucket_ceil(end, tf)
     lo = bucket_ceil(start, tf) if start is not None else None
-    return _PagePlan(symbol, now, base, lo, hi, lo is None)
+    return _PagePlan(symbol_id, ticker, now, base, lo, hi, lo is None)
 
 
 def bar_list(
@@ -287,9 +296,9 @@ def bar_list(
     plan = _page_plan(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor)
     if isinstance(plan, BarPage):
         return plan
-    symbol, now, base, lo, hi, descending = plan
+    symbol_id, ticker, now, base, lo, hi, descending = plan
     rows = _bars_window(
-        symbol_id=symbol.pk, base=base, tf=tf, lo=lo, hi=hi, limit=limit + 1,
+        symbol_id=symbol_id, base=base, tf=tf, lo=lo, hi=hi, limit=limit + 1,
         exclude=exclude_anomalies, descending=descending,
     )  # fmt: skip
     if descending:
@@ -299,7 +308,7 @@ def bar_list(
         has_more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = cursor_encode(rows[-1][0]) if has_more and rows else None
-    return BarPage(symbol.ticker, tf, [_to_bar(r, tf, base, now) for r in rows], next_cursor)
+    return BarPage(ticker, tf, [_to_bar(r, tf, base, now) for r in rows], next_cursor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,16 +380,18 @@ def bar_page_text(
     limit: int = DEFAULT_LIMIT,
     cursor: str | None = None,
     exclude_anomalies: bool = False,
+    symbol_id: int | None = None,
 ) -> BarPageText:
     """bar_list's page as JSON text, the same bytes that joining wire.bar_json of its bars gives.
 
     Stored timeframes are written by PostgreSQL in one statement; resampled ones go
-    through bar_list (their bars may be forming, and their reads grow a window).
+    through bar_list (their bars may be forming, and their reads grow a window). A caller
+    that knows the ticker's ``symbol_id`` (a look-up it keeps) saves the symbol query.
     """
-    plan = _page_plan(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor)
+    plan = _page_plan(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor, symbol_id=symbol_id)
     if isinstance(plan, BarPage):
         return BarPageText(plan.symbol, tf, None, "", 0, True, plan.next_cursor)
-    symbol, _, base, lo, hi, descending = plan
+    symbol_id, ticker, _, base, lo, hi, descending = plan
     if base != tf:
         page = bar_list(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
                         exclude_anomalies=exclude_anomalies)  # fmt: skip
@@ -392,12 +403,12 @@ def bar_page_text(
         )
     sql = _page_text_sql(descending, exclude_anomalies)
     lo = lo or ORIGIN - timedelta(days=365 * 100)
-    params: dict[str, Any] = {"symbol_id": symbol.pk, "base": base, "lo": lo, "hi": hi, "limit": limit}
+    params: dict[str, Any] = {"symbol_id": symbol_id, "base": base, "lo": lo, "hi": hi, "limit": limit}
     with connection.cursor() as cur:
         cur.execute(sql, params)
         count, text, last = cur.fetchone()
     next_cursor = cursor_encode(last) if not descending and count > limit else None
-    return BarPageText(symbol.ticker, tf, base, text or "", min(count, limit), True, next_cursor)
+    return BarPageText(ticker, tf, base, text or "", min(count, limit), True, next_cursor)
 
 
 @lru_cache(maxsize=4)

@@ -304,7 +304,7 @@ def ohlcv_answer(
     tf, end, limit = q["tf"], q.get("end"), q["limit"]
     page = bar_page_text(
         ticker=symbol.ticker, tf=tf, start=q.get("start"), end=end, limit=limit, cursor=q.get("cursor"),
-        exclude_anomalies=q["anomalies"] == "exclude",
+        exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
     )  # fmt: skip
     next_url = "null"
     if page.next_cursor is not None:

@@ -57,6 +57,7 @@ def test_the_text_equals_bar_json_of_bar_list_byte_for_byte(make_symbol):
         expected = _python(ticker="AAPL", tf="1m", **kwargs)
         page = bar_page_text(ticker="AAPL", tf="1m", **kwargs)
         assert (page.bars, page.count, page.next_cursor) == expected, (kwargs, _diff(page.bars, expected[0]))
+        assert bar_page_text(ticker="AAPL", tf="1m", symbol_id=symbol.pk, **kwargs) == page  # the look-up skipped
         assert page.base == "1m"
         assert page.all_final
     # A cursor walk gives the same pages.
