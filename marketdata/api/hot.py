@@ -39,6 +39,7 @@ from asgiref.sync import sync_to_async
 from asgiref.wsgi import WsgiToAsgiInstance
 from django.conf import settings
 from django.core.handlers.wsgi import WSGIRequest
+from django.core.signals import setting_changed
 from django.db import close_old_connections
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
@@ -50,7 +51,7 @@ from marketdata import access, cache
 from marketdata.access import datasets_allowed
 from marketdata.tokens import token_hash
 from ops import metrics, tracing
-from ops.middleware import REQUEST_ID_HEADER, request_context
+from ops.middleware import request_context
 
 from . import serializers as s
 from .authentication import KEYWORDS, QUERY_PARAM
@@ -94,6 +95,11 @@ class OhlcvFastPath:
         ]  # fmt: skip
         self._clients: weakref.WeakKeyDictionary[AbstractEventLoop, redis.asyncio.Redis] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[str, str | None, int], asyncio.Future[bytes]] = {}
+        self._header_cache: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
+        setting_changed.connect(self._settings_changed, weak=False)
+
+    def _settings_changed(self, **kwargs: Any) -> None:
+        self._header_cache.clear()
 
     def enabled(self) -> bool:
         return (
@@ -156,23 +162,33 @@ class OhlcvFastPath:
                     return False
             else:
                 metrics.API_CACHE.labels("ohlcv", "hit").inc()
-            response = HttpResponse(body, content_type=JSON)
-            response.headers["Allow"] = "GET, HEAD, OPTIONS"
-            for middleware in self._headers:
-                response = middleware.process_response(request, response)
-            response.headers["Content-Length"] = str(len(body))
-            response.headers[REQUEST_ID_HEADER] = context["request_id"]
-            await send({
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.items()],
-            })  # fmt: skip
+            headers = [
+                *self._static_headers(request),
+                (b"content-length", b"%d" % len(body)),
+                (b"x-request-id", context["request_id"].encode("latin-1")),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
         metrics.HTTP_LATENCY.labels(ROUTE).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(ROUTE, "GET", "2xx").inc()
         return True
+
+    def _static_headers(self, request: WSGIRequest) -> list[tuple[bytes, bytes]]:
+        """The headers Django's middleware gives a 200 JSON answer: they depend on the host and the scheme only."""
+        key = (request.get_host(), request.is_secure())
+        found = self._header_cache.get(key)
+        if found is None:
+            response = HttpResponse(b"", content_type=JSON)
+            response.headers["Allow"] = "GET, HEAD, OPTIONS"
+            for middleware in self._headers:
+                response = middleware.process_response(request, response)
+            found = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
+            if len(self._header_cache) >= 256:
+                self._header_cache.clear()
+            self._header_cache[key] = found
+        return found
 
     async def _compute(self, q: dict[str, Any], symbol: Any, base_url: str, slot: Any, read: Any) -> bytes:
         """The answer from the database, computed once for all the requests of this process that want it at once.
