@@ -438,6 +438,10 @@ def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_ope
     with open(f"{prefix}_stats.csv", newline="") as f:
         rows = {row["Name"]: row for row in csv.DictReader(f)}
     row = rows["Aggregated"]
+    if float(row["Failure Count"]):
+        with open(f"{prefix}_failures.csv", newline="") as f:
+            for failure in csv.DictReader(f):
+                print(f"  failed ({label}): {failure['Occurrences']} x {failure['Error']}", flush=True)
     return {
         "requests": float(row["Request Count"]),
         "failures": float(row["Failure Count"]),
