@@ -61,6 +61,7 @@ from .views import JSON, _cache_read, _symbols, _validated, ohlcv_answer, ohlcv_
 log = structlog.get_logger(__name__)
 
 PATH = "/v1/ohlcv"
+REDIS_DOWN_PAUSE_S = 1.0
 ROUTE = "v1/ohlcv"  # the route label Django's resolver gives MetricsMiddleware
 # The middleware this path stands in for. Of these, only RequestContext (request id), Metrics,
 # Security, CSP, Common (Content-Length) and XFrameOptions touch a token-authenticated GET's
@@ -96,6 +97,7 @@ class OhlcvFastPath:
         self._clients: weakref.WeakKeyDictionary[AbstractEventLoop, redis.asyncio.Redis] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[str, str | None, int], asyncio.Future[bytes]] = {}
         self._header_cache: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
+        self._redis_down_until = 0.0
         setting_changed.connect(self._settings_changed, weak=False)
 
     def _settings_changed(self, **kwargs: Any) -> None:
@@ -125,6 +127,8 @@ class OhlcvFastPath:
     async def serve(self, scope: Any, send: Any) -> bool:
         """Answer the request and return True, or return False (having sent nothing) for Django to answer it."""
         started = time.perf_counter()
+        if time.monotonic() < self._redis_down_until:
+            return False
         found = self._prepare(scope)
         if found is None:
             return False
@@ -138,7 +142,10 @@ class OhlcvFastPath:
             out = await pipe.execute()
         except (redis.RedisError, OSError):
             metrics.CACHE_ERRORS.labels("get").inc()
-            return False  # Django's path: counts nothing, reads the database
+            # Django's path: counts nothing, reads the database. For a second, leave Redis to it
+            # alone: each request would otherwise wait out two connect timeouts, not one.
+            self._redis_down_until = time.monotonic() + REDIS_DOWN_PAUSE_S
+            return False
         counts, values = out[0 : 2 * len(checks) : 2], out[-1]
         if cache.epoch_note(values[0]) or not throttle.decide(checks, counts):
             # A token, entitlement or symbol changed somewhere, or a rate limit: Django decides, not counting again.
