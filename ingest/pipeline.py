@@ -366,19 +366,26 @@ class Pipeline:
     )
     def _flush(self, bars: list[BarIn], trades: list[TradeIn]) -> None:
         changed: set[int] = set()
+        # Per symbol whose bars alone changed: the earliest bar time per timeframe, so the
+        # bump spares cached pages wholly before it (a new bar leaves a chart's history cached).
+        since: dict[int, dict[str, datetime]] = {}
         publish_bars: list[BarIn] = []
         publish_trades: list[TradeIn] = []
         if bars:
             result, retried = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
             if result.inserted + result.updated or retried:
-                changed.update(b.symbol_id for b in bars)
+                for (symbol_id, tf), (first, _) in result.spans.items():
+                    since.setdefault(symbol_id, {})[tf] = first
                 publish_bars = bars
         if trades:
             result, retried = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
             if result.inserted or retried:
                 changed.update(t.symbol_id for t in trades)
                 publish_trades = trades
-        versions_bump(symbol_ids=changed)  # at once: the cache must not outlive the commit
+        for symbol_id in changed:
+            since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
+        changed.update(since)
+        versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
         # At most once a second (readers recompute rows older than their symbol's version).
         self._leaderboards.changed(changed)
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)

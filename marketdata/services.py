@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from django.utils import timezone
 
 from ops import metrics
 
-from .cache import epoch_bump
+from .cache import epoch_bump, versions_bump
 from .errors import (
     ERR_BAD_SIDE,
     ERR_BAD_TIMEFRAME_STORED,
@@ -73,6 +74,9 @@ class WriteResult:
     received: int
     inserted: int
     updated: int
+    # (symbol_id, timeframe) -> the first and last bar time of the batch (bars only): what a
+    # cache-version bump names as changed, so cached pages wholly before it stay valid.
+    spans: Mapping[tuple[int, str], tuple[datetime, datetime]] = dataclass_field(default_factory=dict)
 
     @property
     def unchanged(self) -> int:
@@ -330,13 +334,13 @@ def bars_upsert(*, bars: Sequence[BarIn]) -> WriteResult:
         metrics.DB_APPEND_FALLBACKS.inc()
         appended = False
     if appended:
-        result = WriteResult(received=len(bars), inserted=len(bars), updated=0)
+        result = WriteResult(received=len(bars), inserted=len(bars), updated=0, spans=spans)
     else:
         with _staged("bar_stage") as cursor:
             _copy(cursor.cursor, "bar_stage", BAR_COLUMNS, BAR_TYPES, _last_per_key(bars))
             cursor.execute(BAR_UPSERT_SQL)
             inserted, updated = cursor.fetchone()
-        result = WriteResult(received=len(bars), inserted=inserted, updated=updated)
+        result = WriteResult(received=len(bars), inserted=inserted, updated=updated, spans=spans)
     transaction.on_commit(partial(_remember, spans))
     metrics.DB_WRITE_ROWS.labels(BAR_TABLE).inc(result.inserted + result.updated)
     metrics.DB_WRITE_LATENCY.labels(BAR_TABLE).observe(time.perf_counter() - started)
@@ -376,23 +380,35 @@ def trades_insert(*, trades: Sequence[TradeIn]) -> WriteResult:
 
 
 RETENTION_BARS_SQL = f"""
-DELETE FROM {BAR_TABLE} b USING marketdata_symbol s
-WHERE b.symbol_id = s.id AND b.timeframe = %(tf)s
-  AND b.ts < %(now)s - make_interval(days => COALESCE(
-      (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
-      %(default)s))
+WITH deleted AS (
+    DELETE FROM {BAR_TABLE} b USING marketdata_symbol s
+    WHERE b.symbol_id = s.id AND b.timeframe = %(tf)s
+      AND b.ts < %(now)s - make_interval(days => COALESCE(
+          (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
+          %(default)s))
+    RETURNING b.symbol_id
+)
+SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
 """
 RETENTION_TRADES_SQL = f"""
-DELETE FROM {TRADE_TABLE} t USING marketdata_symbol s
-WHERE t.symbol_id = s.id
-  AND t.ts_event < %(now)s - make_interval(days => COALESCE(
-      (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
-      %(default)s))
+WITH deleted AS (
+    DELETE FROM {TRADE_TABLE} t USING marketdata_symbol s
+    WHERE t.symbol_id = s.id
+      AND t.ts_event < %(now)s - make_interval(days => COALESCE(
+          (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
+          %(default)s))
+    RETURNING t.symbol_id
+)
+SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
 """
 
 
 def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
-    """Delete every bar and trade older than its (dataset, schema) policy; default keep applies elsewhere."""
+    """Delete every bar and trade older than its (dataset, schema) policy; default keep applies elsewhere.
+
+    Each symbol that lost rows has its cache version bumped after the commit, so no cached
+    answer keeps showing what was deleted.
+    """
     now = now or timezone.now()
     _check_aware("now", now)
     deleted: dict[str, int] = {}
@@ -404,8 +420,11 @@ def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
                     cursor.execute(RETENTION_BARS_SQL, {**params, "schema": schema, "tf": SCHEMA_TIMEFRAMES[schema]})
                 else:
                     cursor.execute(RETENTION_TRADES_SQL, {**params, "schema": schema})
-                deleted[schema] = cursor.rowcount
-                metrics.RETENTION_DELETED.labels(table).inc(cursor.rowcount)
+                counts = dict(cursor.fetchall())
+                if counts:
+                    transaction.on_commit(partial(versions_bump, symbol_ids=list(counts)))
+            deleted[schema] = sum(counts.values())
+            metrics.RETENTION_DELETED.labels(table).inc(deleted[schema])
     return deleted
 
 
