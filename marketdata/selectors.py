@@ -22,6 +22,7 @@ from .timeframes import (
     DURATIONS,
     OHLCV,
     ORIGIN,
+    STORED_TIMEFRAMES,
     bucket_ceil,
     bucket_start,
     source_candidates,
@@ -250,8 +251,13 @@ def _page_plan(
     limit: int,
     cursor: str | None,
     symbol_id: int | None = None,
+    base: str | None = None,
 ) -> _PagePlan | BarPage:
-    """bar_list's checks and range; an (empty) BarPage when there is nothing to read."""
+    """bar_list's checks and range; an (empty) BarPage when there is nothing to read.
+
+    A caller that passes ``base`` takes it as the source timeframe without asking the
+    database (bar_page_text's guess, which it checks when the page comes back empty).
+    """
     validate_timeframe(tf)
     _aware("start", start)
     _aware("end", end)
@@ -267,7 +273,8 @@ def _page_plan(
         if cursor is not None:
             return BarPage(ticker, tf, [], None)
         raise ValidationError(ERR_RANGE, field="start")
-    base = _source_timeframe(symbol_id, tf)
+    if base is None:
+        base = _source_timeframe(symbol_id, tf)
     if base is None:
         return BarPage(ticker, tf, [], None)
     # Only whole buckets inside [start, end): align both edges up to bucket opens.
@@ -339,14 +346,15 @@ def _anomalies_sql(column: str) -> str:
 # ~8 ms of Python (a datetime, a BarOut and an f-string per bar) and holds the GIL. Bars of
 # one ts from several publishers are consolidated as _AGG_SELECT does (open of the lowest
 # publisher, close of the highest), but with plain aggregates and an index probe only for
-# such a ts: the ordered array_agg sorted every group, 1.9 of the statement's 4.5 ms.
+# such a ts: the ordered array_agg sorted every group, 1.9 of the statement's 4.5 ms. The time
+# is one to_char with the microseconds, dropped when they are all zero (as ts_text does): an
+# extract and a second to_char cost ~0.2 ms a page.
 _PAGE_TEXT_SQL = """
 SELECT count(*), string_agg(j, ',' ORDER BY b) FILTER (WHERE n <= %(limit)s),
        max(b) FILTER (WHERE n <= %(limit)s)
 FROM (
   SELECT b, row_number() OVER (ORDER BY b {direction}) AS n,
-         '{{"ts":"' || to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
-         || CASE WHEN extract(microseconds FROM b) %% 1000000 <> 0 THEN to_char(b AT TIME ZONE 'UTC', '.US') ELSE '' END
+         '{{"ts":"' || replace(to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), '.000000', '')
          || 'Z","open":' || {open} || ',"high":' || {high} || ',"low":' || {low} || ',"close":' || {close}
          || ',"volume":' || v::text || ',"final":true' || {anomalies} || '}}' AS j
   FROM (
@@ -388,27 +396,53 @@ def bar_page_text(
     through bar_list (their bars may be forming, and their reads grow a window). A caller
     that knows the ticker's ``symbol_id`` (a look-up it keeps) saves the symbol query.
     """
-    plan = _page_plan(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor, symbol_id=symbol_id)
+    # A stored timeframe is its own source whenever the symbol has a bar of it (source_candidates
+    # puts it first), which a page with a bar proves: the look-up of the symbol's stored
+    # timeframes (a second statement and round trip) is only needed when the page is empty.
+    guess = tf if tf in STORED_TIMEFRAMES else None
+    plan = _page_plan(
+        ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor, symbol_id=symbol_id, base=guess
+    )
     if isinstance(plan, BarPage):
         return BarPageText(plan.symbol, tf, None, "", 0, True, plan.next_cursor)
     symbol_id, ticker, _, base, lo, hi, descending = plan
     if base != tf:
-        page = bar_list(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
-                        exclude_anomalies=exclude_anomalies)  # fmt: skip
-        text = ",".join(
-            bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.final) for b in page.bars
-        )
-        return BarPageText(
-            page.symbol, tf, base, text, len(page.bars), all(b.final for b in page.bars), page.next_cursor
-        )
+        return _resampled_text(ticker=ticker, tf=tf, base=base, start=start, end=end, limit=limit, cursor=cursor,
+                               exclude_anomalies=exclude_anomalies)  # fmt: skip
     sql = _page_text_sql(descending, exclude_anomalies)
     lo = lo or ORIGIN - timedelta(days=365 * 100)
     params: dict[str, Any] = {"symbol_id": symbol_id, "base": base, "lo": lo, "hi": hi, "limit": limit}
     with connection.cursor() as cur:
         cur.execute(sql, params)
         count, text, last = cur.fetchone()
+    if not count and guess is not None:
+        # Empty: either no bars in the range, or no bars of tf at all (then a finer base serves it).
+        base = _source_timeframe(symbol_id, tf)
+        if base is None:
+            return BarPageText(ticker, tf, None, "", 0, True, None)
+        if base != tf:
+            return _resampled_text(ticker=ticker, tf=tf, base=base, start=start, end=end, limit=limit, cursor=cursor,
+                                   exclude_anomalies=exclude_anomalies)  # fmt: skip
     next_cursor = cursor_encode(last) if not descending and count > limit else None
     return BarPageText(ticker, tf, base, text or "", min(count, limit), True, next_cursor)
+
+
+def _resampled_text(
+    *,
+    ticker: str,
+    tf: str,
+    base: str,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+    cursor: str | None,
+    exclude_anomalies: bool,
+) -> BarPageText:
+    """A resampled page through bar_list (its bars may be forming, and its reads grow a window)."""
+    page = bar_list(ticker=ticker, tf=tf, start=start, end=end, limit=limit, cursor=cursor,
+                    exclude_anomalies=exclude_anomalies)  # fmt: skip
+    text = ",".join(bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.final) for b in page.bars)
+    return BarPageText(page.symbol, tf, base, text, len(page.bars), all(b.final for b in page.bars), page.next_cursor)
 
 
 @lru_cache(maxsize=4)
