@@ -417,11 +417,11 @@ def bar_page_text(
         count, text, last = cur.fetchone()
     if not count and guess is not None:
         # Empty: either no bars in the range, or no bars of tf at all (then a finer base serves it).
-        base = _source_timeframe(symbol_id, tf)
-        if base is None:
+        source = _source_timeframe(symbol_id, tf)
+        if source is None:
             return BarPageText(ticker, tf, None, "", 0, True, None)
-        if base != tf:
-            return _resampled_text(ticker=ticker, tf=tf, base=base, start=start, end=end, limit=limit, cursor=cursor,
+        if source != tf:
+            return _resampled_text(ticker=ticker, tf=tf, base=source, start=start, end=end, limit=limit, cursor=cursor,
                                    exclude_anomalies=exclude_anomalies)  # fmt: skip
     next_cursor = cursor_encode(last) if not descending and count > limit else None
     return BarPageText(ticker, tf, base, text or "", min(count, limit), True, next_cursor)
