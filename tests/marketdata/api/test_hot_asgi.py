@@ -205,3 +205,16 @@ def test_concurrent_misses_of_one_page_share_one_query(setup):
     assert [(status, body) for status, _, body in answers] == [(200, expected)] * 5
     assert metrics.API_CACHE.labels("ohlcv", "miss")._value.get() == misses + 1
     assert metrics.API_CACHE.labels("ohlcv", "coalesced")._value.get() == coalesced + 4
+
+
+def test_the_gateway_keeps_what_it_loaded_out_of_the_collectors_walks():
+    # config.asgi (imported above, as the gateway imports it) froze what was loaded by then:
+    # an oldest-generation collection no longer walks Django and the modules (~70 ms stalls).
+    import gc
+    import sys
+
+    from config import asgi
+
+    assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold()[0] == asgi.GC_THRESHOLD
+    assert sys.getswitchinterval() == pytest.approx(asgi.SWITCH_INTERVAL_S)
