@@ -450,6 +450,14 @@ def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_ope
         with open(f"{prefix}_failures.csv", newline="") as f:
             for failure in csv.DictReader(f):
                 print(f"  failed ({label}): {failure['Occurrences']} x {failure['Error']}", flush=True)
+        # The gateway's own account of a server error (its log goes with the run's temporary directory).
+        gateway_log = workdir / f"daphne-{label}.log"
+        if gateway_log.exists():
+            lines = gateway_log.read_text(errors="replace").splitlines()
+            for n, text in enumerate(lines):
+                if "Traceback" in text or '"level": "error"' in text or "ERROR" in text:
+                    print("  gateway: " + "\n  gateway: ".join(lines[n : n + 40]), flush=True)
+                    break
     return {
         "requests": float(row["Request Count"]),
         "failures": float(row["Failure Count"]),
