@@ -1,8 +1,6 @@
 """ASGI entry point: HTTP to Django, WebSocket to Channels consumers."""
 
-import gc
 import os
-import sys
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -11,9 +9,7 @@ from django.core.wsgi import get_wsgi_application
 
 from marketdata.cache import COUNTED_KEY
 from ops import tracing
-
-GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
-SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the interpreter lock while others wait (default 5 ms)
+from ops.runtime import interpreter_tune
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 # Before Django loads its middleware: the Django instrumentation adds its own (a no-op
@@ -124,15 +120,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from streaming.auth import SessionUserMiddleware  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
 
-# What is loaded by now (Django, the modules, the settings) lives as long as the process: out
-# of the cyclic collector's walks. An oldest-generation collection walked all of it and held
-# the interpreter lock, so every request in flight, ~70 ms each time, five times in a 30 s
-# bench/history.py run with the cache off (p99 110 -> 51 ms). Young collections come less
-# often, and a thread back from PostgreSQL or Redis waits less for the lock (the ingester's
-# settings, for the same reasons).
-gc.freeze()
-gc.set_threshold(GC_THRESHOLD, 20, 20)
-sys.setswitchinterval(SWITCH_INTERVAL_S)
+interpreter_tune()  # everything long-lived is loaded by now
 
 application = ProtocolTypeRouter(
     {

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from ingest.sources.keys import ApiKeyError, api_key_get
 from marketdata.errors import ValidationError
 from marketdata.timeframes import SCHEMAS
 from marketdata.timeparse import time_parse
+from ops.runtime import interpreter_tune
 
 
 def _symbols(value: str) -> list[str]:
@@ -48,10 +47,6 @@ def _speed(value: str) -> float:
     if not speed > 0:
         raise argparse.ArgumentTypeError(f"--speed must be a positive number, got {value!r}")
     return speed
-
-
-GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
-SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the interpreter lock while others wait (default 5 ms)
 
 
 class Command(BaseCommand):
@@ -88,16 +83,7 @@ class Command(BaseCommand):
         )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
-        # The cyclic collector walked every young object each 700 allocations: with a
-        # tuple or two per record that was a tenth of the ingester's CPU. What is loaded
-        # by now (Django, the modules) is frozen out of its walks; collections are rarer.
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 20)
-        # The source, writer and publisher threads share one interpreter lock. A thread
-        # back from PostgreSQL or Redis waited up to the switch interval (5 ms) for the
-        # source to let go of it, once per round trip: the writer's several round trips a
-        # batch made it the bottleneck. 0.5 ms: 10.6 -> 8.5 s for 300,000 bars.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        interpreter_tune()
         try:
             if options["source"] == "replay":
                 self._replay(options)
