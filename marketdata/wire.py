@@ -6,13 +6,12 @@ float ever touches them); times are RFC 3339 UTC with a ``Z``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import lru_cache
 
 from .timeframes import anomaly_names
 
 SCALE = 1_000_000_000
-_ZERO = timedelta(0)
 
 
 # Small caches on purpose: they only need what repeats within a batch or a page (prices
@@ -28,13 +27,18 @@ def price_text(value: int) -> str:
     return f"{sign}{whole}.{frac:09d}".rstrip("0")
 
 
-@lru_cache(maxsize=4096)  # many streams' messages share the same few timestamps
-def ts_text(ts: datetime) -> str:
-    """RFC 3339 UTC with a Z; microseconds only when present."""
-    if ts.utcoffset() != _ZERO:
-        ts = ts.astimezone(UTC)
-    # isoformat is several times faster than strftime, and this runs once per message.
-    return ts.replace(tzinfo=None).isoformat() + "Z"
+def time_text(ts: datetime) -> str:
+    """RFC 3339 UTC with a Z; microseconds only when present (uncached: for times that rarely repeat)."""
+    text = ts.isoformat()  # several times faster than strftime
+    if text.endswith("+00:00"):
+        return text[:-6] + "Z"
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z"
+
+
+# Many streams' bars share the same few times. Trade times rarely repeat: trade_json uses
+# time_text directly (a cache miss cost 0.35 us more than no cache; the ingester's
+# publisher spent 39% of its time here on trades).
+ts_text = lru_cache(maxsize=4096)(time_text)
 
 
 def bar_json(
@@ -53,4 +57,4 @@ def bar_json(
 
 def trade_json(ts: datetime, price: int, size: int, side: str) -> str:
     """The protocol's trade data object as JSON text."""
-    return f'{{"ts":"{ts_text(ts)}","price":{price_text(price)},"size":{size},"side":"{side}"}}'
+    return f'{{"ts":"{time_text(ts)}","price":{price_text(price)},"size":{size},"side":"{side}"}}'

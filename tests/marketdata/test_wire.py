@@ -1,0 +1,32 @@
+"""The JSON text of times: one RFC 3339 form whatever zone an aware datetime carries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from marketdata.wire import time_text, trade_json, ts_text
+
+INSTANT = datetime(2024, 1, 2, 14, 30, 5, 123456, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("ts", "text"),
+    [
+        (INSTANT, "2024-01-02T14:30:05.123456Z"),
+        (INSTANT.replace(microsecond=0), "2024-01-02T14:30:05Z"),
+        (INSTANT.astimezone(timezone(timedelta(hours=2))), "2024-01-02T14:30:05.123456Z"),
+        (INSTANT.astimezone(ZoneInfo("America/New_York")), "2024-01-02T14:30:05.123456Z"),
+        (INSTANT.astimezone(ZoneInfo("Europe/London")), "2024-01-02T14:30:05.123456Z"),  # +00:00, not UTC
+    ],
+)
+def test_times_are_utc_with_a_z_cached_or_not(ts, text):
+    assert time_text(ts) == ts_text(ts) == text
+
+
+def test_a_trade_carries_its_time_to_the_microsecond():
+    assert trade_json(INSTANT, 189_120_000_000, 5, "B") == (
+        '{"ts":"2024-01-02T14:30:05.123456Z","price":189.12,"size":5,"side":"B"}'
+    )
