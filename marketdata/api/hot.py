@@ -201,10 +201,10 @@ class OhlcvFastPath:
         """The answer from the database, computed once for all the requests of this process that want it at once.
 
         Requests that missed the same entry at the same version share one computation
-        (counted ``coalesced``, not as hits): when a hot symbol's page is invalidated, or
-        at a cold start, its readers would otherwise all run the same query. What they get
-        is what each would have computed: the version they read is the one it was
-        computed at.
+        (counted ``coalesced``, not as hits), also a prefetch of it in flight: when a hot
+        symbol's page is invalidated, or at a cold start, its readers would otherwise all
+        run the same query. What they get is what each would have computed: the version
+        they read is the one it was computed at.
         """
         if read is None:  # the hot cache is off: every answer its own query
             return await sync_to_async(_answer, thread_sensitive=False)(q, symbol, base_url, slot, read)
@@ -213,11 +213,16 @@ class OhlcvFastPath:
         if shared is not None:
             metrics.API_CACHE.labels("ohlcv", "coalesced").inc()
             return await asyncio.shield(shared)
-        metrics.API_CACHE.labels("ohlcv", "miss").inc()
         future: asyncio.Future[bytes] = get_running_loop().create_future()
         self._flights[flight] = future
         try:
-            body = await sync_to_async(_answer, thread_sensitive=False)(q, symbol, base_url, slot, read)
+            prefetched = await self._prefetched(slot, read)
+            if prefetched is not None:
+                metrics.API_CACHE.labels("ohlcv", "coalesced").inc()
+                body = prefetched
+            else:
+                metrics.API_CACHE.labels("ohlcv", "miss").inc()
+                body = await sync_to_async(_answer, thread_sensitive=False)(q, symbol, base_url, slot, read)
         except BaseException as exc:  # cancelled too: the waiters then go to Django rather than wait forever
             future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the shared computation stopped"))
             future.exception()  # retrieved: the waiters (if any) raise it themselves
@@ -226,6 +231,14 @@ class OhlcvFastPath:
             del self._flights[flight]
         future.set_result(body)
         return body
+
+    async def _prefetched(self, slot: Any, read: Any) -> bytes | None:
+        """The body a prefetch of this entry in flight (marketdata.cache.prefetch) fills at this version, if any."""
+        pending = cache.prefetch_pending((slot.stable, slot.clocked))
+        if pending is None:
+            return None
+        got = await asyncio.shield(asyncio.wrap_future(pending))
+        return got[1] if got is not None and got[0] == read.version else None
 
     def _prepare(self, scope: Any) -> tuple[Any, ...] | None:
         """What the view would know before its round trip, if this process knows it without the database."""

@@ -8,15 +8,17 @@ the answer, so a hit is never older than the database; the value is the body its
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import datetime
 from functools import cache as cache_fn
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import orjson
 import redis
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q
 from django.http import HttpResponse
 from django.utils import timezone
@@ -32,6 +34,7 @@ from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
 from marketdata.models import Symbol
 from marketdata.selectors import (
     BarOut,
+    BarPageText,
     LeaderboardRow,
     SymbolRef,
     bar_page_text,
@@ -298,25 +301,91 @@ def ohlcv_cached(slot: CacheSlot, fetched: list[Any]) -> CacheRead:
 
 
 def ohlcv_answer(
-    q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot | None, read: CacheRead | None
+    q: dict[str, Any],
+    symbol: SymbolRef,
+    base_url: str,
+    slot: CacheSlot | None,
+    read: CacheRead | None,
+    *,
+    prefetch: bool = True,
 ) -> bytes:
-    """The /v1/ohlcv body from the database, kept in the cache under the version ``read`` found."""
+    """The /v1/ohlcv body from the database, kept in the cache under the version ``read`` found.
+
+    A miss (Redis answered, the entry did not hold) also has the page before it filled in
+    the background (``ohlcv_prefetch``) unless ``prefetch`` is False.
+    """
     tf, end, limit = q["tf"], q.get("end"), q["limit"]
-    page = bar_page_text(
-        ticker=symbol.ticker, tf=tf, start=q.get("start"), end=end, limit=limit, cursor=q.get("cursor"),
-        exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
-    )  # fmt: skip
-    next_url = "null"
-    if page.next_cursor is not None:
-        params = {"symbol": symbol.ticker, "tf": tf}
-        if end is not None:
-            params["end"] = ts_text(end)
-        params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
-        next_url = _text(base_url + "?" + urlencode(params))
-    body = f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
-    if slot is not None:
-        _cache_write(slot, read, body, all_final=page.all_final, base=page.base)
+    # While it is computed no prefetch of the same entry starts.
+    with cache.filling((slot.stable, slot.clocked)) if slot is not None and read is not None else nullcontext():
+        page = _page(q, symbol)
+        next_url = "null"
+        if page.next_cursor is not None:
+            params = {"symbol": symbol.ticker, "tf": tf}
+            if end is not None:
+                params["end"] = ts_text(end)
+            params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
+            next_url = _text(base_url + "?" + urlencode(params))
+        body = f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
+        if slot is not None:
+            _cache_write(slot, read, body, all_final=page.all_final, base=page.base)
+    if prefetch and slot is not None and read is not None:
+        ohlcv_prefetch(q, symbol, base_url, page)
     return body
+
+
+def _page(q: dict[str, Any], symbol: SymbolRef) -> BarPageText:
+    return bar_page_text(
+        ticker=symbol.ticker, tf=q["tf"], start=q.get("start"), end=q.get("end"), limit=q["limit"],
+        cursor=q.get("cursor"), exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
+    )  # fmt: skip
+
+
+def ohlcv_previous(q: dict[str, Any], page: BarPageText) -> dict[str, Any] | None:
+    """The query a chart sends after this page when it scrolls back (None: no such page).
+
+    A page with start and end: the same span just before it. A latest page (no start;
+    ``limit`` bars before end or now): the span of ``limit`` bars of ``tf`` ending at its
+    first bar, as start and end; none when it holds fewer than ``limit`` bars (nothing
+    is older). Pages with a cursor or only a start are read forwards: none.
+    """
+    start, end = q.get("start"), q.get("end")
+    if q.get("cursor") is not None or not page.count:
+        return None
+    if start is not None:
+        if end is None:
+            return None
+        return {**q, "start": start - (end - start), "end": start}
+    if page.count < q["limit"] or not page.bars.startswith(_FIRST_TS):
+        return None
+    first = datetime.fromisoformat(page.bars[len(_FIRST_TS) : page.bars.index('"', len(_FIRST_TS))])
+    return {**q, "start": first - q["limit"] * DURATIONS[q["tf"]], "end": first}
+
+
+_FIRST_TS = '{"ts":"'  # how wire.bar_json writes a bar's first field
+
+
+def ohlcv_prefetch(q: dict[str, Any], symbol: SymbolRef, base_url: str, page: BarPageText) -> None:
+    """Fill the cache entry of the page before ``page`` (ohlcv_previous) in the background; never waits.
+
+    Off inside a transaction: another thread would not read what this one sees.
+    """
+    previous = ohlcv_previous(q, page)
+    if previous is None or connection.in_atomic_block:
+        return
+    slot = ohlcv_slot(previous, symbol, base_url)
+    if slot is not None:
+        cache.prefetch((slot.stable, slot.clocked), partial(_prefetch_fill, previous, symbol, base_url, slot))
+
+
+def _prefetch_fill(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot) -> Any:
+    """A prefetch: the slot's entry if it does not hold already, filled as a miss is (not counted as one)."""
+    values = cache.mget(slot.keys)
+    if values is None:
+        return "unavailable"
+    read = _cache_read(slot, values)
+    if read.body is not None:
+        return "cached"
+    return "filled", (read.version, ohlcv_answer(q, symbol, base_url, slot, read, prefetch=False))
 
 
 class TradesView(ApiView):
