@@ -121,3 +121,28 @@ def test_a_batch_of_many_streams_retried_after_a_partial_publish_sends_each_mess
 
     assert lasts == dict.fromkeys(streams, 2)
     assert all([f["seq"] for f in buffer_frames(redis_client, stream)] == [1, 2] for stream in streams)
+
+
+def test_the_packed_channel_message_is_the_msgpack_of_its_dict_at_every_size_and_seq(redis_client, settings):
+    """The publisher packs the channel message up to "joined" and the script appends "first":
+    the result must decode to the same dict msgpack would have packed, for each str header
+    size of the joined text (fixstr, str8, str16, str32), a non-ASCII stream name, and a seq
+    above 2^32 (streams start at their creation time in ms x 1,000)."""
+    import msgpack
+
+    settings.STREAM_SEQ_EPOCH = True
+    stream = "bars:1m:ÆRØ.€"
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(channel_of(stream))
+    pubsub.get_message(timeout=1)
+    publisher = Publisher()
+    for size in (1, 31, 32, 255, 256, 65_535, 65_536, 200_000):
+        data = '"' + "é" * ((size - 2) // 2) + "x" * ((size - 2) % 2) + '"' if size > 2 else "1"
+        now = int(time.time() * 1000)
+        last = publisher.publish([Message(stream, "bar", data)] * 2, now_ms=now)[stream]
+        message = msgpack.unpackb(pubsub.get_message(timeout=2)["data"])
+        assert message == {
+            "type": "stream.frames", "stream": stream, "kind": "bar", "t": now,
+            "joined": data + "\n" + data, "first": last - 1,
+        }  # fmt: skip
+        assert last > 2**32
