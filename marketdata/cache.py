@@ -294,7 +294,8 @@ def cached_set(*, key: str | None, version: int, value: bytes, base: str | None 
 # fills misses, under the version read before its query, like any entry. At most
 # PREFETCH_IN_FLIGHT run at once per process, in threads of their own; one more is dropped,
 # not queued (a burst of misses would otherwise queue work nobody waits for behind it).
-# A prefetch schedules none itself. They are not lookups: cache_requests_total and
+# A prefetch schedules none itself; the first request that reads a prefetched entry
+# schedules the next (a chart scrolling back keeps finding its pages). They are not lookups: cache_requests_total and
 # api_cache_answers_total do not count them; cache_prefetches_total does, by outcome.
 
 PREFETCH_IN_FLIGHT = 4
@@ -311,6 +312,9 @@ _prefetch_pool: ThreadPoolExecutor | None = None
 _filling: dict[Hashable, int] = {}
 _prefetching: dict[Hashable, Future[Any]] = {}
 _in_prefetch = threading.local()
+# Prefetched entries no request has read yet: the first that does schedules the next prefetch.
+_unread: set[Hashable] = set()
+UNREAD_MAX = 10_000
 
 
 def prefetch_enabled() -> bool:
@@ -375,6 +379,26 @@ def _prefetch_run(key: Hashable, fill: Callable[[], Any]) -> Any:
         with _prefetch_lock:
             del _prefetching[key]
     return result
+
+
+def prefetched_note(key: Hashable) -> None:
+    """Note an entry a prefetch filled, until a request reads it (``prefetched_take``)."""
+    with _prefetch_lock:
+        if len(_unread) >= UNREAD_MAX:
+            _unread.clear()
+        _unread.add(key)
+
+
+def prefetched_take(key: Hashable) -> bool:
+    """True (once) when ``key`` is a prefetched entry no request of this process has read yet."""
+    if key not in _unread:
+        return False
+    with _prefetch_lock:
+        try:
+            _unread.remove(key)
+        except KeyError:
+            return False
+    return True
 
 
 def prefetch_pending(key: Hashable) -> Future[Any] | None:

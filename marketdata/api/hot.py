@@ -56,7 +56,7 @@ from ops.middleware import request_context
 from . import serializers as s
 from .authentication import KEYWORDS, QUERY_PARAM
 from .throttling import ApiRateThrottle
-from .views import JSON, _cache_read, _symbols, _validated, ohlcv_answer, ohlcv_slot
+from .views import JSON, _cache_read, _symbols, _validated, ohlcv_answer, ohlcv_hit, ohlcv_slot
 
 log = structlog.get_logger(__name__)
 
@@ -169,6 +169,7 @@ class OhlcvFastPath:
                     return False
             else:
                 metrics.API_CACHE.labels("ohlcv", "hit").inc()
+                ohlcv_hit(q, symbol, base_url, slot)
             headers = [
                 *self._static_headers(request),
                 (b"content-length", b"%d" % len(body)),

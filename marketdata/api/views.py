@@ -276,6 +276,7 @@ class OhlcvView(ApiView):
         if self.slot is not None and self.fetched is not None:
             read = ohlcv_cached(self.slot, self.fetched)
             if read.body is not None:
+                ohlcv_hit(self.q, self.symbol, self.base_url, self.slot)
                 return HttpResponse(read.body, content_type=JSON)
         return HttpResponse(ohlcv_answer(self.q, self.symbol, self.base_url, self.slot, read), content_type=JSON)
 
@@ -301,23 +302,31 @@ def ohlcv_cached(slot: CacheSlot, fetched: list[Any]) -> CacheRead:
 
 
 def ohlcv_answer(
-    q: dict[str, Any],
-    symbol: SymbolRef,
-    base_url: str,
-    slot: CacheSlot | None,
-    read: CacheRead | None,
-    *,
-    prefetch: bool = True,
+    q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot | None, read: CacheRead | None
 ) -> bytes:
     """The /v1/ohlcv body from the database, kept in the cache under the version ``read`` found.
 
     A miss (Redis answered, the entry did not hold) also has the page before it filled in
-    the background (``ohlcv_prefetch``) unless ``prefetch`` is False.
+    the background (``ohlcv_prefetch``).
     """
+    body, page = _ohlcv_fill(q, symbol, base_url, slot, read)
+    if slot is not None and read is not None and not connection.in_atomic_block:
+        # Not inside a transaction: the prefetch's thread would not read what this one sees.
+        ohlcv_prefetch(ohlcv_previous(q, page), symbol, base_url)
+    return body
+
+
+def _ohlcv_fill(
+    q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot | None, read: CacheRead | None
+) -> tuple[bytes, BarPageText]:
+    """The body from the database and its page, stored under the version ``read`` found (a miss's fill)."""
     tf, end, limit = q["tf"], q.get("end"), q["limit"]
     # While it is computed no prefetch of the same entry starts.
     with cache.filling((slot.stable, slot.clocked)) if slot is not None and read is not None else nullcontext():
-        page = _page(q, symbol)
+        page = bar_page_text(
+            ticker=symbol.ticker, tf=tf, start=q.get("start"), end=end, limit=limit, cursor=q.get("cursor"),
+            exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
+        )  # fmt: skip
         next_url = "null"
         if page.next_cursor is not None:
             params = {"symbol": symbol.ticker, "tf": tf}
@@ -328,34 +337,26 @@ def ohlcv_answer(
         body = f'{{"symbol":{_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
         if slot is not None:
             _cache_write(slot, read, body, all_final=page.all_final, base=page.base)
-    if prefetch and slot is not None and read is not None:
-        ohlcv_prefetch(q, symbol, base_url, page)
-    return body
+    return body, page
 
 
-def _page(q: dict[str, Any], symbol: SymbolRef) -> BarPageText:
-    return bar_page_text(
-        ticker=symbol.ticker, tf=q["tf"], start=q.get("start"), end=q.get("end"), limit=q["limit"],
-        cursor=q.get("cursor"), exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
-    )  # fmt: skip
-
-
-def ohlcv_previous(q: dict[str, Any], page: BarPageText) -> dict[str, Any] | None:
+def ohlcv_previous(q: dict[str, Any], page: BarPageText | None) -> dict[str, Any] | None:
     """The query a chart sends after this page when it scrolls back (None: no such page).
 
     A page with start and end: the same span just before it. A latest page (no start;
     ``limit`` bars before end or now): the span of ``limit`` bars of ``tf`` ending at its
     first bar, as start and end; none when it holds fewer than ``limit`` bars (nothing
-    is older). Pages with a cursor or only a start are read forwards: none.
+    is older). Pages with a cursor or only a start are read forwards, empty pages end
+    the data: none. Without ``page`` (a cached answer): start and end pages only.
     """
     start, end = q.get("start"), q.get("end")
-    if q.get("cursor") is not None or not page.count:
+    if q.get("cursor") is not None or (page is not None and not page.count):
         return None
     if start is not None:
         if end is None:
             return None
         return {**q, "start": start - (end - start), "end": start}
-    if page.count < q["limit"] or not page.bars.startswith(_FIRST_TS):
+    if page is None or page.count < q["limit"] or not page.bars.startswith(_FIRST_TS):
         return None
     first = datetime.fromisoformat(page.bars[len(_FIRST_TS) : page.bars.index('"', len(_FIRST_TS))])
     return {**q, "start": first - q["limit"] * DURATIONS[q["tf"]], "end": first}
@@ -364,17 +365,21 @@ def ohlcv_previous(q: dict[str, Any], page: BarPageText) -> dict[str, Any] | Non
 _FIRST_TS = '{"ts":"'  # how wire.bar_json writes a bar's first field
 
 
-def ohlcv_prefetch(q: dict[str, Any], symbol: SymbolRef, base_url: str, page: BarPageText) -> None:
-    """Fill the cache entry of the page before ``page`` (ohlcv_previous) in the background; never waits.
+def ohlcv_prefetch(q: dict[str, Any] | None, symbol: SymbolRef, base_url: str) -> None:
+    """Fill the cache entry of the query ``q`` (ohlcv_previous's) in the background; never waits."""
+    slot = None if q is None else ohlcv_slot(q, symbol, base_url)
+    if q is not None and slot is not None:
+        cache.prefetch((slot.stable, slot.clocked), partial(_prefetch_fill, q, symbol, base_url, slot))
 
-    Off inside a transaction: another thread would not read what this one sees.
+
+def ohlcv_hit(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot) -> None:
+    """A cached answer was served: the first read of a prefetched page prefetches the page before it.
+
+    A chart scrolling back reads page after page; prefetching only after misses would
+    leave every other page a miss.
     """
-    previous = ohlcv_previous(q, page)
-    if previous is None or connection.in_atomic_block:
-        return
-    slot = ohlcv_slot(previous, symbol, base_url)
-    if slot is not None:
-        cache.prefetch((slot.stable, slot.clocked), partial(_prefetch_fill, previous, symbol, base_url, slot))
+    if cache.prefetched_take((slot.stable, slot.clocked)):
+        ohlcv_prefetch(ohlcv_previous(q, None), symbol, base_url)
 
 
 def _prefetch_fill(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot) -> Any:
@@ -385,7 +390,10 @@ def _prefetch_fill(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: Ca
     read = _cache_read(slot, values)
     if read.body is not None:
         return "cached"
-    return "filled", (read.version, ohlcv_answer(q, symbol, base_url, slot, read, prefetch=False))
+    body, page = _ohlcv_fill(q, symbol, base_url, slot, read)
+    if page.count:
+        cache.prefetched_note((slot.stable, slot.clocked))
+    return "filled", (read.version, body)
 
 
 class TradesView(ApiView):

@@ -56,6 +56,7 @@ def idle() -> Iterator[None]:
     """No prefetch of one test runs into the next; the fast path is not paused by an earlier Redis failure."""
     http_app._redis_down_until = 0.0
     assert cache.prefetches_wait()
+    cache._unread.clear()
     yield
     assert cache.prefetches_wait()
 
@@ -91,29 +92,41 @@ def test_a_miss_prefetches_the_page_before_it_exactly_as_the_database_answers(cl
 
     before = counts()
     page_1 = get(client, PAGE_1)
-    assert delta(before) == {"api_hit": 1, "lookup_hit": 1}  # a hit schedules nothing
     assert page_1 == uncached(client, settings, PAGE_1)
     assert [b["ts"] for b in orjson.loads(page_1)["results"]][::9] == ["2024-01-02T15:00:00Z", "2024-01-02T15:09:00Z"]
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1, "filled": 1}  # its first read prefetched PAGE_2
+    before = counts()
+    get(client, PAGE_1)
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1}  # only the first read does
 
-    # A page with start and end: the same span before it.
+    # A page with start and end: the same span before it, whatever the spelling of the times.
     before = counts()
     get(client, PAGE_3)
     assert cache.prefetches_wait()
     assert delta(before) == {"api_miss": 1, "lookup_miss": 1, "filled": 1}
-    page_4 = "symbol=AAPL&limit=10&start=1704205800000&end=2024-01-02T14:40:00%2B00:00"  # 14:30, other spellings
+    page_4 = "symbol=AAPL&limit=10&start=1704205800000&end=2024-01-02T14:40:00%2B00:00"  # 14:30 to 14:40
     before = counts()
     assert get(client, page_4) == uncached(client, settings, page_4)
-    assert delta(before) == {"api_hit": 1, "lookup_hit": 1}
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1, "filled": 1}  # the empty page before the data
+    before = counts()
+    get(client, "symbol=AAPL&limit=10&start=2024-01-02T14:20:00Z&end=2024-01-02T14:30:00Z")
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1}  # empty: the data ends, so do the prefetches
 
 
-def test_a_prefetch_prefetches_nothing(client, symbol):
+def test_a_chart_scrolling_back_misses_once_and_a_prefetch_alone_prefetches_nothing(client, settings, symbol):
+    before = counts()
     get(client, LATEST)
     assert cache.prefetches_wait()
-    get(client, PAGE_1)
-    before = counts()
-    get(client, PAGE_2)  # the page before the prefetched one: nobody filled it
-    assert cache.prefetches_wait()
-    assert delta(before) == {"api_miss": 1, "lookup_miss": 1, "filled": 1}
+    assert delta(before) == {"api_miss": 1, "lookup_miss": 1, "filled": 1}  # PAGE_1 only, not PAGE_2 from it
+    for page in (PAGE_1, PAGE_2, PAGE_3):
+        before = counts()
+        assert get(client, page) == uncached(client, settings, page)
+        assert cache.prefetches_wait()
+        assert delta(before) == {"api_hit": 1, "lookup_hit": 1, "filled": 1}
 
 
 def test_a_version_bump_treats_a_prefetched_page_as_any_page(client, settings, symbol):
@@ -124,20 +137,22 @@ def test_a_version_bump_treats_a_prefetched_page_as_any_page(client, settings, s
     cache.versions_bump(symbol_ids=[symbol.pk], changed={symbol.pk: {"1m": T0 + timedelta(minutes=50)}})
     before = counts()
     assert get(client, PAGE_1) == uncached(client, settings, PAGE_1)
-    assert delta(before) == {"api_hit": 1, "lookup_hit": 1}
-    # A bar inside it changed: a miss, and the new close.
-    bars_upsert(bars=[BarIn(symbol.pk, "1m", T0 + timedelta(minutes=35), 1, P, P, P, 7 * P, 1)])
-    cache.versions_bump(symbol_ids=[symbol.pk], changed={symbol.pk: {"1m": T0 + timedelta(minutes=35)}})
-    before = counts()
-    page = get(client, PAGE_1)
-    assert delta(before)["api_miss"] == 1
-    assert orjson.loads(page)["results"][5]["close"] == 7
-    assert page == uncached(client, settings, PAGE_1)
     assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1, "filled": 1}
+    # A bar inside PAGE_2 (prefetched, not read) changed: a miss, and the new close.
+    bars_upsert(bars=[BarIn(symbol.pk, "1m", T0 + timedelta(minutes=25), 1, P, P, P, 7 * P, 1)])
+    cache.versions_bump(symbol_ids=[symbol.pk], changed={symbol.pk: {"1m": T0 + timedelta(minutes=25)}})
+    before = counts()
+    page = get(client, PAGE_2)
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_miss": 1, "lookup_miss": 1, "filled": 1}
+    assert orjson.loads(page)["results"][5]["close"] == 7
+    assert page == uncached(client, settings, PAGE_2)
     # A bump that names nothing invalidates every page, prefetched ones too.
     cache.versions_bump(symbol_ids=[symbol.pk])
     before = counts()
-    get(client, PAGE_2)
+    get(client, PAGE_3)
+    assert cache.prefetches_wait()
     assert delta(before)["api_miss"] == 1
 
 
@@ -214,8 +229,13 @@ def test_the_fast_path_prefetches_the_page_before_a_miss(client, settings, token
     assert delta(before) == {"api_miss": 1, "lookup_miss": 1, "filled": 1}
     before = counts()
     status, _, page_1 = call(http_app, PAGE_1, token=token)
-    assert delta(before) == {"api_hit": 1, "lookup_hit": 1}
     assert page_1 == uncached(client, settings, PAGE_1)
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1, "filled": 1}  # the first read prefetched PAGE_2
+    before = counts()
+    assert call(http_app, PAGE_2, token=token)[2] == uncached(client, settings, PAGE_2)
+    assert cache.prefetches_wait()
+    assert delta(before) == {"api_hit": 1, "lookup_hit": 1, "filled": 1}
 
 
 def test_a_fast_path_miss_shares_a_prefetch_of_its_page_in_flight(client, settings, token):
