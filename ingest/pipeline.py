@@ -17,7 +17,6 @@ sent twice replaces itself, a bar never sent would be lost to clients.
 
 from __future__ import annotations
 
-import queue
 import signal
 import threading
 import time
@@ -32,21 +31,18 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import psycopg
-import redis
 import structlog
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
+from django.conf import settings
+from django.db import connection, connections
 from django.utils import timezone
 
 from marketdata.cache import LeaderboardRefresher, versions_bump
 from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
-from marketdata.wire import bar_json, trade_json
 from ops import metrics, tracing
-from streaming.derive import Deriver, load_stored
-from streaming.publish import Publisher
-from streaming.streams import bars_stream, trades_stream
 
+from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry
 from .records import Normaliser, Stats
 from .symbology import Resolver
 
@@ -58,16 +54,6 @@ FLUSH_SECONDS = 0.05
 QUEUE_MAX = 20_000
 FEED_STATUS_EVERY_S = 1.0
 FEED_CHUNK = 256
-RETRY_FIRST_S = 0.05  # the first wait after a failed write or publish, doubling up to RETRY_MAX_S
-RETRY_MAX_S = 1.0
-SHUTDOWN_RETRY_S = 30.0  # once the run is closing, a server still down fails the run after this long
-# Committed batches waiting for the publisher thread. The writer commits batch N+1 while
-# batch N is derived and published, so PostgreSQL's work and Redis's overlap with the
-# Python work in between; when publishing stalls (Redis down) this fills and the writer
-# waits, then the queue of rows, then the source: back-pressure end to end.
-PUBLISH_QUEUE_BATCHES = 8
-# Failures of a reachable-again server, not of the batch: worth retrying the same batch.
-TRANSIENT = (OperationalError, InterfaceError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
 _STOP = object()
 T = TypeVar("T")
 
@@ -260,7 +246,6 @@ class Pipeline:
         self.resolver = Resolver(dataset=dataset, allowed=frozenset(symbols) if symbols else None)
         self.resolver.load()
         self.normalise = Normaliser(self.resolver, self.stats)
-        self.deriver = Deriver(load=load_stored)
         self.queue = RowQueue(queue_max)
         self.feed_chunk = max(1, min(FEED_CHUNK, queue_max // 4))
         self.batch_bars = batch_bars
@@ -273,16 +258,16 @@ class Pipeline:
         self.schemas: set[str] = set()
         self.failure: BaseException | None = None
         self.started = time.monotonic()
-        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
-        self._run_id = uuid.uuid4().hex  # with a batch number, names each publish so a retry is not repeated
-        self._published = 0
-        # Stream names and kinds by (timeframe, symbol id) and by symbol id: made once, not per message.
-        self._bar_streams: dict[tuple[str, int], tuple[str, str]] = {}
-        self._trade_streams: dict[int, tuple[str, str]] = {}
-        self._publisher: threading.Thread | None = None
+        self._tickers_sent = 0  # how many of the resolver's tickers the publisher has been given
+        # Derive and publish committed batches in commit order: in a process of its own
+        # (INGEST_PUBLISH_PROCESS, the command's default) or in a thread (ingest/publishing.py).
+        self._publisher: ProcessHost | ThreadHost | None = None
         if publish:
-            self._publisher = threading.Thread(target=self._publish_loop, name="ingest-publisher", daemon=True)
-            self._publisher.start()
+            host = ProcessHost if settings.INGEST_PUBLISH_PROCESS else ThreadHost
+            run_id = uuid.uuid4().hex  # with a batch number, names each publish so a retry is not repeated
+            self._publisher = host(
+                run_id, closing=lambda: self.queue.closed, warn=self._warn, failed=self._publisher_failed
+            )
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
 
@@ -310,6 +295,8 @@ class Pipeline:
     def close(self) -> Stats:
         """Flush everything queued, stop the writer and return the run's stats."""
         self.queue.close()
+        if self._publisher is not None:
+            self._publisher.closing()
         self._writer.join()
         if self._publisher is not None:
             self._publisher.join()
@@ -394,61 +381,37 @@ class Pipeline:
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
         if self._publisher is not None and (publish_bars or publish_trades):
-            self._publish_submit((publish_bars, publish_trades))
+            self._publish_submit(publish_bars, publish_trades)
 
     # -- publisher side ------------------------------------------------------------
 
-    def _publish_submit(self, job: Any) -> None:
-        """Hand a committed batch to the publisher thread (waits while it is behind)."""
-        while True:
-            try:
-                self._jobs.put(job, timeout=0.5)
-                return
-            except queue.Full:
-                metrics.INGEST_BACKPRESSURE.inc()
-                if self._publisher is None or not self._publisher.is_alive():
-                    raise RuntimeError("ingest publisher stopped") from self.failure
+    def _publish_submit(self, bars: list[BarIn], trades: list[TradeIn]) -> None:
+        """Hand a committed batch to the publisher (waits while it is behind)."""
+        tickers: dict[int, str] = {}
+        if len(self.resolver.tickers) != self._tickers_sent:  # tickers are only ever added
+            tickers = dict(self.resolver.tickers)
+            self._tickers_sent = len(tickers)
+        self._publish_put((bars, trades, tickers))
+
+    def _publish_put(self, item: Any) -> None:
+        assert self._publisher is not None
+        while not self._publisher.put(item, PUT_WAIT_S):
+            metrics.INGEST_BACKPRESSURE.inc()
+            if not self._publisher.alive():
+                raise RuntimeError("ingest publisher stopped") from self.failure
 
     def _publish_stop(self) -> None:
-        if self._publisher is not None and self._publisher.is_alive():
-            self._publish_submit(_STOP)
+        if self._publisher is not None and self._publisher.alive():
+            self._publish_put(STOP)
 
-    def _publish_loop(self) -> None:
-        """Derive and publish committed batches, in commit order."""
-        publisher = Publisher()
-        try:
-            while True:
-                job = self._jobs.get()
-                if job is _STOP:
-                    return
-                self._publish_job(publisher, *job)
-        except BaseException as exc:  # the source and the writer must learn of it
-            self.failure = exc
-            log.exception("ingest publisher failed")
-            self._record_error(exc)
-            self.queue.clear()
-        finally:
-            publisher.close()
-            connections.close_all()
+    def _publisher_failed(self, exc: BaseException) -> None:
+        """The publisher stopped on an error: the source and the writer must learn of it."""
+        self.failure = exc
+        self._record_error(exc)
+        self.queue.clear()
 
-    def _publish_job(self, publisher: Publisher, bars: list[BarIn], trades: list[TradeIn]) -> None:
-        groups: dict[tuple[str, str], list[str]] = {}
-        if bars:
-            groups = self._retry("derive", lambda: self._bar_messages(bars))[0]
-        if trades:
-            tickers, streams = self.resolver.tickers, self._trade_streams
-            for t in trades:
-                key = streams.get(t.symbol_id)
-                if key is None:
-                    key = streams[t.symbol_id] = (trades_stream(tickers[t.symbol_id]), "trade")
-                datas = groups.get(key)
-                if datas is None:
-                    datas = groups[key] = []
-                datas.append(trade_json(t.ts_event, t.price, t.size, t.side))
-        if groups:
-            self._published += 1
-            batch_id = f"{self._run_id}:{self._published}"
-            self._retry("publish", lambda: publisher.publish_groups(groups, batch_id=batch_id))
+    def _warn(self, what: str) -> None:
+        self.stats.warnings[what] += 1
 
     def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> tuple[WriteResult, bool]:
         """Run one batch write (its own transaction) and account for it; True when it had to be retried."""
@@ -461,54 +424,8 @@ class Pipeline:
         return result, retried
 
     def _retry(self, what: str, call: Callable[[], T]) -> tuple[T, bool]:
-        """``call()`` until PostgreSQL and Redis let it succeed; True when it failed at least once.
-
-        Meanwhile the queue fills and the source waits (back-pressure). Once the run is
-        closing, a failure lasting SHUTDOWN_RETRY_S is raised: a stop must end.
-        """
-        delay, failed_since = RETRY_FIRST_S, None
-        while True:
-            try:
-                return call(), failed_since is not None
-            except TRANSIENT as exc:
-                now = time.monotonic()
-                failed_since = failed_since if failed_since is not None else now
-                if self.queue.closed and now - failed_since > SHUTDOWN_RETRY_S:
-                    raise
-                self.stats.warnings[f"retried_{what}"] += 1
-                log.warning("ingest step failed; retrying", step=what, error=str(exc), retry_in_s=delay)
-                if isinstance(exc, DatabaseError | psycopg.Error):
-                    connection.close()  # a broken connection goes back to the pool, which replaces it
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-
-    def _bar_messages(self, bars: list[BarIn]) -> dict[tuple[str, str], list[str]]:
-        """Every written bar (final), then the derived and forming bars of coarser timeframes.
-
-        Grouped as Publisher.publish_groups takes them: (stream, "bar") -> data texts in
-        order; no object per message (a Message each was a fifth of the publisher's time).
-        """
-        groups: dict[tuple[str, str], list[str]] = {}
-        streams = self._bar_streams
-        for b in bars:
-            key = streams.get((b.timeframe, b.symbol_id))
-            if key is None:
-                key = self._bar_stream(b.timeframe, b.symbol_id)
-            datas = groups.get(key)
-            if datas is None:
-                datas = groups[key] = []
-            datas.append(bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True))
-        for d in self.deriver.add(bars):
-            bar = d.bar
-            key = streams.get((d.tf, d.symbol_id)) or self._bar_stream(d.tf, d.symbol_id)
-            groups.setdefault(key, []).append(
-                bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
-            )
-        return groups
-
-    def _bar_stream(self, tf: str, symbol_id: int) -> tuple[str, str]:
-        key = self._bar_streams[(tf, symbol_id)] = (bars_stream(tf, self.resolver.tickers[symbol_id]), "bar")
-        return key
+        """``call()`` until PostgreSQL lets it succeed (see publishing.retry); True when it was retried."""
+        return retry(what, call, closing=lambda: self.queue.closed, warn=self._warn)
 
     def _feed_status(self) -> None:
         stats = self.stats
@@ -602,8 +519,10 @@ def run_feed(
                 break
             lock.check()
     finally:
-        stats = pipeline.close() if pipeline is not None else Stats()
-        lock.release()
+        try:
+            stats = pipeline.close() if pipeline is not None else Stats()
+        finally:
+            lock.release()  # a failed run lets go of its feed too
     return stats
 
 
@@ -710,8 +629,10 @@ def _replay(
             if pacer is not None:
                 pacer.reset()
     finally:
-        results = {name: p.close() for name, p in pipelines.items()}
-        locks.release()
+        try:
+            results = {name: p.close() for name, p in pipelines.items()}
+        finally:
+            locks.release()  # a failed run lets go of its feeds too
     if unread.errors:
         results["(unreadable files)"] = unread
     return results

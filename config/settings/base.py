@@ -204,6 +204,11 @@ SPECTACULAR_SETTINGS = {
 # STREAMING
 # Anonymous WebSocket and history access; production settings refuse to start with it on.
 STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=False)
+# INGEST
+# Derive and publish in a process of its own beside the ingester's source and writer
+# (ingest/publishing.py); off: in a thread of the ingester. Off in tests (a process start
+# per run), whose own tests run both.
+INGEST_PUBLISH_PROCESS = env.bool("INGEST_PUBLISH_PROCESS", default=True)
 # A new stream's seq starts at its creation time (ms x 1000), so it never goes back when
 # Redis loses its data (streaming/publish.py); off in tests, which start at 1.
 STREAM_SEQ_EPOCH = env.bool("STREAM_SEQ_EPOCH", default=True)

@@ -16,6 +16,9 @@ CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="test." + DATABASES["default"][
 CHANNEL_LAYERS = channel_layers(REDIS_URL, CHANNELS_PREFIX)
 # Seqs from 1, so tests can name them (tests/streaming/test_publish.py covers the epoch start).
 STREAM_SEQ_EPOCH = env.bool("STREAM_SEQ_EPOCH", default=False)
+# The publisher in a thread: a process start per ingest run would add seconds to each test.
+# tests/ingest/test_publish_process.py runs the process host.
+INGEST_PUBLISH_PROCESS = env.bool("INGEST_PUBLISH_PROCESS", default=False)
 STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }

@@ -179,7 +179,14 @@ def test_second_ingester_for_the_same_feed_refuses(tmp_path):
         lock.release()
 
 
-def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client):
+@pytest.fixture(params=["thread", "process"])
+def publish_host(request, settings):
+    """Publish from a thread of the ingester, then from a process of its own (ingest/publishing.py)."""
+    settings.INGEST_PUBLISH_PROCESS = request.param == "process"
+    return request.param
+
+
+def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client, publish_host):
     path = write(tmp_path / "pub.dbn", metadata(symbols={"AAPL": 7}), [bar(7, T0 + 60 * i, 100 + i) for i in range(5)])
     pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub()
     from streaming.publish import channel_of, message_frames
@@ -236,7 +243,7 @@ def _dsn() -> str:
     return f"host={db['HOST']} port={db['PORT']} user={db['USER']} dbname={db['NAME']}"
 
 
-def test_forming_bars_derived_from_seconds(tmp_path, redis_client):
+def test_forming_bars_derived_from_seconds(tmp_path, redis_client, publish_host):
     seconds = [bar(7, T0 + s, 100 + s, rtype=dbn.RType.OHLCV_1S, volume=1) for s in (0, 20, 59, 60)]
     path = write(tmp_path / "live.dbn", metadata(symbols={"AAPL": 7}, schema=None), seconds)
     run_replay(paths=[path], speed=None, loop=False, symbols=None, publish=True, install_signals=False)

@@ -1,0 +1,306 @@
+"""Deriving and publishing committed batches: in a thread of the ingester, or in a process of its own.
+
+``PublishWork`` turns each committed batch into messages (every written bar and trade, and
+the derived and forming bars of coarser timeframes) and publishes them, in commit order.
+It runs in one of two hosts with the same interface (``submit``, ``stop``, ``join``):
+
+- ``ThreadHost``: a thread of the ingest process. Tests use it by default
+  (``INGEST_PUBLISH_PROCESS`` is off in test settings): no process start per run.
+- ``ProcessHost``: a child process (multiprocessing, spawn), the default of the
+  ``ingest`` command. Deriving, JSON and publishing took 60% of the ingester's Python
+  time per bar, and three threads of one process share one interpreter lock: in a
+  process of its own that work runs beside normalising and writing, on the other core.
+  Batches reach it pickled through a bounded queue (about 5 us a bar both ends), so a
+  slow Redis still holds up the writer, then the source: back-pressure end to end.
+
+The child ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): the
+parent decides when to stop, and the child drains every batch submitted before it stops.
+It stops on its own if the parent dies. Its warnings (a retried publish) and its failure
+are reported back to the parent, which counts them and fails the run as it would for its
+own thread.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+import redis
+import structlog
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
+
+from marketdata.services import BarIn, TradeIn
+from marketdata.wire import bar_json, trade_json
+from streaming.derive import Deriver, load_stored
+from streaming.publish import Publisher
+from streaming.streams import bars_stream, trades_stream
+
+from .publisher_child import child_main, ignore_stop_signals
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+# Failures of a reachable-again server, not of the batch: worth retrying the same batch.
+TRANSIENT = (OperationalError, InterfaceError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
+RETRY_FIRST_S = 0.05  # the first wait after a failed write or publish, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 1.0
+SHUTDOWN_RETRY_S = 30.0  # once the run is closing, a server still down fails the run after this long
+# Committed batches waiting to be published. The writer commits batch N+1 while batch N is
+# derived and published; when publishing stalls (Redis down) this fills and the writer
+# waits, then the queue of rows, then the source.
+PUBLISH_QUEUE_BATCHES = 8
+PUT_WAIT_S = 0.5  # a blocked submit looks at the host's health this often
+PARENT_CHECK_S = 1.0  # the child looks for its parent this often while idle
+# Settings the child takes from its parent as they are at run time (a test database's
+# name, a test's overrides), not as its settings module would make them.
+INHERITED_SETTINGS = ("DATABASES", "REDIS_URL", "CHANNELS_PREFIX", "STREAM_SEQ_EPOCH")
+STOP = "stop"  # after the last job: the host drains what came before, then ends
+
+Job = tuple[list[BarIn], list[TradeIn], dict[int, str]]  # bars, trades, tickers not sent before
+
+
+class PublisherFailedError(RuntimeError):
+    """The publisher (thread or process) stopped on an error; the run fails with it."""
+
+
+def retry(
+    what: str, call: Callable[[], T], *, closing: Callable[[], bool], warn: Callable[[str], None]
+) -> tuple[T, bool]:
+    """``call()`` until PostgreSQL and Redis let it succeed; True when it failed at least once.
+
+    Meanwhile the queues fill and the source waits (back-pressure). Once the run is
+    closing, a failure lasting SHUTDOWN_RETRY_S is raised: a stop must end.
+    """
+    delay, failed_since = RETRY_FIRST_S, None
+    while True:
+        try:
+            return call(), failed_since is not None
+        except TRANSIENT as exc:
+            now = time.monotonic()
+            failed_since = failed_since if failed_since is not None else now
+            if closing() and now - failed_since > SHUTDOWN_RETRY_S:
+                raise
+            warn(f"retried_{what}")
+            log.warning("ingest step failed; retrying", step=what, error=str(exc), retry_in_s=delay)
+            if isinstance(exc, DatabaseError | psycopg.Error):
+                connection.close()  # a broken connection goes back to the pool, which replaces it
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+
+class PublishWork:
+    """Derives and publishes committed batches, in commit order; one per run, host-confined."""
+
+    def __init__(self, run_id: str, *, closing: Callable[[], bool], warn: Callable[[str], None]) -> None:
+        self.run_id = run_id  # with a batch number, names each publish so a retry is not repeated
+        self.closing = closing
+        self.warn = warn
+        self.deriver = Deriver(load=load_stored)
+        self.publisher = Publisher()
+        self.tickers: dict[int, str] = {}
+        self._published = 0
+        # Stream names and kinds by (timeframe, symbol id) and by symbol id: made once, not per message.
+        self._bar_streams: dict[tuple[str, int], tuple[str, str]] = {}
+        self._trade_streams: dict[int, tuple[str, str]] = {}
+
+    def handle(self, bars: list[BarIn], trades: list[TradeIn], tickers: dict[int, str]) -> None:
+        """Publish one committed batch (retrying while Redis or PostgreSQL is down)."""
+        self.tickers.update(tickers)
+        groups: dict[tuple[str, str], list[str]] = {}
+        if bars:
+            groups = retry("derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn)[0]
+        if trades:
+            streams = self._trade_streams
+            for t in trades:
+                key = streams.get(t.symbol_id)
+                if key is None:
+                    key = streams[t.symbol_id] = (trades_stream(self.tickers[t.symbol_id]), "trade")
+                datas = groups.get(key)
+                if datas is None:
+                    datas = groups[key] = []
+                datas.append(trade_json(t.ts_event, t.price, t.size, t.side))
+        if groups:
+            self._published += 1
+            batch_id = f"{self.run_id}:{self._published}"
+            publish = self.publisher.publish_groups
+            retry("publish", lambda: publish(groups, batch_id=batch_id), closing=self.closing, warn=self.warn)
+
+    def bar_messages(self, bars: list[BarIn]) -> dict[tuple[str, str], list[str]]:
+        """Every written bar (final), then the derived and forming bars of coarser timeframes.
+
+        Grouped as Publisher.publish_groups takes them: (stream, "bar") -> data texts in
+        order; no object per message (a Message each was a fifth of the publisher's time).
+        """
+        groups: dict[tuple[str, str], list[str]] = {}
+        streams = self._bar_streams
+        for b in bars:
+            key = streams.get((b.timeframe, b.symbol_id))
+            if key is None:
+                key = self._bar_stream(b.timeframe, b.symbol_id)
+            datas = groups.get(key)
+            if datas is None:
+                datas = groups[key] = []
+            datas.append(bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True))
+        for d in self.deriver.add(bars):
+            bar = d.bar
+            key = streams.get((d.tf, d.symbol_id)) or self._bar_stream(d.tf, d.symbol_id)
+            groups.setdefault(key, []).append(
+                bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
+            )
+        return groups
+
+    def _bar_stream(self, tf: str, symbol_id: int) -> tuple[str, str]:
+        key = self._bar_streams[(tf, symbol_id)] = (bars_stream(tf, self.tickers[symbol_id]), "bar")
+        return key
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+class ThreadHost:
+    """PublishWork in a thread of the ingest process."""
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        closing: Callable[[], bool],
+        warn: Callable[[str], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
+        self._run_id, self._closing, self._warn, self._failed = run_id, closing, warn, failed
+        self._thread = threading.Thread(target=self._loop, name="ingest-publisher", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        work = PublishWork(self._run_id, closing=self._closing, warn=self._warn)
+        try:
+            while True:
+                job = self._jobs.get()
+                if job == STOP:
+                    return
+                work.handle(*job)
+        except BaseException as exc:  # the source and the writer must learn of it
+            log.exception("ingest publisher failed")
+            self._failed(exc)
+        finally:
+            work.close()
+            connections.close_all()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def put(self, item: Any, timeout: float) -> bool:
+        try:
+            self._jobs.put(item, timeout=timeout)
+            return True
+        except queue.Full:
+            return False
+
+    def closing(self) -> None:
+        """The run is closing (the thread reads the pipeline's own flag)."""
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+class ProcessHost:
+    """PublishWork in a child process; the same contract as ThreadHost."""
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        closing: Callable[[], bool],
+        warn: Callable[[str], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        from django.conf import settings
+
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that has threads and a pool
+        self._jobs: Any = ctx.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
+        self._reports: Any = ctx.Queue()
+        self._closing_event = ctx.Event()
+        self._warn, self._failed = warn, failed
+        # (A test's overridden settings hold no SETTINGS_MODULE: the environment names it.)
+        settings_module = os.environ.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
+        inherited = {name: getattr(settings, name) for name in INHERITED_SETTINGS}
+        inherited["DATABASES"] = {alias: dict(connections[alias].settings_dict) for alias in settings.DATABASES}
+        self._process = ctx.Process(
+            target=child_main,
+            args=(run_id, self._jobs, self._reports, self._closing_event, settings_module, inherited),
+            name="ingest-publisher",
+            daemon=True,
+        )
+        # Started with SIGINT and SIGTERM ignored (a Ctrl-C during its start would kill it
+        # before it can ignore them itself); spawn keeps ignored signals across exec.
+        previous = ignore_stop_signals()
+        try:
+            self._process.start()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self._listener = threading.Thread(target=self._listen, name="ingest-publisher-reports", daemon=True)
+        self._listener.start()
+
+    def _listen(self) -> None:
+        """Count the child's warnings; turn its failure, or its death, into the run's failure."""
+        try:
+            self._listen_until_done()
+        finally:
+            connections.close_all()  # the failure is recorded in feed status from this thread
+
+    def _listen_until_done(self) -> None:
+        while True:
+            try:
+                kind, *rest = self._reports.get(timeout=PARENT_CHECK_S)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                try:  # it exited: what it said last may still be on its way
+                    kind, *rest = self._reports.get(timeout=PARENT_CHECK_S)
+                except queue.Empty:
+                    if self._process.exitcode != 0:
+                        self._failed(PublisherFailedError(f"publisher process exited with {self._process.exitcode}"))
+                    return
+            if kind == "done":
+                return
+            self._report(kind, rest)
+            if kind == "failed":
+                return
+
+    def _report(self, kind: str, rest: list[Any]) -> None:
+        if kind == "warning":
+            self._warn(rest[0])
+        elif kind == "failed":
+            self._failed(PublisherFailedError(f"publisher process failed: {rest[0]}: {rest[1]}"))
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def put(self, item: Any, timeout: float) -> bool:
+        try:
+            self._jobs.put(item, timeout=timeout)
+            return True
+        except queue.Full:
+            return False
+
+    def closing(self) -> None:
+        self._closing_event.set()
+
+    def join(self) -> None:
+        self._process.join()
+        self._listener.join()
+        if self._process.exitcode != 0:
+            # Nobody reads the jobs any more: do not wait at exit for queued ones to be sent.
+            self._jobs.cancel_join_thread()
+        self._jobs.close()
+        self._reports.close()
