@@ -276,7 +276,8 @@ class OhlcvView(ApiView):
         if self.slot is not None and self.fetched is not None:
             read = ohlcv_cached(self.slot, self.fetched)
             if read.body is not None:
-                ohlcv_hit(self.q, self.symbol, self.base_url, self.slot)
+                if not connection.in_atomic_block:  # as for a miss: a prefetch's thread would not see this one's rows
+                    ohlcv_hit(self.q, self.symbol, self.base_url, self.slot)
                 return HttpResponse(read.body, content_type=JSON)
         return HttpResponse(ohlcv_answer(self.q, self.symbol, self.base_url, self.slot, read), content_type=JSON)
 
