@@ -186,6 +186,8 @@ REST_FRAMEWORK = {
 }
 # /v1/ohlcv and /v1/latest through the Redis hot cache; off only to measure what it saves.
 API_HOT_CACHE = env.bool("API_HOT_CACHE", default=True)
+# A read of a page also fetches the page before it into the cache in the background (docs/API.md).
+API_HOT_CACHE_PREFETCH = env.bool("API_HOT_CACHE_PREFETCH", default=True)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Market-data gateway",
     "DESCRIPTION": (
