@@ -12,11 +12,18 @@ data. Decode, normalise, upsert, derive and publish are all inside the timing. B
 in the same run, the baseline: a plain binary COPY of the same rows into an unindexed
 table. Figures are printed, never asserted (SPEC section 8); the stored row counts are
 checked so that a wrong run fails loudly instead of looking fast.
+
+It also prints the CPU each record cost the ingester (with its publisher process,
+``--publisher process``, the deployed default; ``thread`` for the ingester as one
+process), PostgreSQL and Redis, and how busy that kept the cores: the figures that say
+where a machine's time went. PostgreSQL's and Redis's are their whole processes', so keep
+the machine otherwise quiet.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -47,6 +54,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--records", type=int, default=1_000_000, help="bars, and trades, to ingest")
     parser.add_argument("--symbols", type=int, default=50, help="distinct symbols (default 50)")
     parser.add_argument("--no-publish", action="store_true", help="store only (publish is on by default)")
+    parser.add_argument(
+        "--publisher", choices=["process", "thread"], default="process",
+        help="where the ingester derives and publishes (INGEST_PUBLISH_PROCESS; default: process, as deployed)",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=int, default=1800, help="give up on one ingest after this many seconds")
     args = parser.parse_args()
     if not 1_000 <= args.records <= 20_000_000:
@@ -152,13 +163,43 @@ def count(env: dict[str, str], table: str) -> int:
         return int(row[0]) if row else 0
 
 
-def ingest(env: dict[str, str], path: Path, publish: bool, timeout: int) -> float:
-    """Seconds of the ingest command itself: its wall time minus the same process doing nothing."""
+def server_cpu() -> dict[str, float]:
+    """CPU seconds so far of this machine's PostgreSQL and Redis processes (with their reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"postgres": 0.0, "redis": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        kind = "postgres" if name.startswith("postgres") else "redis" if name.startswith("redis") else None
+        if kind:
+            out[kind] += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    return out
+
+
+def ingest(env: dict[str, str], path: Path, publish: bool, timeout: int) -> tuple[float, dict[str, float]]:
+    """Wall seconds of the ingest command, and CPU seconds by whom: the command (with its
+    publisher process), PostgreSQL and Redis (all of the machine's: keep it otherwise quiet)."""
     args = [sys.executable, "manage.py", "ingest", "replay", str(path), "--max", *([] if publish else ["--no-publish"])]
+    time.sleep(0.5)  # the sessions of the steps before end, and their CPU is counted, before this one's
+    before = server_cpu()
     started = time.perf_counter()
-    subprocess.run(args, cwd=ROOT, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)  # fmt: skip
-    return time.perf_counter() - started
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"ingest of {path.name} failed with exit code {proc.returncode}")
+    after = server_cpu()
+    cpu = {"ingester": usage.ru_utime + usage.ru_stime, **{k: after[k] - before[k] for k in after}}
+    return elapsed, cpu
 
 
 def startup(env: dict[str, str]) -> float:
@@ -204,6 +245,7 @@ TRADE_TYPES = ["int8", "timestamptz", "timestamptz", "int4", "int8", "int2", "in
 def main() -> None:
     args = parse_args()
     env = bench_env()
+    env["INGEST_PUBLISH_PROCESS"] = "true" if args.publisher == "process" else "false"
     print(f"machine: {machine()}")
     prepare_db(env)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -211,13 +253,15 @@ def main() -> None:
         bars_path, trades_path, bar_rows, trade_rows = write_files(Path(tmp), args.records, args.symbols)
         print(f"wrote {args.records:,} bars and {args.records:,} trades in {time.perf_counter() - t:.1f} s")
         overhead = startup(env)
-        print(f"process start (subtracted): {overhead:.2f} s; publish: {'off' if args.no_publish else 'on'}")
+        publish = "off" if args.no_publish else f"on, from a {args.publisher}"
+        print(f"process start (subtracted): {overhead:.2f} s; publish: {publish}")
         for label, path, table, rows, columns, types in (
             ("bars", bars_path, "marketdata_bar", bar_rows, BAR_COLUMNS, BAR_TYPES),
             ("trades", trades_path, "marketdata_trade", trade_rows, TRADE_COLUMNS, TRADE_TYPES),
         ):
             empty(env)
-            elapsed = ingest(env, path, not args.no_publish, args.timeout) - overhead
+            wall, cpu = ingest(env, path, not args.no_publish, args.timeout)
+            elapsed = wall - overhead
             stored = count(env, table)
             if stored != args.records:
                 raise SystemExit(f"{label}: stored {stored:,} rows, expected {args.records:,}")
@@ -226,6 +270,12 @@ def main() -> None:
             print(
                 f"{label:6s}: ingest replay --max {rate:10,.0f} records/s ({elapsed:.1f} s)   "
                 f"plain COPY {base:10,.0f} rows/s   ratio {rate / base:.2f}   target 150,000/s"
+            )
+            per = {k: v / args.records * 1e6 for k, v in cpu.items()}
+            busy = sum(cpu.values()) / (wall * len(os.sched_getaffinity(0)))
+            print(
+                f"        CPU per record: ingester {per['ingester']:.1f} us (with its publisher process and its "
+                f"start), PostgreSQL {per['postgres']:.1f} us, Redis {per['redis']:.1f} us; cores {busy:.0%} busy"
             )
         empty(env)
 
