@@ -46,6 +46,7 @@ ENTRY_TTL_S = 300
 # caches past such a change.
 EPOCH_KEY = "md:epoch"
 _clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
 # Rate-limit counts of a request that the event loop's fast path (marketdata.api.hot) has
 # already made, handed to the Django view it falls back to: an ASGI scope and WSGI environ
 # key that config.asgi copies from one to the other (a client's headers cannot set it).
@@ -53,11 +54,22 @@ COUNTED_KEY = "marketdata.counted"
 
 
 def client() -> redis.Redis:
-    """A process-wide client for the configured Redis (short timeouts: the cache is optional)."""
+    """A process-wide client for the configured Redis (short timeouts: the cache is optional).
+
+    Made once under a lock: the gateway's first requests arrive together in many threads,
+    and a client made twice is a client dropped, whose finaliser disconnects its pool,
+    connections in use by other threads included (a pipeline holds the pool, not the
+    client). redis-py then fails those requests with a ValueError from a closed buffer,
+    not a RedisError: the one 500 bench/history.py ever showed.
+    """
     url = settings.REDIS_URL
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
-    return _clients[url]
+    found = _clients.get(url)
+    if found is None:
+        with _clients_lock:
+            found = _clients.get(url)
+            if found is None:
+                found = _clients[url] = redis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
+    return found
 
 
 # Per symbol, what each recent version bump changed: "<base>|<version>:<tf>=<micros>,...;...",
