@@ -38,7 +38,7 @@ def child_main(
         django.setup()
         from ops.runtime import interpreter_tune
 
-        from .publishing import PARENT_CHECK_S, STOP, PublishWork, log
+        from .publishing import PARENT_CHECK_S, STOP, PublishWork, log, with_backlog
 
         interpreter_tune()
         parent = multiprocessing.parent_process()
@@ -54,7 +54,11 @@ def child_main(
             if job == STOP:
                 reports.put(("done",))
                 return
+            job, stop = with_backlog(job, jobs)
             work.handle(*job)
+            if stop:
+                reports.put(("done",))
+                return
     except BaseException as exc:
         traceback.print_exc()  # stderr: logging may not be set up yet
         reports.put(("failed", type(exc).__name__, str(exc)))

@@ -65,6 +65,12 @@ INHERITED_SETTINGS = ("DATABASES", "REDIS_URL", "CHANNELS_PREFIX", "STREAM_SEQ_E
 STOP = "stop"  # after the last job: the host drains what came before, then ends
 
 Groups = dict[tuple[str, str], list[str]]  # (stream, kind) -> data texts in order, as publish_groups takes them
+Job = tuple[list[BarIn], Groups, dict[int, str]]  # bars, trade messages, tickers not sent before
+# Behind (a replay at full speed, a catch-up after an outage), the publisher takes the
+# batches queued behind the one it got and publishes them as one, up to about this many
+# records: a stream's costs per publish (its entry in the script, its derived and forming
+# bars) are paid once for all of them. Live, the queue is empty and each batch goes alone.
+MERGE_RECORDS = 10_000
 
 
 class PublisherFailedError(RuntimeError):
@@ -119,6 +125,9 @@ class PublishWork:
         """
         self.tickers.update(tickers)
         groups: Groups = {}
+        if bars and type(bars[0]) is not BarIn:  # from a ProcessHost: plain tuples
+            new = tuple.__new__
+            bars = [new(BarIn, b) for b in bars]
         if bars:
             groups = retry("derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn)[0]
         groups.update(trade_groups)  # trade streams and bar streams never share a name
@@ -181,6 +190,39 @@ class TradeMessages:
         return groups
 
 
+def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
+    """``job`` and the jobs queued behind it as one, up to MERGE_RECORDS; True if STOP came after them.
+
+    ``jobs`` is the host's queue (``queue.Queue`` or ``multiprocessing.Queue``). Its size
+    says what is queued, not an empty ``get_nowait``: a process queue's jobs reach the
+    child's pipe through a feeder thread, and a pipe holds less than one batch, so the next
+    job is almost never readable yet when the child asks. Bars keep their commit order
+    (the deriver needs each stream's in time order) and each trade stream its messages in
+    order: the same messages, fewer publishes.
+    """
+    bars, trade_groups, tickers = job
+    count = len(bars) + sum(map(len, trade_groups.values()))
+    merged = False
+    while count < MERGE_RECORDS and jobs.qsize() > 0:
+        try:  # queued, so it comes at once (it may still be on its way through the pipe)
+            more = jobs.get(timeout=PARENT_CHECK_S)
+        except queue.Empty:  # a parent that died mid-send: the caller's loop notices
+            break
+        if more == STOP:
+            return (bars, trade_groups, tickers), True
+        if not merged:  # the first job's containers may still be the writer's (ThreadHost)
+            bars, trade_groups, tickers = list(bars), {k: list(v) for k, v in trade_groups.items()}, dict(tickers)
+            merged = True
+        more_bars, more_groups, more_tickers = more
+        bars.extend(more_bars)
+        for key, datas in more_groups.items():
+            trade_groups.setdefault(key, []).extend(datas)
+            count += len(datas)
+        tickers.update(more_tickers)
+        count += len(more_bars)
+    return (bars, trade_groups, tickers), False
+
+
 class ThreadHost:
     """PublishWork in a thread of the ingest process."""
 
@@ -204,7 +246,10 @@ class ThreadHost:
                 job = self._jobs.get()
                 if job == STOP:
                     return
+                job, stop = with_backlog(job, self._jobs)
                 work.handle(*job)
+                if stop:
+                    return
         except BaseException as exc:  # the source and the writer must learn of it
             log.exception("ingest publisher failed")
             self._failed(exc)
@@ -304,6 +349,12 @@ class ProcessHost:
         return self._process.is_alive()
 
     def put(self, item: Any, timeout: float) -> bool:
+        if item != STOP:
+            # Bars cross as plain tuples: pickling a named tuple calls its __getnewargs__ in
+            # Python for every bar (3.8 -> 1.3 us a bar with the copy to tuples, in the
+            # parent, beside the writer); PublishWork.handle makes them BarIns again.
+            bars, trade_groups, tickers = item
+            item = (list(map(tuple, bars)), trade_groups, tickers)
         try:
             self._jobs.put(item, timeout=timeout)
             return True

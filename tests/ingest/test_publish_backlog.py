@@ -1,0 +1,105 @@
+"""A publisher behind takes the batches queued behind the one it got and publishes them as one."""
+
+from __future__ import annotations
+
+import queue
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import databento_dbn as dbn
+import pytest
+import redis
+
+from ingest.pipeline import run_replay
+from ingest.publishing import MERGE_RECORDS, STOP, Job, with_backlog
+from marketdata.services import BarIn
+
+from .dbnfile import bar, metadata, write
+from .test_replay import buffer_frames
+
+T0 = 1704205800  # 2024-01-02T14:30:00Z
+START = datetime.fromtimestamp(T0, UTC)
+
+
+def job(first: int, n: int, trades: int = 0) -> Job:
+    bars = [BarIn(7, "1m", START + timedelta(minutes=i), 1, 1, 1, 1, 1, 1) for i in range(first, first + n)]
+    groups = {("trades:AAPL", "trade"): [f'{{"i":{first + i}}}' for i in range(trades)]} if trades else {}
+    return bars, groups, {7: "AAPL"} if first == 0 else {}
+
+
+def queued(*items: object) -> queue.Queue:
+    q: queue.Queue = queue.Queue()
+    for item in items:
+        q.put(item)
+    return q
+
+
+def test_queued_jobs_become_one_in_commit_order() -> None:
+    first, second, third = job(0, 10, trades=2), job(10, 5, trades=3), job(15, 1)
+    q = queued(second, third)
+
+    (bars, groups, tickers), stop = with_backlog(first, q)
+
+    assert not stop
+    assert q.empty()
+    assert [b.ts for b in bars] == [START + timedelta(minutes=i) for i in range(16)]
+    assert groups == {("trades:AAPL", "trade"): ['{"i":0}', '{"i":1}', '{"i":10}', '{"i":11}', '{"i":12}']}
+    assert tickers == {7: "AAPL"}
+    assert len(first[0]) == 10
+    assert len(first[1][("trades:AAPL", "trade")]) == 2
+
+
+def test_a_stop_behind_the_backlog_is_reported_and_nothing_after_it_is_taken() -> None:
+    after = job(20, 1)
+    q = queued(job(10, 5), STOP, after)
+
+    (bars, _, _), stop = with_backlog(job(0, 10), q)
+
+    assert stop
+    assert len(bars) == 15
+    assert q.get_nowait() is after
+
+
+def test_merging_stops_once_the_records_reach_the_cap() -> None:
+    size = MERGE_RECORDS // 4
+    q = queued(*(job(size * i, size) for i in range(1, 8)))
+
+    (bars, _, _), stop = with_backlog(job(0, size), q)
+
+    assert not stop
+    assert len(bars) == MERGE_RECORDS
+    assert q.qsize() == 4
+
+
+def test_an_empty_queue_leaves_the_job_as_it_came() -> None:
+    first = job(0, 3, trades=1)
+    merged, stop = with_backlog(first, queued())
+    assert merged == first
+    assert not stop
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batches_queued_while_the_publisher_process_starts_go_out_together_complete_and_in_order(
+    tmp_path, redis_client: redis.Redis, settings
+) -> None:
+    settings.INGEST_PUBLISH_PROCESS = True  # the child takes a second to start: the writer's batches queue up
+    n = 5000  # five 1,000-bar batches
+    path = write(
+        tmp_path / "seconds.dbn",
+        metadata(symbols={"AAPL": 7}, schema=dbn.Schema.OHLCV_1S),
+        [bar(7, T0 + i, 100 + i % 7, rtype=dbn.RType.OHLCV_1S) for i in range(n)],
+    )
+    run_replay(paths=[path], speed=None, loop=False, symbols=None, publish=True, install_signals=False)
+
+    entries: Any = redis_client.xrange("md:buf:bars:1s:AAPL")
+    assert len(entries) < 5  # fewer publishes than batches
+    frames = buffer_frames(redis_client, "bars:1s:AAPL")
+    assert [f["seq"] for f in frames] == list(range(1, n + 1))
+    assert [f["data"]["ts"] for f in frames] == [
+        (START + timedelta(seconds=i)).isoformat().replace("+00:00", "Z") for i in range(n)
+    ]
+    minutes = buffer_frames(redis_client, "bars:1m:AAPL")
+    finals = [f["data"]["ts"] for f in minutes if f["data"]["final"]]
+    assert finals == [(START + timedelta(minutes=i)).isoformat().replace("+00:00", "Z") for i in range(n // 60)]
+    assert [f["seq"] for f in minutes] == list(range(1, len(minutes) + 1))
+    assert minutes[-1]["data"]["final"] is False  # the 84th minute is still forming
