@@ -252,7 +252,7 @@ class Pipeline:
         self.batch_trades = batch_trades
         self.flush_seconds = flush_seconds
         self.publish_enabled = publish
-        self._leaderboards = LeaderboardRefresher()
+        self._leaderboards = LeaderboardRefresher(background=True)  # off the writer's path
         self.progress = progress
         self.stopping = threading.Event()
         self.schemas: set[str] = set()
@@ -318,7 +318,7 @@ class Pipeline:
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
                     self._flush(bars, trades)
-                    self._leaderboards.flush()
+                    self._leaderboards.close()
                     self._publish_stop()
                     self._feed_status_safe()
                     return
@@ -346,6 +346,7 @@ class Pipeline:
             self.queue.clear()  # unblock a source waiting on a full queue
             self._publish_stop()
         finally:
+            self._leaderboards.close()  # (again after a clean stop: returns at once)
             connections.close_all()
 
     @tracing.traced(
@@ -374,7 +375,7 @@ class Pipeline:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
         versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
-        # At most once a second (readers recompute rows older than their symbol's version).
+        # At most once a second, in a thread of its own (readers recompute rows older than their symbol's version).
         self._leaderboards.changed(changed)
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from itertools import product
 
@@ -130,3 +132,36 @@ def test_with_redis_down_the_leaderboard_comes_from_the_database(client, setting
     misses = metrics.API_CACHE.labels("leaderboard", "miss")._value.get()
     assert client.get("/v1/leaderboard?tf=1m").content == sql
     assert metrics.API_CACHE.labels("leaderboard", "miss")._value.get() == misses + 1
+
+
+@pytest.mark.django_db(transaction=True)  # the refresher's thread reads committed bars only
+def test_the_ingesters_background_refresher_works_in_its_own_thread_when_due_and_close_refreshes_the_rest(
+    make_symbol, write_bars, redis_client, monkeypatch
+):
+    calls: list[tuple[str, set[int]]] = []
+    refresh = cache.leaderboard_refresh
+
+    def recorded(*, symbol_ids, tfs=None):
+        calls.append((threading.current_thread().name, set(symbol_ids)))
+        refresh(symbol_ids=symbol_ids, tfs=tfs)
+
+    monkeypatch.setattr(cache, "leaderboard_refresh", recorded)
+    aapl, msft = make_symbol("AAPL"), make_symbol("MSFT")
+    refresher = cache.LeaderboardRefresher(every_s=3600, background=True)
+    try:
+        write_bars([_bar(aapl, 0, 100 * P, 10)])
+        refresher.changed({aapl.pk})  # the first refresh is due at once
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        write_bars([_bar(msft, 0, 200 * P, 20)])
+        refresher.changed({msft.pk})  # the next is not due for an hour
+        time.sleep(0.2)
+        assert len(calls) == 1
+    finally:
+        refresher.close()  # refreshes MSFT now, then the thread ends
+
+    assert calls == [("leaderboard-refresh", {aapl.pk}), ("leaderboard-refresh", {msft.pk})]
+    assert _stamps_current(redis_client, [aapl, msft])
+    assert refresher._thread is not None
+    assert not refresher._thread.is_alive()
