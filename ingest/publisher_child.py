@@ -43,6 +43,7 @@ def child_main(
         interpreter_tune()
         parent = multiprocessing.parent_process()
         work = PublishWork(run_id, closing=closing.is_set, warn=lambda what: reports.put(("warning", what)))
+        reports.put(("ready",))
         while True:
             try:
                 job = jobs.get(timeout=PARENT_CHECK_S)

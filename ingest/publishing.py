@@ -59,6 +59,7 @@ SHUTDOWN_RETRY_S = 30.0  # once the run is closing, a server still down fails th
 PUBLISH_QUEUE_BATCHES = 8
 PUT_WAIT_S = 0.5  # a blocked submit looks at the host's health this often
 PARENT_CHECK_S = 1.0  # the child looks for its parent this often while idle
+READY_TIMEOUT_S = 120.0  # a run waits this long at most for its publisher process to start
 # Settings the child takes from its parent as they are at run time (a test database's
 # name, a test's overrides), not as its settings module would make them.
 INHERITED_SETTINGS = ("DATABASES", "REDIS_URL", "CHANNELS_PREFIX", "STREAM_SEQ_EPOCH")
@@ -291,6 +292,7 @@ class ProcessHost:
         self._jobs: Any = ctx.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
         self._reports: Any = ctx.Queue()
         self._closing_event = ctx.Event()
+        self._ready = threading.Event()  # the child reported that it can publish
         self._warn, self._failed = warn, failed
         # (A test's overridden settings hold no SETTINGS_MODULE: the environment names it.)
         settings_module = os.environ.get("DJANGO_SETTINGS_MODULE") or settings.SETTINGS_MODULE
@@ -312,6 +314,20 @@ class ProcessHost:
                 signal.signal(sig, handler)
         self._listener = threading.Thread(target=self._listen, name="ingest-publisher-reports", daemon=True)
         self._listener.start()
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Return once the child can publish (its Django is set up: about a second and a half).
+
+        The run's source starts after this: what the writer commits meanwhile would queue
+        up and go out in one burst when the child came up, a second late, and a gateway
+        fanning that burst out lags for as long again (bench/latency.py: p99 1.2 s).
+        A child that dies first fails the run through the listener, as it would later.
+        """
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._ready.wait(PARENT_CHECK_S / 10):
+            if not self._process.is_alive() or time.monotonic() > deadline:
+                return
 
     def _listen(self) -> None:
         """Count the child's warnings; turn its failure, or its death, into the run's failure."""
@@ -333,6 +349,9 @@ class ProcessHost:
                     if self._process.exitcode != 0:
                         self._failed(PublisherFailedError(f"publisher process exited with {self._process.exitcode}"))
                     return
+            if kind == "ready":
+                self._ready.set()
+                continue
             if kind == "done":
                 return
             self._report(kind, rest)

@@ -6,19 +6,15 @@ import queue
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import databento_dbn as dbn
 import pytest
 import redis
 
-from ingest.pipeline import run_replay
-from ingest.publishing import MERGE_RECORDS, STOP, Job, with_backlog
+from ingest.publishing import MERGE_RECORDS, STOP, Job, ProcessHost, with_backlog
 from marketdata.services import BarIn
 
-from .dbnfile import bar, metadata, write
 from .test_replay import buffer_frames
 
-T0 = 1704205800  # 2024-01-02T14:30:00Z
-START = datetime.fromtimestamp(T0, UTC)
+START = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
 
 
 def job(first: int, n: int, trades: int = 0) -> Job:
@@ -79,27 +75,29 @@ def test_an_empty_queue_leaves_the_job_as_it_came() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_batches_queued_while_the_publisher_process_starts_go_out_together_complete_and_in_order(
-    tmp_path, redis_client: redis.Redis, settings
+def test_batches_queued_behind_a_busy_publisher_process_go_out_together_complete_and_in_order(
+    redis_client: redis.Redis,
 ) -> None:
-    settings.INGEST_PUBLISH_PROCESS = True  # the child takes a second to start: the writer's batches queue up
-    n = 5000  # five 1,000-bar batches
-    path = write(
-        tmp_path / "seconds.dbn",
-        metadata(symbols={"AAPL": 7}, schema=dbn.Schema.OHLCV_1S),
-        [bar(7, T0 + i, 100 + i % 7, rtype=dbn.RType.OHLCV_1S) for i in range(n)],
-    )
-    run_replay(paths=[path], speed=None, loop=False, symbols=None, publish=True, install_signals=False)
+    failures: list[BaseException] = []
+    host = ProcessHost("backlog-test", closing=lambda: False, warn=lambda what: None, failed=failures.append)
+    try:
+        for i in range(5):  # the child is still on the first when the other four are queued
+            assert host.put(job(i * 1000, 1000), timeout=10)
+    finally:
+        assert host.put(STOP, timeout=10)
+        host.join()
+    assert not failures
 
-    entries: Any = redis_client.xrange("md:buf:bars:1s:AAPL")
+    entries: Any = redis_client.xrange("md:buf:bars:1m:AAPL")
     assert len(entries) < 5  # fewer publishes than batches
-    frames = buffer_frames(redis_client, "bars:1s:AAPL")
-    assert [f["seq"] for f in frames] == list(range(1, n + 1))
+    frames = buffer_frames(redis_client, "bars:1m:AAPL")
+    assert [f["seq"] for f in frames] == list(range(1, 5001))
     assert [f["data"]["ts"] for f in frames] == [
-        (START + timedelta(seconds=i)).isoformat().replace("+00:00", "Z") for i in range(n)
+        (START + timedelta(minutes=i)).isoformat().replace("+00:00", "Z") for i in range(5000)
     ]
-    minutes = buffer_frames(redis_client, "bars:1m:AAPL")
-    finals = [f["data"]["ts"] for f in minutes if f["data"]["final"]]
-    assert finals == [(START + timedelta(minutes=i)).isoformat().replace("+00:00", "Z") for i in range(n // 60)]
-    assert [f["seq"] for f in minutes] == list(range(1, len(minutes) + 1))
-    assert minutes[-1]["data"]["final"] is False  # the 84th minute is still forming
+    hours = [f["data"] for f in buffer_frames(redis_client, "bars:1h:AAPL")]
+    finals = [h["ts"] for h in hours if h["final"]]
+    buckets = sorted({(START + timedelta(minutes=i)).replace(minute=0) for i in range(5000)})
+    assert finals == [b.isoformat().replace("+00:00", "Z") for b in buckets[:-1]]
+    assert hours[-1]["final"] is False  # the last hour is still forming
+    assert hours[-1]["ts"] == buckets[-1].isoformat().replace("+00:00", "Z")

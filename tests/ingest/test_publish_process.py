@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import connection
 
 from ingest.pipeline import run_replay
-from ingest.publishing import PublisherFailedError
+from ingest.publishing import STOP, ProcessHost, PublisherFailedError
 from marketdata.models import Bar
 
 from .dbnfile import bar, metadata, write
@@ -116,3 +116,16 @@ def test_a_publisher_process_that_dies_fails_the_run_without_hanging(tmp_path, r
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
         assert cursor.fetchone() == (0,)
+
+
+def test_a_process_host_is_made_once_its_child_can_publish_so_no_batch_waits_for_its_start():
+    failures: list[BaseException] = []
+    host = ProcessHost("ready-test", closing=lambda: False, warn=lambda what: None, failed=failures.append)
+    try:
+        assert host._ready.is_set()  # a batch submitted now is published at once, not after Django's setup
+        assert host.alive()
+    finally:
+        assert host.put(STOP, timeout=10)
+        host.join()
+    assert not failures
+    assert not host.alive()
