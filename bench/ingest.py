@@ -197,6 +197,7 @@ def ingest(env: dict[str, str], path: Path, publish: bool, timeout: int) -> tupl
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"ingest of {path.name} failed with exit code {proc.returncode}")
+    time.sleep(0.5)  # its sessions end and are reaped: an exited backend's CPU moves to the postmaster's
     after = server_cpu()
     cpu = {"ingester": usage.ru_utime + usage.ru_stime, **{k: after[k] - before[k] for k in after}}
     return elapsed, cpu
