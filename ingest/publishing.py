@@ -10,9 +10,11 @@ It runs in one of two hosts with the same interface (``submit``, ``stop``, ``joi
   ``ingest`` command. Deriving, JSON and publishing took 60% of the ingester's Python
   time per bar, and three threads of one process share one interpreter lock: in a
   process of its own that work runs beside normalising and writing, on the other core.
-  Batches reach it pickled through a bounded queue (about 5 us a bar both ends; trades
-  as their JSON texts, made by the writer, which costs less than pickling the rows), so
-  a slow Redis still holds up the writer, then the source: back-pressure end to end.
+  Batches reach it pickled through a bounded queue (bars as plain tuples, about 2 us a
+  bar both ends; trades as their JSON texts, made by the writer, which costs less than
+  pickling the rows), so a slow Redis still holds up the writer, then the source:
+  back-pressure end to end. The run's source starts once the child is ready, and a
+  child behind publishes the batches queued behind the one it took as one.
 
 The child ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): the
 parent decides when to stop, and the child drains every batch submitted before it stops.
