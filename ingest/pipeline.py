@@ -42,7 +42,7 @@ from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
 from ops import metrics, tracing
 
-from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, TradeMessages, retry
+from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry, trades_out
 from .records import Normaliser, Stats
 from .symbology import Resolver
 
@@ -259,7 +259,6 @@ class Pipeline:
         self.failure: BaseException | None = None
         self.started = time.monotonic()
         self._tickers_sent = 0  # how many of the resolver's tickers the publisher has been given
-        self._trade_messages = TradeMessages(self.resolver.tickers)
         # Derive and publish committed batches in commit order: in a process of its own
         # (INGEST_PUBLISH_PROCESS, the command's default) or in a thread (ingest/publishing.py).
         self._publisher: ProcessHost | ThreadHost | None = None
@@ -393,7 +392,7 @@ class Pipeline:
         if len(self.resolver.tickers) != self._tickers_sent:  # tickers are only ever added
             tickers = dict(self.resolver.tickers)
             self._tickers_sent = len(tickers)
-        self._publish_put((bars, self._trade_messages(trades) if trades else {}, tickers))
+        self._publish_put((bars, trades_out(trades), tickers))
 
     def _publish_put(self, item: Any) -> None:
         assert self._publisher is not None

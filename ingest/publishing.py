@@ -10,10 +10,9 @@ It runs in one of two hosts with the same interface (``submit``, ``stop``, ``joi
   ``ingest`` command. Deriving, JSON and publishing took 60% of the ingester's Python
   time per bar, and three threads of one process share one interpreter lock: in a
   process of its own that work runs beside normalising and writing, on the other core.
-  Batches reach it pickled through a bounded queue (bars as plain tuples, about 2 us a
-  bar both ends; trades as their JSON texts, made by the writer, which costs less than
-  pickling the rows), so a slow Redis still holds up the writer, then the source:
-  back-pressure end to end. The run's source starts once the child is ready, and a
+  Batches reach it pickled through a bounded queue (as plain tuples, about 2 us a
+  record both ends; a trade only with what its message needs), so a slow Redis still
+  holds up the writer, then the source: back-pressure end to end. The run's source starts once the child is ready, and a
   child behind publishes the batches queued behind the one it took as one.
 
 The child ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): the
@@ -32,6 +31,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
@@ -68,7 +68,10 @@ INHERITED_SETTINGS = ("DATABASES", "REDIS_URL", "CHANNELS_PREFIX", "STREAM_SEQ_E
 STOP = "stop"  # after the last job: the host drains what came before, then ends
 
 Groups = dict[tuple[str, str], list[str]]  # (stream, kind) -> data texts in order, as publish_groups takes them
-Job = tuple[list[BarIn], Groups, dict[int, str]]  # bars, trade messages, tickers not sent before
+# What a trade's message needs: (symbol_id, ts_event, price, size, side). The writer sends
+# these, not TradeIns: a third of the pickling and no JSON in the process that writes.
+TradeOut = tuple[int, datetime, int, int, str]
+Job = tuple[list[BarIn], list[TradeOut], dict[int, str]]  # bars, trades, tickers not sent before
 # Behind (a replay at full speed, a catch-up after an outage), the publisher takes the
 # batches queued behind the one it got and publishes them as one, up to about this many
 # records: a stream's costs per publish (its entry in the script, its derived and forming
@@ -115,17 +118,13 @@ class PublishWork:
         self.deriver = Deriver(load=load_stored)
         self.publisher = Publisher()
         self.tickers: dict[int, str] = {}
+        self.trade_messages = TradeMessages(self.tickers)
         self._published = 0
-        # Stream names and kinds by (timeframe, symbol id) and by symbol id: made once, not per message.
+        # Stream names and kinds by (timeframe, symbol id): made once, not per message.
         self._bar_streams: dict[tuple[str, int], tuple[str, str]] = {}
 
-    def handle(self, bars: list[BarIn], trade_groups: Groups, tickers: dict[int, str]) -> None:
-        """Publish one committed batch (retrying while Redis or PostgreSQL is down).
-
-        Its trades arrive as messages already (``TradeMessages``, made by the writer): a
-        trade needs no more work than its JSON, and its text crosses to a publisher
-        process for a fifth of what pickling the row cost.
-        """
+    def handle(self, bars: list[BarIn], trades: list[TradeOut], tickers: dict[int, str]) -> None:
+        """Publish one committed batch (retrying while Redis or PostgreSQL is down)."""
         self.tickers.update(tickers)
         groups: Groups = {}
         if bars and type(bars[0]) is not BarIn:  # from a ProcessHost: plain tuples
@@ -133,7 +132,8 @@ class PublishWork:
             bars = [new(BarIn, b) for b in bars]
         if bars:
             groups = retry("derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn)[0]
-        groups.update(trade_groups)  # trade streams and bar streams never share a name
+        if trades:
+            groups.update(self.trade_messages(trades))  # trade streams and bar streams never share a name
         if groups:
             self._published += 1
             batch_id = f"{self.run_id}:{self._published}"
@@ -172,24 +172,29 @@ class PublishWork:
         self.publisher.close()
 
 
+def trades_out(trades: list[TradeIn]) -> list[TradeOut]:
+    """What the publisher needs of written trades."""
+    return [(t.symbol_id, t.ts_event, t.price, t.size, t.side) for t in trades]
+
+
 class TradeMessages:
     """Written trades as publish groups: (``trades:<SYM>``, "trade") -> data texts, in order."""
 
     def __init__(self, tickers: dict[int, str]) -> None:
-        self.tickers = tickers  # the resolver's: symbol id -> ticker
+        self.tickers = tickers  # symbol id -> ticker
         self._streams: dict[int, tuple[str, str]] = {}
 
-    def __call__(self, trades: list[TradeIn]) -> Groups:
+    def __call__(self, trades: list[TradeOut]) -> Groups:
         groups: Groups = {}
         streams = self._streams
-        for t in trades:
-            key = streams.get(t.symbol_id)
+        for symbol_id, ts, price, size, side in trades:
+            key = streams.get(symbol_id)
             if key is None:
-                key = streams[t.symbol_id] = (trades_stream(self.tickers[t.symbol_id]), "trade")
+                key = streams[symbol_id] = (trades_stream(self.tickers[symbol_id]), "trade")
             datas = groups.get(key)
             if datas is None:
                 datas = groups[key] = []
-            datas.append(trade_json(t.ts_event, t.price, t.size, t.side))
+            datas.append(trade_json(ts, price, size, side))
         return groups
 
 
@@ -203,8 +208,8 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
     (the deriver needs each stream's in time order) and each trade stream its messages in
     order: the same messages, fewer publishes.
     """
-    bars, trade_groups, tickers = job
-    count = len(bars) + sum(map(len, trade_groups.values()))
+    bars, trades, tickers = job
+    count = len(bars) + len(trades)
     merged = False
     while count < MERGE_RECORDS and jobs.qsize() > 0:
         try:  # queued, so it comes at once (it may still be on its way through the pipe)
@@ -212,18 +217,16 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
         except queue.Empty:  # a parent that died mid-send: the caller's loop notices
             break
         if more == STOP:
-            return (bars, trade_groups, tickers), True
+            return (bars, trades, tickers), True
         if not merged:  # the first job's containers may still be the writer's (ThreadHost)
-            bars, trade_groups, tickers = list(bars), {k: list(v) for k, v in trade_groups.items()}, dict(tickers)
+            bars, trades, tickers = list(bars), list(trades), dict(tickers)
             merged = True
-        more_bars, more_groups, more_tickers = more
+        more_bars, more_trades, more_tickers = more
         bars.extend(more_bars)
-        for key, datas in more_groups.items():
-            trade_groups.setdefault(key, []).extend(datas)
-            count += len(datas)
+        trades.extend(more_trades)
         tickers.update(more_tickers)
-        count += len(more_bars)
-    return (bars, trade_groups, tickers), False
+        count += len(more_bars) + len(more_trades)
+    return (bars, trades, tickers), False
 
 
 class ThreadHost:
@@ -374,8 +377,8 @@ class ProcessHost:
             # Bars cross as plain tuples: pickling a named tuple calls its __getnewargs__ in
             # Python for every bar (3.8 -> 1.3 us a bar with the copy to tuples, in the
             # parent, beside the writer); PublishWork.handle makes them BarIns again.
-            bars, trade_groups, tickers = item
-            item = (list(map(tuple, bars)), trade_groups, tickers)
+            bars, trades, tickers = item
+            item = (list(map(tuple, bars)), trades, tickers)
         try:
             self._jobs.put(item, timeout=timeout)
             return True

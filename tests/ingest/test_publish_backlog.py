@@ -19,8 +19,8 @@ START = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
 
 def job(first: int, n: int, trades: int = 0) -> Job:
     bars = [BarIn(7, "1m", START + timedelta(minutes=i), 1, 1, 1, 1, 1, 1) for i in range(first, first + n)]
-    groups = {("trades:AAPL", "trade"): [f'{{"i":{first + i}}}' for i in range(trades)]} if trades else {}
-    return bars, groups, {7: "AAPL"} if first == 0 else {}
+    trade_rows = [(7, START + timedelta(seconds=i), 1, first + i, "B") for i in range(trades)]
+    return bars, trade_rows, {7: "AAPL"} if first == 0 else {}
 
 
 def queued(*items: object) -> queue.Queue:
@@ -34,15 +34,15 @@ def test_queued_jobs_become_one_in_commit_order() -> None:
     first, second, third = job(0, 10, trades=2), job(10, 5, trades=3), job(15, 1)
     q = queued(second, third)
 
-    (bars, groups, tickers), stop = with_backlog(first, q)
+    (bars, trades, tickers), stop = with_backlog(first, q)
 
     assert not stop
     assert q.empty()
     assert [b.ts for b in bars] == [START + timedelta(minutes=i) for i in range(16)]
-    assert groups == {("trades:AAPL", "trade"): ['{"i":0}', '{"i":1}', '{"i":10}', '{"i":11}', '{"i":12}']}
+    assert [size for _, _, _, size, _ in trades] == [0, 1, 10, 11, 12]
     assert tickers == {7: "AAPL"}
     assert len(first[0]) == 10
-    assert len(first[1][("trades:AAPL", "trade")]) == 2
+    assert len(first[1]) == 2
 
 
 def test_a_stop_behind_the_backlog_is_reported_and_nothing_after_it_is_taken() -> None:
