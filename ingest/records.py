@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import databento_dbn as dbn
 import structlog
@@ -18,14 +17,15 @@ from .symbology import DAY_NS, UNDEF_TIMESTAMP, Resolver
 log = structlog.get_logger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Keyed by int; a record's RType (an int enum) hashes and compares as its value.
-BAR_RTYPES: dict[Any, str] = {
-    int(dbn.RType.OHLCV_1S): "1s",
-    int(dbn.RType.OHLCV_1M): "1m",
-    int(dbn.RType.OHLCV_1H): "1h",
-    int(dbn.RType.OHLCV_1D): "1d",
+# Looked up by the enums' values: an RType or Side itself hashes and compares through
+# Python-level calls into the decoder (428 against 165 ns for an RType, with .value).
+BAR_RTYPES: dict[int, str] = {
+    dbn.RType.OHLCV_1S.value: "1s",
+    dbn.RType.OHLCV_1M.value: "1m",
+    dbn.RType.OHLCV_1H.value: "1h",
+    dbn.RType.OHLCV_1D.value: "1d",
 }
-SIDES: dict[Any, str] = {dbn.Side.ASK: "A", dbn.Side.BID: "B", dbn.Side.NONE: "N"}
+SIDES: dict[str, str] = {dbn.Side.ASK.value: "A", dbn.Side.BID.value: "B", dbn.Side.NONE.value: "N"}
 # A row without NamedTuple's Python-level __new__ (a fifth of normalising a record).
 _new_row = tuple.__new__
 TIMES_KEPT = 4096  # datetimes remembered by Normaliser._utc (bars of one minute share one)
@@ -127,9 +127,10 @@ class Normaliser:
 
     def _bar(self, record: dbn.OHLCVMsg) -> BarIn | None:
         # Each attribute of a decoded record is a call into the decoder: read each once.
-        tf = BAR_RTYPES.get(record.rtype)
+        rtype = record.rtype.value
+        tf = BAR_RTYPES.get(rtype)
         if tf is None:
-            self.stats.skip(f"rtype:{int(record.rtype)}")
+            self.stats.skip(f"rtype:{rtype}")
             return None
         ts_event = record.ts_event
         symbol_id = self._resolve(record.instrument_id, ts_event)
@@ -183,7 +184,8 @@ class Normaliser:
             elif ts_ns < last[0]:
                 self.stats.warnings["out_of_order"] += 1
         self.last_trade[key] = (ts_ns, seq, ordinal)
-        side = SIDES.get(record.side, "N")
+        raw_side = record.side  # a Side, or its character when the decoder knows no Side for it
+        side = SIDES.get(raw_side if isinstance(raw_side, str) else raw_side.value, "N")
         # Trade times rarely repeat: converted directly (timedelta's positional form is the fastest).
         ts_event_dt = EPOCH + timedelta(0, 0, ts_ns // 1000)
         ts_recv_dt = EPOCH + timedelta(0, 0, (record.ts_recv + shift) // 1000)
