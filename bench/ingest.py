@@ -274,9 +274,10 @@ def main() -> None:
             )
             per = {k: v / args.records * 1e6 for k, v in cpu.items()}
             busy = sum(cpu.values()) / (wall * len(os.sched_getaffinity(0)))
+            whose = "with its publisher process and" if args.publisher == "process" else "publisher thread included,"
             print(
-                f"        CPU per record: ingester {per['ingester']:.1f} us (with its publisher process and its "
-                f"start), PostgreSQL {per['postgres']:.1f} us, Redis {per['redis']:.1f} us; cores {busy:.0%} busy"
+                f"        CPU per record: ingester {per['ingester']:.1f} us ({whose} its start), "
+                f"PostgreSQL {per['postgres']:.1f} us, Redis {per['redis']:.1f} us; cores {busy:.0%} busy"
             )
         empty(env)
 
