@@ -374,7 +374,7 @@ class Pipeline:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
         versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
-        # At most once a second, in a thread of its own (readers recompute rows older than their symbol's version).
+        # Refreshed in a thread of its own once quiet (readers recompute rows older than their symbol's version).
         self._leaderboards.changed(changed)
         last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):

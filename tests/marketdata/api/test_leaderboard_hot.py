@@ -135,7 +135,7 @@ def test_with_redis_down_the_leaderboard_comes_from_the_database(client, setting
 
 
 @pytest.mark.django_db(transaction=True)  # the refresher's thread reads committed bars only
-def test_the_ingesters_background_refresher_works_in_its_own_thread_when_due_and_close_refreshes_the_rest(
+def test_the_ingesters_background_refresher_refreshes_a_symbol_once_it_is_quiet_and_close_the_rest(
     make_symbol, write_bars, redis_client, monkeypatch
 ):
     calls: list[tuple[str, set[int]]] = []
@@ -146,22 +146,28 @@ def test_the_ingesters_background_refresher_works_in_its_own_thread_when_due_and
         refresh(symbol_ids=symbol_ids, tfs=tfs)
 
     monkeypatch.setattr(cache, "leaderboard_refresh", recorded)
+    now = [100.0]  # the refresher's clock, moved by the test only
     aapl, msft = make_symbol("AAPL"), make_symbol("MSFT")
-    refresher = cache.LeaderboardRefresher(every_s=3600, background=True)
+    refresher = cache.LeaderboardRefresher(every_s=0.1, background=True, clock=lambda: now[0])
     try:
         write_bars([_bar(aapl, 0, 100 * P, 10)])
-        refresher.changed({aapl.pk})  # the first refresh is due at once
+        write_bars([_bar(msft, 0, 200 * P, 20)])
+        refresher.changed({aapl.pk, msft.pk})
+        now[0] += 0.09
+        write_bars([_bar(aapl, 1, 101 * P, 10)])
+        refresher.changed({aapl.pk})  # AAPL keeps changing; MSFT has gone quiet
+        time.sleep(0.3)  # the thread looks every 0.05 s, and its clock stands still
+        assert calls == []
+        now[0] += 0.02  # MSFT quiet for 0.11 s, AAPL for 0.02 s
         deadline = time.monotonic() + 10
         while not calls and time.monotonic() < deadline:
             time.sleep(0.01)
-        write_bars([_bar(msft, 0, 200 * P, 20)])
-        refresher.changed({msft.pk})  # the next is not due for an hour
-        time.sleep(0.2)
-        assert len(calls) == 1
+        time.sleep(0.3)
+        assert calls == [("leaderboard-refresh", {msft.pk})]
     finally:
-        refresher.close()  # refreshes MSFT now, then the thread ends
+        refresher.close()  # refreshes AAPL now, then the thread ends
 
-    assert calls == [("leaderboard-refresh", {aapl.pk}), ("leaderboard-refresh", {msft.pk})]
+    assert calls == [("leaderboard-refresh", {msft.pk}), ("leaderboard-refresh", {aapl.pk})]
     assert _stamps_current(redis_client, [aapl, msft])
     assert refresher._thread is not None
     assert not refresher._thread.is_alive()
