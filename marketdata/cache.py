@@ -525,6 +525,8 @@ def epoch_bump() -> None:
 LB_KEY = "md:lb:{tf}:{part}"
 LB_CHUNK = 100
 LB_REFRESH_EVERY_S = 1.0
+# The ingester refreshes a symbol's rows once it has been this quiet (LeaderboardRefresher).
+LB_QUIET_S = 0.25
 
 
 def _lb(tf: str, part: str) -> str:
@@ -666,12 +668,14 @@ class LeaderboardRefresher:
 
     Readers never depend on it for correctness: they recompute the rows older than their
     symbol's version. In the caller's thread it refreshes what changed at most every
-    ``every_s``. With ``background=True`` (the ingester) a thread of its own refreshes a
-    symbol once it has been quiet for ``every_s``: a row refreshed while its symbol keeps
-    changing is stale at the next batch's version bump, so that work bought no reader a
-    hit (a refresh is a statement per served timeframe, 200 ms for 50 symbols on the
-    benchmark machine; once a second it took a fifth of PostgreSQL's time in a replay).
-    The writer never waits for it; ``close`` refreshes whatever is pending and stops it.
+    ``every_s``. With ``background=True`` (the ingester) a thread of its own refreshes,
+    at most every ``every_s``, the changed symbols that have been quiet for ``quiet_s``:
+    a row refreshed while its symbol changes batch after batch is stale at the next
+    version bump, so that work bought no reader a hit (a refresh is a statement per
+    served timeframe, 200 ms for 50 symbols on the benchmark machine; once a second it
+    took a fifth of PostgreSQL's time in a replay), while a symbol that changes once a
+    second is quiet most of the time and keeps its rows fresh. The writer never waits
+    for it; ``close`` refreshes whatever is pending and stops it.
     """
 
     def __init__(
@@ -679,9 +683,11 @@ class LeaderboardRefresher:
         every_s: float = LB_REFRESH_EVERY_S,
         *,
         background: bool = False,
+        quiet_s: float = LB_QUIET_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.every_s = every_s
+        self.quiet_s = quiet_s
         self.dirty: set[int] = set()
         self.last = 0.0
         self._clock = clock
@@ -729,11 +735,11 @@ class LeaderboardRefresher:
         try:
             while True:
                 with self._cond:
-                    if not self._closed:  # looks twice per every_s while anything is pending
-                        self._cond.wait(self.every_s / 2 if self._changed_at else None)
+                    if not self._closed:  # looks once per every_s while anything is pending
+                        self._cond.wait(self.every_s if self._changed_at else None)
                     closed = self._closed
                     now = self._clock()
-                    due = {i for i, at in self._changed_at.items() if closed or now - at >= self.every_s}
+                    due = {i for i, at in self._changed_at.items() if closed or now - at >= self.quiet_s}
                     for symbol_id in due:
                         del self._changed_at[symbol_id]
                 self._refresh(due)

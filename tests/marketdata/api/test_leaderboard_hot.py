@@ -148,7 +148,7 @@ def test_the_ingesters_background_refresher_refreshes_a_symbol_once_it_is_quiet_
     monkeypatch.setattr(cache, "leaderboard_refresh", recorded)
     now = [100.0]  # the refresher's clock, moved by the test only
     aapl, msft = make_symbol("AAPL"), make_symbol("MSFT")
-    refresher = cache.LeaderboardRefresher(every_s=0.1, background=True, clock=lambda: now[0])
+    refresher = cache.LeaderboardRefresher(every_s=0.05, quiet_s=0.1, background=True, clock=lambda: now[0])
     try:
         write_bars([_bar(aapl, 0, 100 * P, 10)])
         write_bars([_bar(msft, 0, 200 * P, 20)])
