@@ -12,8 +12,9 @@ It runs in one of two hosts with the same interface (``submit``, ``stop``, ``joi
   process of its own that work runs beside normalising and writing, on the other core.
   Batches reach it pickled through a bounded queue (as plain tuples, about 2 us a
   record both ends; a trade only with what its message needs), so a slow Redis still
-  holds up the writer, then the source: back-pressure end to end. The run's source starts once the child is ready, and a
-  child behind publishes the batches queued behind the one it took as one.
+  holds up the writer, then the source: back-pressure end to end. The run's source
+  starts once the child is ready, and a child behind publishes the batches queued
+  behind the one it took as one.
 
 The child ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group): the
 parent decides when to stop, and the child drains every batch submitted before it stops.

@@ -714,7 +714,7 @@ class LeaderboardRefresher:
             self.flush()
 
     def flush(self) -> None:
-        """Refresh every noted symbol now (failures are logged: readers recompute what is missing)."""
+        """Refresh every symbol noted in the caller's thread now (failures are logged: readers recompute)."""
         with self._cond:
             ids, self.dirty, self.last = self.dirty, set(), time.monotonic()
         self._refresh(ids)
