@@ -587,7 +587,7 @@ def leaderboard_refresh(*, symbol_ids: Iterable[int], tfs: Sequence[str] | None 
                 unchanged.append(member)
             else:
                 changes[member] = float(entry.change_pct)
-        # One command per key, not per symbol (1,600 commands for 50 symbols took most of a
+        # One command per key, not per symbol (1,600 commands for 50 symbols took a quarter of a
         # refresh), in one transaction: a reader sees a symbol's row, stamp and scores change together.
         pipe = r.pipeline(transaction=True)
         pipe.hset(_lb(tf, "v"), mapping=dict(zip(members, versions, strict=True)))
