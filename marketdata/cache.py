@@ -87,45 +87,74 @@ ANY_CHANGE = "*"
 _BUMP_CHUNK = 500
 _BUMP_LUA = """
 local keep, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+
+-- One record "<version>:<tf>=<t>,..." as its version, spans and the order of its timeframes.
+local function parse(record)
+  local rv, body = string.match(record, '^(%d+):(.*)$')
+  if rv == nil then return nil end
+  local spans, order = {}, {}
+  for tf, t in string.gmatch(body, '([^,=]+)=([^,]+)') do
+    if spans[tf] == nil then table.insert(order, tf) end
+    spans[tf] = t
+  end
+  return rv, spans, order
+end
+
+-- Records a and b as one, at a's version, with the earlier time per timeframe (nil: not records).
+local function merge(a, b)
+  local rv, spans, order = parse(a)
+  local bv, bspans, border = parse(b)
+  if rv == nil or bv == nil then return nil end
+  for _, tf in ipairs(border) do
+    local t = bspans[tf]
+    if spans[tf] == nil then spans[tf] = t; table.insert(order, tf)
+    elseif tonumber(t) < tonumber(spans[tf]) then spans[tf] = t end
+  end
+  local items = {}
+  for _, tf in ipairs(order) do items[#items + 1] = tf .. '=' .. spans[tf] end
+  return rv .. ':' .. table.concat(items, ',')
+end
+
 for i = 3, #ARGV do
   local vkey, lkey = KEYS[2 * (i - 2) - 1], KEYS[2 * (i - 2)]
   local v = redis.call('INCR', vkey)
   local raw = redis.call('GET', lkey)
-  local base, recs = nil, {}
+  local base, rest = nil, ''
   if raw then
-    local b, rest = string.match(raw, '^(%d+)|(.*)$')
-    base = tonumber(b)
-    if rest then
-      for rv, body in string.gmatch(rest, '(%d+):([^;]*)') do
-        local spans, order = {}, {}
-        for tf, t in string.gmatch(body, '([^,=]+)=([^,]+)') do spans[tf] = t; table.insert(order, tf) end
-        table.insert(recs, {tonumber(rv), spans, order})
-      end
+    local b, r = string.match(raw, '^(%d+)|(.*)$')
+    if b then base, rest = tonumber(b), r end
+  end
+  -- Records are only ever appended and their oldest two merged: found by plain searches
+  -- for ';', never by a pattern over the whole text (the digits made that 40 us a symbol).
+  local count, at, lastsep = 0, 0, 0
+  if rest ~= '' then
+    count = 1
+    while true do
+      at = string.find(rest, ';', at + 1, true)
+      if not at then break end
+      count, lastsep = count + 1, at
     end
   end
+  local last = base  -- the newest record's version; with none, the base
+  if count > 0 then last = tonumber(string.match(string.sub(rest, lastsep + 1), '^(%d+):')) end
   -- No log, or bumps made around it (a plain INCR): the log starts at the version before this one.
-  local last = base
-  if #recs > 0 then last = recs[#recs][1] end
-  if last == nil or last ~= v - 1 then base, recs = v - 1, {} end
-  local spans, order = {}, {}
-  for tf, t in string.gmatch(ARGV[i], '([^,=]+)=([^,]+)') do spans[tf] = t; table.insert(order, tf) end
-  table.insert(recs, {v, spans, order})
-  while #recs > keep do
-    local a, b = recs[1], recs[2]
-    for _, tf in ipairs(b[3]) do
-      local t = b[2][tf]
-      if a[2][tf] == nil then a[2][tf] = t; table.insert(a[3], tf)
-      elseif tonumber(t) < tonumber(a[2][tf]) then a[2][tf] = t end
+  if last == nil or last ~= v - 1 then base, rest, count = v - 1, '', 0 end
+  local record = string.format('%d', v) .. ':' .. ARGV[i]
+  if rest == '' then rest = record else rest = rest .. ';' .. record end
+  count = count + 1
+  while count > keep do
+    local first = string.find(rest, ';', 1, true)
+    local second = string.find(rest, ';', first + 1, true)
+    local b = second and string.sub(rest, first + 1, second - 1) or string.sub(rest, first + 1)
+    local merged = merge(string.sub(rest, 1, first - 1), b)
+    if merged == nil then  -- not a log this script wrote: start it again (stricter, never looser)
+      base, rest, count = v - 1, record, 1
+    else
+      rest = merged .. (second and string.sub(rest, second) or '')
+      count = count - 1
     end
-    table.remove(recs, 2)
   end
-  local parts = {}
-  for _, r in ipairs(recs) do
-    local items = {}
-    for _, tf in ipairs(r[3]) do table.insert(items, tf .. '=' .. r[2][tf]) end
-    table.insert(parts, string.format('%d', r[1]) .. ':' .. table.concat(items, ','))
-  end
-  redis.call('SET', lkey, string.format('%d', base) .. '|' .. table.concat(parts, ';'), 'EX', ttl)
+  redis.call('SET', lkey, string.format('%d', base) .. '|' .. rest, 'EX', ttl)
 end
 return 0
 """

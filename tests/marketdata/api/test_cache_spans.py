@@ -159,3 +159,64 @@ def test_the_first_bars_of_a_symbol_replace_its_cached_empty_pages(client, make_
     assert body(client.get(LATEST))["results"] == []  # cached empty
     write_spans(minute_bars(symbol, 3))
     assert len(body(client.get(LATEST))["results"]) == 3
+
+
+def _log_model(keep: int) -> Callable[..., str | None]:
+    """The log's rule, whole: every record parsed, appended, the two oldest merged past ``keep``."""
+    state: dict[str, object] = {"version": 0, "log": None}
+
+    def step(spans: dict[str, int] | None) -> str | None:
+        state["version"] = version = int(state["version"]) + 1  # type: ignore[call-overload]
+        if spans is None:  # a writer that knows nothing of the log
+            return state["log"]  # type: ignore[return-value]
+        base, records = 0, []
+        if state["log"] is not None:
+            parsed = cache.changes_parse(str(state["log"]).encode())
+            assert parsed is not None
+            base, records = parsed.base, parsed.records
+        if (records[-1][0] if records else base if state["log"] is not None else None) != version - 1:
+            base, records = version - 1, []
+        records.append((version, dict(spans)))
+        while len(records) > keep:
+            (old, a), (_, b) = records[0], records[1]
+            records[0:2] = [(old, {**a, **{tf: min(t, a.get(tf, t)) for tf, t in b.items()}})]
+        text = ";".join(f"{v}:" + ",".join(f"{tf}={t}" for tf, t in s.items()) for v, s in records)
+        state["log"] = f"{base}|{text}"
+        return state["log"]  # type: ignore[return-value]
+
+    return step
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, cache.CHANGES_KEEP])
+def test_the_bump_script_keeps_the_log_the_rule_describes(make_symbol, redis_client, monkeypatch, keep):
+    """The script appends and merges only the oldest two records; whatever the order of bumps,
+    timeframes and plain version increments, its text is the one parsing the whole log gives."""
+    monkeypatch.setattr(cache, "CHANGES_KEEP", keep)
+    rng = random.Random(keep)
+    symbol = make_symbol("AAPL")
+    model = _log_model(keep)
+    for step in range(150):
+        if rng.random() < 0.05:
+            redis_client.incr(cache.version_key(symbol.pk))
+            expected = model(None)
+        elif rng.random() < 0.1:
+            cache.versions_bump(symbol_ids=[symbol.pk])
+            expected = model({cache.ANY_CHANGE: 0})
+        else:
+            times = {tf: T0 + timedelta(seconds=rng.randint(0, 10**6)) for tf in rng.sample(["1s", "1m", "1h"], 2)}
+            cache.versions_bump(symbol_ids=[symbol.pk], changed={symbol.pk: times})
+            expected = model({tf: cache.micros(ts) for tf, ts in sorted(times.items())})
+        assert int(redis_client.get(cache.version_key(symbol.pk))) == step + 1
+        raw = redis_client.get(cache.changes_key(symbol.pk))
+        assert (raw.decode() if raw else None) == expected, step
+
+
+def test_a_log_the_script_did_not_write_is_started_again(make_symbol, redis_client, monkeypatch):
+    monkeypatch.setattr(cache, "CHANGES_KEEP", 2)
+    symbol = make_symbol("AAPL")
+    cache.versions_bump(symbol_ids=[symbol.pk])
+    redis_client.set(cache.changes_key(symbol.pk), b"0|x;y;1:*=0")  # not all records, yet ending at the version before
+    redis_client.set(cache.version_key(symbol.pk), 1)
+    cache.versions_bump(symbol_ids=[symbol.pk])  # three records past a keep of two: the merge finds no record
+    assert redis_client.get(cache.changes_key(symbol.pk)) == b"1|2:*=0"
+    assert int(redis_client.get(cache.version_key(symbol.pk))) == 2
