@@ -263,8 +263,11 @@ async def test_gap_on_the_pubsub_path_is_filled_from_the_buffer(symbols, monkeyp
     await client.send({"op": "subscribe", "id": 1, "streams": [STREAM]})
     assert (await client.recv_type("subscribed"))["seq"] == 0
     # Seqs 1-2 reach the buffer but not the group (as when a pub/sub message is lost).
+    import dataclasses
+
     head = publish_module._stream_head
-    monkeypatch.setattr(publish_module, "_stream_head", lambda *key: ("nobody-listens", head(*key)[1]))
+    nobody = publish_module._command(b"PUBLISH", b"nobody-listens", b"")[: -len(b"$0\r\n\r\n")]
+    monkeypatch.setattr(publish_module, "_stream_head", lambda *key: dataclasses.replace(head(*key), publish=nobody))
     publish(STREAM, [bar_data(0), bar_data(1)])
     monkeypatch.undo()
     publish(STREAM, [bar_data(2)])
@@ -279,8 +282,11 @@ async def test_gap_beyond_the_buffer_gets_a_fresh_snapshot(symbols, monkeypatch,
     await client.connect()
     await client.send({"op": "subscribe", "id": 1, "streams": [STREAM], "snapshot": 5})
     await client.recv_type("subscribed")
+    import dataclasses
+
     head = publish_module._stream_head
-    monkeypatch.setattr(publish_module, "_stream_head", lambda *key: ("nobody-listens", head(*key)[1]))
+    nobody = publish_module._command(b"PUBLISH", b"nobody-listens", b"")[: -len(b"$0\r\n\r\n")]
+    monkeypatch.setattr(publish_module, "_stream_head", lambda *key: dataclasses.replace(head(*key), publish=nobody))
     publish(STREAM, [bar_data(0), bar_data(1)])
     monkeypatch.undo()
     redis_client.delete(BUFFER_KEY.format(stream=STREAM))

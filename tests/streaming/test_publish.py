@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from streaming.publish import Message, Publisher, channel_of
@@ -25,6 +26,15 @@ def test_old_messages_beyond_the_last_thousand_are_trimmed(redis_client):
     assert seqs == list(range(seqs[0], 2601))  # consecutive up to the newest
     assert 2600 - seqs[0] + 1 >= 1000  # at least the last thousand
     assert seqs[0] <= 1601  # and not much more: the rest was older than ten minutes
+
+
+def test_old_messages_before_more_than_a_thousand_young_ones_are_trimmed(redis_client):
+    publisher = Publisher()
+    now = int(time.time() * 1000)
+    _publish(publisher, 500, now - 20 * 60 * 1000)
+    _publish(publisher, 1500, now)  # the last thousand start among the young ones
+
+    assert [f["seq"] for f in buffer_frames(redis_client, STREAM)] == list(range(501, 2001))
 
 
 def test_young_messages_are_all_kept(redis_client):
@@ -110,13 +120,13 @@ async def test_the_gateway_reads_buffers_and_messages_an_earlier_version_wrote(r
 
 
 def test_a_batch_of_many_streams_retried_after_a_partial_publish_sends_each_message_once(redis_client):
-    from streaming.publish import SCRIPT_STREAMS
+    from streaming.publish import TX_STREAMS
 
     publisher = Publisher()
-    streams = [f"bars:1m:S{i:03d}" for i in range(SCRIPT_STREAMS + 6)]  # two scripts
+    streams = [f"bars:1m:S{i:03d}" for i in range(TX_STREAMS + 6)]  # two transactions
     groups = {(stream, "bar"): ['{"a":1}', '{"a":2}'] for stream in streams}
-    # The first script ran, then the connection broke before the second.
-    publisher.publish_groups(dict(list(groups.items())[:SCRIPT_STREAMS]), batch_id="run:7")
+    # The first transaction ran, then the connection broke before the second.
+    publisher.publish_groups(dict(list(groups.items())[:TX_STREAMS]), batch_id="run:7")
     lasts = publisher.publish_groups(groups, batch_id="run:7")  # the retry of the whole batch
 
     assert lasts == dict.fromkeys(streams, 2)
@@ -146,3 +156,70 @@ def test_the_packed_channel_message_is_the_msgpack_of_its_dict_at_every_size_and
             "joined": data + "\n" + data, "first": last - 1,
         }  # fmt: skip
         assert last > 2**32
+
+
+def test_publishers_racing_on_the_same_streams_give_each_message_one_seq_in_one_order(redis_client):
+    """Two processes' publishers (threads here, each with its own connection) on the same streams:
+    seqs rise by one per message, and the buffer and the channel hold the same messages in the same order."""
+    import threading
+
+    import msgpack
+
+    from streaming.publish import message_frames
+
+    streams = [STREAM, "bars:5m:X", "trades:X"]
+    pubsub = redis_client.pubsub()
+    for stream in streams:
+        pubsub.subscribe(channel_of(stream))
+        pubsub.get_message(timeout=1)
+    start = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        publisher = Publisher()
+        start.wait()
+        for i in range(60):
+            publisher.publish([Message(s, "bar", f'"{name}{i}"') for s in streams for _ in range(1 + i % 3)])
+        publisher.close()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    sent: dict[str, list[dict]] = {stream: [] for stream in streams}
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        if message["type"] == "message":
+            packed = msgpack.unpackb(message["data"])
+            sent[packed["stream"]] += [json.loads(f) for f in message_frames(packed)]
+    per_publisher = 60 * 2  # 1 + i % 3 messages in batch i: 60 batches average 2
+    for stream in streams:
+        frames = buffer_frames(redis_client, stream)
+        assert [f["seq"] for f in frames] == list(range(1, 2 * per_publisher + 1))
+        assert sent[stream] == frames
+        for name in "AB":  # each publisher's messages in the order it published them
+            mine = [f["data"] for f in frames if f["data"].startswith(name)]
+            assert mine == [f"{name}{i}" for i in range(60) for _ in range(1 + i % 3)]
+
+
+def test_a_seq_changed_between_the_read_and_the_transaction_is_read_again(redis_client, monkeypatch):
+    """WATCH: another publisher's messages in between are not overwritten; this batch follows them."""
+    from redis.connection import Connection
+
+    publisher = Publisher()
+    publisher.publish([Message(STREAM, "bar", '"a"')])
+    original = Connection.read_response
+    calls = {"n": 0}
+
+    def meddling(self, *args, **kwargs):
+        reply = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the seqs were just read: another publisher gets in first
+            Publisher().publish([Message(STREAM, "bar", '"other"')] * 2)
+        return reply
+
+    monkeypatch.setattr(Connection, "read_response", meddling)
+    assert publisher.publish([Message(STREAM, "bar", '"b"')]) == {STREAM: 4}
+    monkeypatch.undo()
+    assert [(f["seq"], f["data"]) for f in buffer_frames(redis_client, STREAM)] == [
+        (1, "a"), (2, "other"), (3, "other"), (4, "b"),
+    ]  # fmt: skip
