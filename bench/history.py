@@ -22,7 +22,10 @@ daphne on a free loopback port and runs locust headless against it:
   would be in a live market;
 - run 1 with the cache off (API_HOT_CACHE=false), run 2 with it on, same seed.
 
-It prints requests/s, p50/p95/p99 (ms, locust's), failures, the cache hit ratio (from the
+It prints requests/s, p50/p95/p99 (ms, locust's, which rounds each time to a whole ms),
+the same percentiles exact (each request's time, recorded by the locustfile) over the
+whole run and over the steady state (the answers after the warm-up below), failures,
+the cache hit ratio (from the
 gateway's /metrics: answers from the cache among all answers, so a miss that shared a
 query in flight counts against it) both over the whole run and in the steady state (the
 answers after a warm-up of the run's first third, 10 s at the defaults), the gateway's
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import random
@@ -82,7 +86,7 @@ LOCK_KEY = 0x6869737479  # pg advisory lock: one run at a time ("histy")
 
 if __name__ != "__main__" and "locust" in sys.modules:  # loaded by locust as its locustfile
     import gevent
-    from locust import FastHttpUser, between, task
+    from locust import FastHttpUser, between, events, task
 
     _SYMBOLS = os.environ["BENCH_SYMBOLS"].split(",")
     _ZIPF = float(os.environ["BENCH_ZIPF"])
@@ -90,6 +94,16 @@ if __name__ != "__main__" and "locust" in sys.modules:  # loaded by locust as it
     _LAST_OPEN = datetime.fromisoformat(os.environ["BENCH_LAST_OPEN"])
     _AUTH = {"Authorization": "Token " + os.environ["BENCH_TOKEN"]}
     _WAIT = [float(x) for x in os.environ["BENCH_WAIT"].split(",")]
+
+    _TIMES: list[str] = []  # "<unix time at the answer> <response time in ms>", one a request
+
+    @events.request.add_listener
+    def _record(response_time: float, **_: Any) -> None:
+        _TIMES.append(f"{time.time():.6f} {response_time:.3f}")
+
+    @events.quitting.add_listener
+    def _dump(**_: Any) -> None:
+        Path(os.environ["BENCH_TIMES"]).write_text("\n".join(_TIMES))
 
     class HistoryUser(FastHttpUser):
         """A chart: the latest 1,000 bars of a symbol mostly, sometimes an older page."""
@@ -445,7 +459,7 @@ def cache_counts(base: str) -> tuple[float, ...]:
 
 
 def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_open: datetime, token: str,
-               workdir: Path, label: str) -> dict[str, float]:  # fmt: skip
+               workdir: Path, label: str) -> dict[str, Any]:  # fmt: skip
     prefix = workdir / label
     env = {
         **os.environ,
@@ -454,6 +468,7 @@ def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_ope
         "BENCH_LAST_OPEN": last_open.isoformat(),
         "BENCH_TOKEN": token,
         "BENCH_WAIT": args.wait,
+        "BENCH_TIMES": str(workdir / f"times-{label}.txt"),
     }
     cmd = [
         sys.executable, "-m", "locust", "-f", str(Path(__file__).resolve()), "--headless", "--only-summary",
@@ -478,7 +493,9 @@ def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_ope
                 if "Traceback" in text or '"level": "error"' in text or "ERROR" in text:
                     print("  gateway: " + "\n  gateway: ".join(lines[n : n + 40]), flush=True)
                     break
+    times = [tuple(map(float, t.split())) for t in (workdir / f"times-{label}.txt").read_text().split("\n") if t]
     return {
+        "times": times,
         "requests": float(row["Request Count"]),
         "failures": float(row["Failure Count"]),
         "rps": float(row["Requests/s"]),
@@ -500,7 +517,13 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
     # The counters a third into the run too: the ratio after that is the steady state,
     # once the first sight of each (symbol, page) has been paid for.
     warm: list[tuple[float, ...]] = []
-    timer = threading.Timer(args.seconds / 3, lambda: warm.append(cache_counts(base)))
+    warm_at: list[float] = []
+
+    def warmed() -> None:
+        warm_at.append(time.time())
+        warm.append(cache_counts(base))
+
+    timer = threading.Timer(args.seconds / 3, warmed)
     try:
         start = cache_counts(base)
         cpu_start = cpu_seconds(proc.pid)
@@ -520,6 +543,12 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
     result["hit_ratio"] = ratio(start, end)
     result["coalesced"] = end[2] - start[2]
     result["hit_ratio_warm"] = ratio(warm[0], end) if warm else float("nan")
+    # Exact response times (locust's own percentiles are whole milliseconds), over the whole
+    # run and over the steady state: the answers after the warm-up, as for the hit ratio.
+    times = result.pop("times")
+    for prefix, since in (("exact_", 0.0), ("warm_", warm_at[0] if warm_at else float("inf"))):
+        for q in (50, 95, 99):
+            result[f"{prefix}p{q}"] = percentile([ms for at, ms in times if at >= since], q)
     result["warmup_s"] = args.seconds / 3
     for n, outcome in enumerate(PREFETCH_OUTCOMES, start=3):
         result["prefetch_" + outcome] = end[n] - start[n]
@@ -527,6 +556,14 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
     # The gateway's own CPU per answer: what a busy, shared machine changes least.
     result["cpu_ms"] = 1000 * cpu / result["requests"] if result["requests"] else float("nan")
     return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile (NaN of nothing)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -572,6 +609,11 @@ def line(label: str, r: dict[str, float]) -> str:
         f"  gateway CPU {r['cpu_ms']:.2f} ms/request"
         f"  ({int(r['writes'])} bars written meanwhile)"
         f"  load average {r['load_before']:.2f} -> {r['load_after']:.2f}"
+    )
+    text += (
+        f"\n{'':10} exact: p50 {r['exact_p50']:.1f} ms  p95 {r['exact_p95']:.1f} ms  p99 {r['exact_p99']:.1f} ms;"
+        f" steady state (after the warm-up): p50 {r['warm_p50']:.1f} ms  p95 {r['warm_p95']:.1f} ms"
+        f"  p99 {r['warm_p99']:.1f} ms"
     )
     if r["hit_ratio"] == r["hit_ratio"]:  # not NaN: the cache answered
         text += (
