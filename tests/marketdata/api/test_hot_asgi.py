@@ -190,8 +190,21 @@ def test_requests_are_counted_by_route(setup):
     assert metrics.API_CACHE.labels("ohlcv", "hit")._value.get() >= hits + 2
 
 
-def test_concurrent_misses_of_one_page_share_one_query(setup):
+def test_concurrent_misses_of_one_page_share_one_query(setup, monkeypatch):
+    import time
+
+    from marketdata.api import hot
+
     _, token = setup
+    answer = hot._answer
+
+    def slow_answer(*args: Any) -> Any:
+        # The query outlasts the other four's Redis reads, however busy the machine: a read
+        # returning after the shared query ended would (rightly) run its own, and miss.
+        time.sleep(0.3)
+        return answer(*args)
+
+    monkeypatch.setattr(hot, "_answer", slow_answer)
     call(django_http_app, QUERY, token=token)  # the token and the symbol are known in this process now
     other = "symbol=AAPL&tf=1m&limit=11"  # a page nobody has read
     misses = metrics.API_CACHE.labels("ohlcv", "miss")._value.get()
