@@ -11,7 +11,8 @@ database ``marketdata`` or a running demo's keys. It seeds ``--symbols`` symbols
 ``--bars`` 1m bars each, ending at the current minute, and an API token entitled to
 their dataset (production settings: no anonymous access, so token auth and the
 entitlement check are part of every request). Then, for each run, it starts its own
-daphne on a free loopback port and runs locust headless against it:
+gateway (``python -m streaming.server``: daphne as shipped) on a free loopback port and
+runs locust headless against it:
 
 - ``--users`` users, each asking for a page every 0.5-1.5 s (``--wait``), the symbol drawn
   from a Zipf law (exponent ``--zipf``) over the symbols; 80% of the requests are a
@@ -415,7 +416,7 @@ def start_gateway(
     }
     log = (workdir / f"daphne-{'on' if cache_on else 'off'}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), app],
+        [sys.executable, "-m", "streaming.server", "-v", "0", "-b", "127.0.0.1", "-p", str(port), app],
         cwd=ROOT, env=gateway_env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -597,7 +598,7 @@ def machine() -> dict[str, str]:
         "cpu": model,
         "python": platform.python_version(),
         "postgresql": f"{pg_version} ({'TimescaleDB' if timescaledb_enabled() else 'plain PostgreSQL'})",
-        "layout": "daphne (1 process), locust (1 process), PostgreSQL and Redis on one machine, loopback",
+        "layout": "gateway (streaming.server) and locust, a process each; PostgreSQL, Redis on one machine; loopback",
         "gateway": "production settings, DB connection pool 4..16 (not persistent connections: see GATEWAY_SETTINGS)",
     }
 

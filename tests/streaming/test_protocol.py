@@ -423,3 +423,20 @@ def test_the_gateway_server_waits_longer_for_handshakes_unless_told():
     args = ["-b", "127.0.0.1", "-p", "8000", "config.asgi:application"]
     assert with_defaults(args) == ["--websocket_connect_timeout", str(CONNECT_TIMEOUT_S), *args]
     assert with_defaults(["--websocket_connect_timeout", "7", *args]) == ["--websocket_connect_timeout", "7", *args]
+
+
+def test_the_gateway_server_writes_no_twisted_access_line(monkeypatch):
+    import io
+
+    from daphne.http_protocol import HTTPFactory
+
+    from streaming.server import quiet_twisted_access_log
+
+    monkeypatch.setattr(HTTPFactory, "log", HTTPFactory.log)  # restored after the test
+    factory = HTTPFactory(server=None)
+    factory._logFile = io.StringIO()
+    with pytest.raises(AttributeError):  # Twisted's own formats a line from the request
+        factory.log(object())
+    quiet_twisted_access_log()
+    factory.log(object())
+    assert factory._logFile.getvalue() == ""
