@@ -13,7 +13,7 @@ PUBLISH per stream per batch, not per message: the data texts travel newline-joi
 (JSON text never holds a raw newline), and the gateway builds each frame
 ``{"type","stream","seq","data"}`` from the first seq (``frames_build``).
 
-Not a Lua script, as before 2026-11-26: every string a script touches is made a Lua
+Not a Lua script, as it was until 2026-11-26: every string a script touches is made a Lua
 string, at about 1.4 ns a byte of Redis time (its ARGV alone: a script that did nothing
 with a batch's data cost as much as one that published it), which made a bar's message
 cost Redis about a microsecond and a stream's entry 20 us. The commands of a transaction
@@ -298,16 +298,15 @@ class Publisher:
                     lasts.append(last)
                     mset += (head.seq_key, b"%d" % last)
                     body.append(head.xadd + _bulk(b"%d-1" % last) + _XADD_N + _bulk(b"%d" % n) + _XADD_T + t_bulk)
-                    body.append(_XADD_K + head.kind + _XADD_D + _bulk(data))
+                    body.append(_XADD_K + head.kind + _XADD_D + _bulk(data))  # (the rest of the XADD)
                     message = head.message + t_entry + _str_header(len(data)) + data + _FIRST_KEY
                     body.append(head.publish + _bulk(message + b"\xcf" + first.to_bytes(8, "big")))
                 tail = [_command(*mset)]
                 if batch_key is not None:
                     done_text = b",".join(b"%d" % last for last in lasts)
                     tail.append(_command(b"SET", batch_key, done_text, b"EX", b"%d" % BATCH_ID_TTL_S))
-                conn.send_packed_command(
-                    [b"".join([_MULTI, *body, *tail, _EXEC])]
-                )  # one send: a list is sent item by item
+                # Joined, so one write: redis-py sends a list item by item.
+                conn.send_packed_command([b"".join([_MULTI, *body, *tail, _EXEC])])
                 for _ in range(1 + 2 * len(heads) + len(tail)):
                     conn.read_response()  # MULTI: OK; then each command: QUEUED
                 replies = conn.read_response()
