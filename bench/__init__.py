@@ -23,7 +23,8 @@ def machine() -> str:
 
 def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
     """The environment of a benchmark's child processes: its own database and Redis database
-    on the servers DATABASE_URL and REDIS_URL name, local settings, quiet logs."""
+    on the servers DATABASE_URL and REDIS_URL name, local settings with DEBUG off (as
+    deployed: no query log kept per database call), quiet logs."""
     import environ
 
     base = environ.Env.db_url_config(os.environ.get("DATABASE_URL", "postgres://root@127.0.0.1:5432/marketdata"))
@@ -34,6 +35,7 @@ def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
         "DJANGO_SETTINGS_MODULE": "config.settings.local",
         "DATABASE_URL": f"postgres://{user}@{host}:{port}/{database}",
         "REDIS_URL": f"{redis}/{redis_db}",
+        "DJANGO_DEBUG": "false",
         "LOG_LEVEL": "WARNING",
         **extra,
     }
