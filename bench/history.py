@@ -494,7 +494,9 @@ def run_locust(base: str, args: argparse.Namespace, tickers: list[str], last_ope
                 if "Traceback" in text or '"level": "error"' in text or "ERROR" in text:
                     print("  gateway: " + "\n  gateway: ".join(lines[n : n + 40]), flush=True)
                     break
-    times = [tuple(map(float, t.split())) for t in (workdir / f"times-{label}.txt").read_text().split("\n") if t]
+    times_file = workdir / f"times-{label}.txt"  # none when locust failed before its end (its log says why)
+    lines = times_file.read_text().split("\n") if times_file.exists() else []
+    times = [tuple(map(float, t.split())) for t in lines if t]
     return {
         "times": times,
         "requests": float(row["Request Count"]),
