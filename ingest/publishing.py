@@ -75,7 +75,7 @@ TradeOut = tuple[int, datetime, int, int, str]
 Job = tuple[list[BarIn], list[TradeOut], dict[int, str]]  # bars, trades, tickers not sent before
 # Behind (a replay at full speed, a catch-up after an outage), the publisher takes the
 # batches queued behind the one it got and publishes them as one, up to about this many
-# records: a stream's costs per publish (its entry in the script, its derived and forming
+# records: a stream's costs per publish (its entry in the transaction, its derived and forming
 # bars) are paid once for all of them. Live, the queue is empty and each batch goes alone.
 MERGE_RECORDS = 10_000
 

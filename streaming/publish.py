@@ -62,10 +62,10 @@ from .streams import group_name
 
 BUFFER_MIN_MESSAGES = 1000
 BUFFER_MIN_SECONDS = 600
-# A trim binary-searches the buffer (XRANGE a dozen times): every 500 seqs, not 100, took
-# its share of the publish script from 20% to 7%; a buffer holds at most 500 more messages.
+# A trim reads buffer entries (TRIM_LUA): every 500 seqs, not 100, cut its share of the
+# publish from 20% to 7% (measured with the Lua publisher); a buffer holds at most 500 more messages.
 TRIM_EVERY = 500
-SEQ_KEY = "md:seq:{stream}"  # the script builds these two from the stream name itself
+SEQ_KEY = "md:seq:{stream}"
 BUFFER_KEY = "md:buf:{stream}"
 FRAMES_TYPE = "stream.frames"
 # A stream's first seq (see the module docstring): its creation time in ms times this.
@@ -177,11 +177,10 @@ _XADD_N, _XADD_T, _XADD_K, _XADD_D = (_bulk(field) for field in (b"n", b"t", b"k
 @lru_cache(maxsize=65536)
 def _stream_head(prefix: str, stream: str, kind: str) -> _StreamHead:
     fixed = msgpack.packb({"type": FRAMES_TYPE, "stream": stream, "kind": kind})[1:]  # without its 3-entry header
-    name = stream.encode()
     channel = f"{prefix}__group__{group_name(stream)}".encode()
     return _StreamHead(
         seq_key=SEQ_KEY.format(stream=stream).encode(),
-        xadd=b"*11\r\n" + _bulk(b"XADD") + _bulk(b"md:buf:" + name),
+        xadd=b"*11\r\n" + _bulk(b"XADD") + _bulk(BUFFER_KEY.format(stream=stream).encode()),
         publish=b"*3\r\n" + _bulk(b"PUBLISH") + _bulk(channel),
         kind=_bulk(kind.encode()),
         message=b"\x86" + fixed,
