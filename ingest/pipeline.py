@@ -23,13 +23,16 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import groupby
 from types import FrameType
 from typing import Any, TypeVar
 
+import databento_dbn as dbn
+import numpy as np
 import psycopg
 import structlog
 from django.conf import settings
@@ -37,9 +40,10 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from marketdata.cache import LeaderboardRefresher, versions_bump
+from marketdata.columns import TradeColumns, trades_concat, utc
 from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
-from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_insert
+from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_checked, trades_insert
 from ops import metrics, tracing
 
 from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry, trades_out
@@ -54,6 +58,9 @@ FLUSH_SECONDS = 0.05
 QUEUE_MAX = 20_000
 FEED_STATUS_EVERY_S = 1.0
 FEED_CHUNK = 256
+# A run of at least this many trade records is normalised as columns (marketdata/columns.py);
+# a shorter one (a live feed's record, a run cut by symbology records) one record at a time.
+COLUMNS_MIN = 64
 _STOP = object()
 T = TypeVar("T")
 
@@ -175,12 +182,12 @@ class RowQueue:
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        self._items: deque[list[Any]] = deque()
+        self._items: deque[Any] = deque()
         self._rows = 0
         self._closed = False
         self._cond = threading.Condition()
 
-    def put(self, rows: list[Any], timeout: float) -> bool:
+    def put(self, rows: Sized, timeout: float) -> bool:
         """Add ``rows``; wait while that would pass the bound (an empty queue takes any list). False on timeout."""
         with self._cond:
             if not self._cond.wait_for(lambda: not self._rows or self._rows + len(rows) <= self.max_rows, timeout):
@@ -275,18 +282,36 @@ class Pipeline:
 
     def feed(self, record: object) -> None:
         """Normalise one decoded record and enqueue it (blocks while the queue is full)."""
-        self.feed_many([record])
+        row = self.normalise(record)
+        if row is not None:
+            self._put([row])
 
     def feed_many(self, records: Iterable[object]) -> None:
-        """Normalise decoded records and enqueue them in chunks (blocks while the queue is full)."""
+        """Normalise decoded records and enqueue them in chunks (blocks while the queue is full).
+
+        Runs of COLUMNS_MIN trade records or more are normalised as columns, the rest one by
+        one; either way they are queued in their order.
+        """
         normalise = self.normalise
-        rows = [row for row in map(normalise, records) if row is not None]
-        for start in range(0, len(rows), self.feed_chunk):
-            chunk = rows[start : start + self.feed_chunk]
-            while not self.queue.put(chunk, timeout=0.5):
-                metrics.INGEST_BACKPRESSURE.inc()
-                self._raise_if_failed()
+        for kind, group in groupby(records, type):
+            run = list(group)
+            trades = run if kind is dbn.TradeMsg and len(run) >= COLUMNS_MIN else None
+            columns = normalise.trade_columns(trades) if trades is not None else None  # type: ignore[arg-type]
+            if columns is not None:
+                step = max(1, min(self.batch_trades, self.queue.max_rows // 4))
+                for start in range(0, len(columns), step):
+                    self._put(columns[start : start + step])
+                continue
+            rows = [row for row in map(normalise, run) if row is not None]
+            for start in range(0, len(rows), self.feed_chunk):
+                self._put(rows[start : start + self.feed_chunk])
+
+    def _put(self, item: list[Any] | TradeColumns) -> None:
+        """Enqueue rows or columns; wait (back-pressure) while the queue is full."""
+        while not self.queue.put(item, timeout=0.5):
+            metrics.INGEST_BACKPRESSURE.inc()
             self._raise_if_failed()
+        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:
@@ -308,7 +333,8 @@ class Pipeline:
 
     def _write_loop(self) -> None:
         bars: list[BarIn] = []
-        trades: list[TradeIn] = []
+        trades: list[TradeColumns | list[TradeIn]] = []  # in their order: columns, and runs of rows
+        counted = 0  # trades in ``trades``
         deadline: float | None = None
         last_status = 0.0
         try:
@@ -321,17 +347,24 @@ class Pipeline:
                     self._publish_stop()
                     self._feed_status_safe()
                     return
-                for row in item or ():
-                    if type(row) is BarIn:
-                        bars.append(row)
-                    else:
-                        trades.append(row)
+                if type(item) is TradeColumns:
+                    trades.append(item)
+                    counted += len(item)
+                else:
+                    for row in item or ():
+                        if type(row) is BarIn:
+                            bars.append(row)
+                        else:
+                            if not trades or type(trades[-1]) is TradeColumns:
+                                trades.append([])
+                            trades[-1].append(row)  # type: ignore[union-attr]
+                            counted += 1
                 if deadline is None and item is not None:
                     deadline = time.monotonic() + self.flush_seconds
                 metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
-                if item is None or len(bars) >= self.batch_bars or len(trades) >= self.batch_trades:
+                if item is None or len(bars) >= self.batch_bars or counted >= self.batch_trades:
                     self._flush(bars, trades)
-                    bars, trades, deadline = [], [], None
+                    bars, trades, counted, deadline = [], [], 0, None
                     now = time.monotonic()
                     if now - last_status >= FEED_STATUS_EVERY_S:
                         self._feed_status_safe()
@@ -350,49 +383,55 @@ class Pipeline:
 
     @tracing.traced(
         "ingest.batch",
-        lambda self, bars, trades: {"dataset": self.dataset, "bars": len(bars), "trades": len(trades)},
-    )
-    def _flush(self, bars: list[BarIn], trades: list[TradeIn]) -> None:
+        lambda self, bars, trades: {
+            "dataset": self.dataset, "bars": len(bars), "trades": sum(len(part) for part in trades)
+        },
+    )  # fmt: skip
+    def _flush(self, bars: list[BarIn], trades: list[TradeColumns | list[TradeIn]]) -> None:
         changed: set[int] = set()
         # Per symbol whose bars alone changed: the earliest bar time per timeframe, so the
         # bump spares cached pages wholly before it (a new bar leaves a chart's history cached).
         since: dict[int, dict[str, datetime]] = {}
         publish_bars: list[BarIn] = []
-        publish_trades: list[TradeIn] = []
+        publish_trades: TradeColumns | None = None
         if bars:
             result, retried = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
             if result.inserted + result.updated or retried:
                 for (symbol_id, tf), (first, _) in result.spans.items():
                     since.setdefault(symbol_id, {})[tf] = first
                 publish_bars = bars
-        if trades:
-            result, retried = self._write("trades", lambda: trades_insert(trades=trades), len(trades))
+        columns = trades_concat([trades_checked(part) for part in trades]) if trades else None
+        if columns is not None and len(columns):
+            result, retried = self._write("trades", lambda: trades_insert(trades=columns), len(columns))
             if result.inserted or retried:
-                changed.update(t.symbol_id for t in trades)
-                publish_trades = trades
+                changed.update(np.unique(columns.symbol_id).tolist())
+                publish_trades = columns
         for symbol_id in changed:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
         versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
         # Refreshed in a thread of its own once quiet (readers recompute rows older than their symbol's version).
         self._leaderboards.changed(changed)
-        last = max([b.ts for b in bars[-1:]] + [t.ts_event for t in trades[-1:]], default=None)
+        times = [b.ts for b in bars[-1:]]
+        if columns is not None and len(columns):
+            times.append(utc(int(columns.ts_event.max())))
+        last = max(times, default=None)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
-        if self._publisher is not None and (publish_bars or publish_trades):
+        if self._publisher is not None and (publish_bars or publish_trades is not None):
             self._publish_submit(publish_bars, publish_trades)
 
     # -- publisher side ------------------------------------------------------------
 
-    def _publish_submit(self, bars: list[BarIn], trades: list[TradeIn]) -> None:
+    def _publish_submit(self, bars: list[BarIn], trades: TradeColumns | None) -> None:
         """Hand a committed batch to the publisher (waits while it is behind)."""
         tickers: dict[int, str] = {}
         if len(self.resolver.tickers) != self._tickers_sent:  # tickers are only ever added
             tickers = dict(self.resolver.tickers)
             self._tickers_sent = len(tickers)
-        self._publish_put((bars, trades_out(trades), tickers))
+        self._publish_put((bars, [] if trades is None else [trades_out(trades)], tickers))
 
     def _publish_put(self, item: Any) -> None:
         assert self._publisher is not None

@@ -32,16 +32,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, TypeVar
 
+import numpy as np
 import psycopg
 import redis
 import structlog
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from marketdata.services import BarIn, TradeIn
-from marketdata.wire import bar_json, trade_json
+from marketdata.columns import TradeColumns
+from marketdata.services import BarIn
+from marketdata.wire import bar_json, time_texts, trade_data
 from streaming.derive import Deriver, load_stored
 from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
@@ -69,10 +70,11 @@ INHERITED_SETTINGS = ("DATABASES", "REDIS_URL", "CHANNELS_PREFIX", "STREAM_SEQ_E
 STOP = "stop"  # after the last job: the host drains what came before, then ends
 
 Groups = dict[tuple[str, str], list[str]]  # (stream, kind) -> data texts in order, as publish_groups takes them
-# What a trade's message needs: (symbol_id, ts_event, price, size, side). The writer sends
-# these, not TradeIns: a third of the pickling and no JSON in the process that writes.
-TradeOut = tuple[int, datetime, int, int, str]
-Job = tuple[list[BarIn], list[TradeOut], dict[int, str]]  # bars, trades, tickers not sent before
+# What trades' messages need, as columns (marketdata/columns.py): symbol ids, ts_event in
+# Unix microseconds, prices, sizes, sides. The writer sends these, not the whole trades:
+# arrays pickle as their bytes, and no JSON is made in the process that writes.
+TradeOut = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Job = tuple[list[BarIn], list[TradeOut], dict[int, str]]  # bars, trades in parts, tickers not sent before
 # Behind (a replay at full speed, a catch-up after an outage), the publisher takes the
 # batches queued behind the one it got and publishes them as one, up to about this many
 # records: a stream's costs per publish (its entry in the transaction, its derived and forming
@@ -173,9 +175,9 @@ class PublishWork:
         self.publisher.close()
 
 
-def trades_out(trades: list[TradeIn]) -> list[TradeOut]:
+def trades_out(trades: TradeColumns) -> TradeOut:
     """What the publisher needs of written trades."""
-    return [(t.symbol_id, t.ts_event, t.price, t.size, t.side) for t in trades]
+    return (trades.symbol_id, trades.ts_event, trades.price, trades.size, trades.side)
 
 
 class TradeMessages:
@@ -185,17 +187,22 @@ class TradeMessages:
         self.tickers = tickers  # symbol id -> ticker
         self._streams: dict[int, tuple[str, str]] = {}
 
-    def __call__(self, trades: list[TradeOut]) -> Groups:
+    def __call__(self, parts: list[TradeOut]) -> Groups:
         groups: Groups = {}
         streams = self._streams
-        for symbol_id, ts, price, size, side in trades:
-            key = streams.get(symbol_id)
-            if key is None:
-                key = streams[symbol_id] = (trades_stream(self.tickers[symbol_id]), "trade")
-            datas = groups.get(key)
-            if datas is None:
-                datas = groups[key] = []
-            datas.append(trade_json(ts, price, size, side))
+        for symbol_ids, times, prices, sizes, sides in parts:
+            texts = time_texts(times)  # at once: the times of trades rarely repeat
+            rows = zip(
+                symbol_ids.tolist(), texts, prices.tolist(), sizes.tolist(), sides.astype("U1").tolist(), strict=True
+            )
+            for symbol_id, ts, price, size, side in rows:
+                key = streams.get(symbol_id)
+                if key is None:
+                    key = streams[symbol_id] = (trades_stream(self.tickers[symbol_id]), "trade")
+                datas = groups.get(key)
+                if datas is None:
+                    datas = groups[key] = []
+                datas.append(trade_data(ts, price, size, side))
         return groups
 
 
@@ -210,7 +217,7 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
     order: the same messages, fewer publishes.
     """
     bars, trades, tickers = job
-    count = len(bars) + len(trades)
+    count = len(bars) + sum(len(part[0]) for part in trades)
     merged = False
     while count < MERGE_RECORDS and jobs.qsize() > 0:
         try:  # queued, so it comes at once (it may still be on its way through the pipe)
@@ -226,7 +233,7 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
         bars.extend(more_bars)
         trades.extend(more_trades)
         tickers.update(more_tickers)
-        count += len(more_bars) + len(more_trades)
+        count += len(more_bars) + sum(len(part[0]) for part in more_trades)
     return (bars, trades, tickers), False
 
 

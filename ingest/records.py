@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import databento_dbn as dbn
+import numpy as np
 import structlog
 
+from marketdata.columns import TradeColumns
 from marketdata.services import UNDEF_PRICE, BarIn, TradeIn
 
 from .anomalies import AnomalyDetector
@@ -29,6 +31,11 @@ SIDES: dict[str, str] = {dbn.Side.ASK.value: "A", dbn.Side.BID.value: "B", dbn.S
 # A row without NamedTuple's Python-level __new__ (a fifth of normalising a record).
 _new_row = tuple.__new__
 TIMES_KEPT = 4096  # datetimes remembered by Normaliser._utc (bars of one minute share one)
+# A trade record's bytes, as databento_dbn lays them out (the same in DBN v1, v2 and v3).
+TRADE_RECORD = np.dtype(dbn.TradeMsg._dtypes)
+# Record times past this (year 2116) are normalised one by one, where a time past what a
+# datetime holds is dealt with as it always was; below it, shifted times stay in int64.
+COLUMN_TS_LIMIT = 2**62
 
 
 @dataclass
@@ -202,3 +209,120 @@ class Normaliser:
             int(record.flags),
         )
         return _new_row(TradeIn, row)
+
+    def trade_columns(self, records: list[dbn.TradeMsg]) -> TradeColumns | None:
+        """Normalise a run of trade records at once: the trades, counts and state ``_trade`` gives
+        one by one (same skips by cause, ordinals, out-of-order warnings, symbology).
+
+        None when the records' bytes are not trade records of the expected layout or hold
+        times past COLUMN_TS_LIMIT; the caller then normalises them one by one.
+        """
+        raw = b"".join(map(bytes, records))
+        if len(raw) != len(records) * TRADE_RECORD.itemsize:
+            return None
+        rec = np.frombuffer(raw, dtype=TRADE_RECORD)
+        ts_event, ts_recv = rec["ts_event"], rec["ts_recv"]
+        if len(rec) and max(int(ts_event.max()), int(ts_recv.max())) >= COLUMN_TS_LIMIT:
+            return None
+        stats = self.stats
+        stats.records += len(rec)
+        symbol_ids, keep = self._resolve_many(rec["instrument_id"], ts_event)
+        price = rec["price"]
+        undefined = keep & (price == UNDEF_PRICE)
+        if undefined.any():
+            stats.skipped["undefined_price"] += int(np.count_nonzero(undefined))
+            keep &= ~undefined
+        kept = np.flatnonzero(keep)
+        shift = self.shift_ns
+        ts_ns = ts_event[kept].astype(np.int64) + shift
+        symbol_ids, publishers = symbol_ids[kept], rec["publisher_id"][kept].astype(np.int64)
+        sequences = rec["sequence"][kept].astype(np.int64)
+        side = rec["side"][kept]
+        return TradeColumns(
+            symbol_id=symbol_ids,
+            ts_event=ts_ns // 1000,
+            ts_recv=(ts_recv[kept].astype(np.int64) + shift) // 1000,
+            publisher_id=publishers,
+            sequence=sequences,
+            ordinal=self._ordinals(symbol_ids, publishers, ts_ns, sequences),
+            price=price[kept],
+            size=rec["size"][kept].astype(np.int64),
+            side=np.where((side == b"A") | (side == b"B"), side, b"N"),  # anything else is N, as SIDES.get
+            flags=rec["flags"][kept].astype(np.int64),
+        )
+
+    def _resolve_many(self, instrument_ids: np.ndarray, ts_event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Symbol ids of records (by their original times) and which are kept: ``_resolve`` at once,
+        per instrument, and record by record only for an instrument whose mapping changes within."""
+        resolver, stats = self.resolver, self.stats
+        allowed = resolver.allowed
+        symbol_ids = np.zeros(len(instrument_ids), dtype=np.int64)
+        keep = np.zeros(len(instrument_ids), dtype=bool)
+        unknown = filtered = 0
+        ids, inverse = np.unique(instrument_ids, return_inverse=True)
+        for k, instrument_id in enumerate(ids.tolist()):
+            where = np.flatnonzero(inverse == k)
+            times = ts_event[where]
+            found = resolver.resolve_span(instrument_id, int(times.min()), int(times.max()))
+            if found is False:
+                for i, ts in zip(where.tolist(), times.tolist(), strict=True):
+                    interval = resolver.resolve(instrument_id, ts)
+                    if interval is None:
+                        unknown += 1
+                    elif allowed is not None and interval.ticker not in allowed:
+                        filtered += 1
+                    else:
+                        symbol_ids[i], keep[i] = interval.symbol_id, True
+            elif found is None:
+                unknown += len(where)
+            elif allowed is not None and found.ticker not in allowed:
+                filtered += len(where)
+            else:
+                symbol_ids[where], keep[where] = found.symbol_id, True
+        if unknown:
+            stats.skipped["unknown_instrument"] += unknown
+        if filtered:
+            stats.skipped["symbol_filtered"] += filtered
+        return symbol_ids, keep
+
+    def _ordinals(
+        self, symbol_ids: np.ndarray, publishers: np.ndarray, ts_ns: np.ndarray, seqs: np.ndarray
+    ) -> np.ndarray:
+        """``_trade``'s ordinals and out-of-order count for trades in order, carrying ``last_trade``.
+
+        Per (symbol, publisher), in order: a trade with the time and sequence of the one
+        before it takes the next ordinal, any other 0; one earlier than the one before it
+        is out of order.
+        """
+        n = len(symbol_ids)
+        if not n:
+            return np.zeros(0, dtype=np.int64)
+        keys, inverse = np.unique(symbol_ids * 65536 + publishers, return_inverse=True)  # publisher ids are uint16
+        order = np.argsort(inverse, kind="stable")
+        group, ts, seq = inverse[order], ts_ns[order], seqs[order]
+        pos = np.arange(n)
+        first = np.ones(n, dtype=bool)
+        first[1:] = group[1:] != group[:-1]
+        prev_ts, prev_seq = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        prev_ts[1:], prev_seq[1:] = ts[:-1], seq[:-1]
+        has_prev = ~first
+        base = np.zeros(n, dtype=np.int64)  # a run's first ordinal when it goes on from the state's last trade
+        last_trade = self.last_trade
+        starts = np.flatnonzero(first)
+        for p, key in zip(starts.tolist(), keys[group[starts]].tolist(), strict=True):
+            last = last_trade.get((key >> 16, key & 0xFFFF))
+            if last is not None:
+                prev_ts[p], prev_seq[p], base[p], has_prev[p] = last[0], last[1], last[2] + 1, True
+        same = has_prev & (ts == prev_ts) & (seq == prev_seq)
+        out_of_order = int(np.count_nonzero(has_prev & ~same & (ts < prev_ts)))
+        if out_of_order:
+            self.stats.warnings["out_of_order"] += out_of_order
+        run = np.maximum.accumulate(np.where(first | ~same, pos, 0))  # where each trade's run began
+        ordinal_sorted = pos - run + np.where(same[run], base[run], 0)
+        last_of_group = np.ones(n, dtype=bool)
+        last_of_group[:-1] = first[1:]
+        for p, key in zip(np.flatnonzero(last_of_group).tolist(), keys[group[last_of_group]].tolist(), strict=True):
+            last_trade[(key >> 16, key & 0xFFFF)] = (int(ts[p]), int(seq[p]), int(ordinal_sorted[p]))
+        ordinals = np.empty(n, dtype=np.int64)
+        ordinals[order] = ordinal_sorted
+        return ordinals

@@ -11,6 +11,7 @@ import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Literal
 
 from django.db import transaction
 
@@ -128,6 +129,19 @@ class Resolver:
                 return interval
             next_start = interval.start_ns
         return None
+
+    def resolve_span(self, instrument_id: int, first_ns: int, last_ns: int) -> Interval | Literal[False] | None:
+        """What ``resolve`` gives at every time in [first_ns, last_ns], when that is one answer: the
+        interval, or None when no interval maps any of them; False when the answer changes within."""
+        intervals = self.by_id.get(instrument_id)
+        if not intervals:
+            return None
+        if any(first_ns < interval.start_ns <= last_ns for interval in intervals):
+            return False  # one starts within, and a later start wins an overlap
+        found = self.resolve(instrument_id, first_ns)
+        if found is None:
+            return None  # none maps first_ns and none starts later within: none maps any of them
+        return found if last_ns < found.end_ns else False
 
 
 def date_or_dt_ns(value: datetime) -> int:

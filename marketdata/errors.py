@@ -29,6 +29,7 @@ class UnknownSymbolError(MarketDataError):
 ERR_NAIVE_DATETIME = "{field} must be timezone-aware (UTC), got naive datetime {value!r}"
 ERR_UNDEFINED_PRICE = "{field} is Databento's undefined price (2^63-1) in {value!r}"
 ERR_OUT_OF_RANGE = "{field}={value!r} is out of range for a signed 64-bit integer"
+ERR_OUT_OF_COLUMN = "{field}={value!r} is out of range for its column, a signed {bits}-bit integer"
 ERR_BAD_TIMEFRAME_STORED = "timeframe {value!r} is not stored: expected one of 1s 1m 1h 1d"
 ERR_BAD_SIDE = "side must be one of A, B, N; got {value!r}"
 ERR_HIGH_LOW = "{field}: high {high} is below low {low}"

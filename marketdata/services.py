@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -19,6 +19,7 @@ from django.utils import timezone
 from ops import metrics
 
 from .cache import epoch_bump, versions_bump
+from .columns import TradeColumns, narrow_check, trade_columns, trade_spans, trades_copy, trades_invalid
 from .errors import (
     ERR_BAD_SIDE,
     ERR_BAD_TIMEFRAME_STORED,
@@ -90,7 +91,6 @@ BAR_KEY = ("symbol_id", "timeframe", "ts", "publisher_id")
 BAR_VALUES = ("open", "high", "low", "close", "volume", "anomalies")
 
 TRADE_COLUMNS = TradeIn._fields
-TRADE_TYPES = ("int8", "timestamptz", "timestamptz", "int4", "int8", "int2", "int8", "int8", "text", "int2")
 TRADE_KEY = ("symbol_id", "ts_event", "publisher_id", "sequence", "ordinal")
 
 _cols = ", ".join
@@ -197,26 +197,23 @@ def _check_trade(row: TradeIn) -> None:
         raise ValidationError(ERR_BAD_SIDE.format(value=row.side), field="side")
 
 
-def _checked_trade_spans(rows: Sequence[TradeIn]) -> dict[tuple[int, str], tuple[datetime, datetime]]:
-    """Check every row (one expression per row, _check_trade only to name what is wrong, as
-    for bars); return (symbol_id, TRADE_SERIES) -> the first and last ts_event in ``rows``."""
-    groups: dict[int, list[datetime]] = {}
-    for row in rows:
-        symbol_id, ts_event, ts_recv, _, _, _, price, size, side, _ = row
-        if (
-            ts_event.utcoffset() is None
-            or ts_recv.utcoffset() is None
-            or not INT64_MIN <= price < UNDEF_PRICE
-            or not INT64_MIN <= size < UNDEF_PRICE
-            or side not in ("A", "B", "N")
-        ):
-            _check_trade(row)
-        times = groups.get(symbol_id)
-        if times is None:
-            groups[symbol_id] = [ts_event]
-        else:
-            times.append(ts_event)
-    return {(symbol_id, TRADE_SERIES): (min(times), max(times)) for symbol_id, times in groups.items()}
+def trades_checked(trades: Sequence[TradeIn] | TradeColumns) -> TradeColumns:
+    """Check every trade; return them as columns. The first trade that is wrong raises the
+    ValidationError that names what (_check_trade, in its fixed order of checks), as rows did."""
+    if isinstance(trades, TradeColumns):
+        cols = trades
+    else:
+        try:
+            cols = trade_columns(trades)
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            for row in trades:  # a naive time, a number no column holds, a side that is not a character
+                _check_trade(row)
+            raise
+    bad = trades_invalid(cols)
+    if bad is not None:
+        _check_trade(TradeIn(*cols.row(bad)))
+        narrow_check(cols, bad)
+    return cols
 
 
 @contextmanager
@@ -260,6 +257,12 @@ def _copy(cursor: Any, stage: str, columns: Sequence[str], types: Sequence[str],
             copy.write_row(row)
 
 
+def _copy_payload(cursor: Any, table: str, columns: Sequence[str], payload: bytes) -> None:
+    """COPY a whole binary payload (header and trailer included) into ``table``."""
+    with cursor.copy(f"COPY {table} ({_cols(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(payload)
+
+
 # (database alias, symbol_id, timeframe) -> the newest bar time known to be stored. Only a
 # hint for choosing the append path: the table's unique key is what keeps writes right,
 # so a hint another process made stale costs at most one refused copy.
@@ -292,14 +295,8 @@ def _remember(spans: dict[tuple[int, str], tuple[datetime, datetime]]) -> None:
         _newest[(alias, *key)] = max(known, last)
 
 
-def _append(
-    spans: dict[tuple[int, str], tuple[datetime, datetime]],
-    table: str,
-    columns: Sequence[str],
-    types: Sequence[str],
-    rows: Sequence[tuple],
-) -> bool:
-    """Copy ``rows`` straight into ``table`` if each extends its series; tell whether it did.
+def _append(spans: dict[tuple[int, str], tuple[datetime, datetime]], copy: Callable[[Any], None]) -> bool:
+    """``copy(cursor)`` the rows straight into their table if each extends its series; tell whether it did.
 
     Rows sharing a key, or a row another writer stored meanwhile, make the unique key
     refuse the copy, which rolls back: False, and the caller takes the staged path.
@@ -311,7 +308,7 @@ def _append(
         with transaction.atomic(), connection.cursor() as cursor:
             if not _appends_only(cursor, spans):
                 return False
-            _copy(cursor.cursor, table, columns, types, rows)
+            copy(cursor.cursor)
         return True
     except (IntegrityError, psycopg.errors.UniqueViolation):
         metrics.DB_APPEND_FALLBACKS.inc()
@@ -331,7 +328,7 @@ def bars_upsert(*, bars: Sequence[BarIn]) -> WriteResult:
         return WriteResult(0, 0, 0)
     started = time.perf_counter()
     spans = _checked_spans(bars)
-    if _append(spans, BAR_TABLE, BAR_COLUMNS, BAR_TYPES, bars):
+    if _append(spans, lambda cursor: _copy(cursor, BAR_TABLE, BAR_COLUMNS, BAR_TYPES, bars)):
         result = WriteResult(received=len(bars), inserted=len(bars), updated=0, spans=spans)
     else:
         with _staged("bar_stage") as cursor:
@@ -345,30 +342,33 @@ def bars_upsert(*, bars: Sequence[BarIn]) -> WriteResult:
     return result
 
 
-def trades_insert(*, trades: Sequence[TradeIn]) -> WriteResult:
-    """Insert trades in one transaction; a trade already stored is kept once.
+def trades_insert(*, trades: Sequence[TradeIn] | TradeColumns) -> WriteResult:
+    """Insert trades (rows or columns) in one transaction; a trade already stored is kept once.
 
     As for bars, a batch whose every trade is newer than the newest stored for its symbol
     (the live and replay case) is copied straight into the table; otherwise, or when the
     unique key refuses the copy, COPY to a staging table and INSERT ... ON CONFLICT DO
     NOTHING. Measured in 5,000-trade batches: 154,000 -> 241,000 trades/s, 5.3 -> 3.1 us of
-    server CPU a trade.
+    server CPU a trade. Rows are made columns first (marketdata/columns.py): one binary
+    COPY payload built by array operations, not a row at a time.
     """
-    if not trades:
+    if not len(trades):
         return WriteResult(0, 0, 0)
     started = time.perf_counter()
-    spans = _checked_trade_spans(trades)
-    if _append(spans, TRADE_TABLE, TRADE_COLUMNS, TRADE_TYPES, trades):
-        inserted = len(trades)
+    cols = trades_checked(trades)
+    spans = {(symbol_id, TRADE_SERIES): span for symbol_id, span in trade_spans(cols).items()}
+    payload = trades_copy(cols)
+    if _append(spans, lambda cursor: _copy_payload(cursor, TRADE_TABLE, TRADE_COLUMNS, payload)):
+        inserted = len(cols)
     else:
         with _staged("trade_stage") as cursor:
-            _copy(cursor.cursor, "trade_stage", TRADE_COLUMNS, TRADE_TYPES, trades)
+            _copy_payload(cursor.cursor, "trade_stage", TRADE_COLUMNS, payload)
             cursor.execute(TRADE_INSERT_SQL)
             inserted = cursor.rowcount
     transaction.on_commit(partial(_remember, spans))
     metrics.DB_WRITE_ROWS.labels(TRADE_TABLE).inc(inserted)
     metrics.DB_WRITE_LATENCY.labels(TRADE_TABLE).observe(time.perf_counter() - started)
-    return WriteResult(received=len(trades), inserted=inserted, updated=0)
+    return WriteResult(received=len(cols), inserted=inserted, updated=0)
 
 
 RETENTION_BARS_SQL = f"""

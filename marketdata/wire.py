@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from functools import lru_cache
 
+import numpy as np
+
 from .timeframes import anomaly_names
 
 SCALE = 1_000_000_000
@@ -57,4 +59,16 @@ def bar_json(
 
 def trade_json(ts: datetime, price: int, size: int, side: str) -> str:
     """The protocol's trade data object as JSON text."""
-    return f'{{"ts":"{time_text(ts)}","price":{price_text(price)},"size":{size},"side":"{side}"}}'
+    return trade_data(time_text(ts), price, size, side)
+
+
+def trade_data(ts: str, price: int, size: int, side: str) -> str:
+    """trade_json with the time already text."""
+    return f'{{"ts":"{ts}","price":{price_text(price)},"size":{size},"side":"{side}"}}'
+
+
+def time_texts(micros: np.ndarray) -> list[str]:
+    """time_text of each of an array of Unix-microsecond times, made at once."""
+    texts = np.datetime_as_string(micros.astype("datetime64[us]"), unit="us").tolist()
+    whole = (micros % 1_000_000 == 0).tolist()
+    return [text[:-7] + "Z" if w else text + "Z" for text, w in zip(texts, whole, strict=True)]
