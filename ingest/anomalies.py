@@ -29,11 +29,22 @@ class AnomalyDetector:
 
     def flags(self, symbol_id: int, tf: str, volume: int) -> int:
         """Anomaly bits for this bar; updates the norm."""
-        if volume == 0:
-            return ANOMALY_HALT_ZERO_VOLUME
+        return self.flags_many(symbol_id, tf, [volume])[0]
+
+    def flags_many(self, symbol_id: int, tf: str, volumes: list[int]) -> list[int]:
+        """Anomaly bits for consecutive bars of one (symbol, timeframe), in order; updates the norm."""
         key = (symbol_id, tf)
         mean, seen = self.norms.get(key, (0.0, 0))
-        if seen >= WARMUP and volume > SPIKE_FACTOR * mean:
-            return ANOMALY_VOLUME_SPIKE
-        self.norms[key] = (volume if seen == 0 else mean + _ALPHA * (volume - mean), seen + 1)
-        return 0
+        out = []
+        for volume in volumes:
+            if volume == 0:
+                out.append(ANOMALY_HALT_ZERO_VOLUME)
+            elif seen >= WARMUP and volume > SPIKE_FACTOR * mean:
+                out.append(ANOMALY_VOLUME_SPIKE)
+            else:
+                mean = volume if seen == 0 else mean + _ALPHA * (volume - mean)
+                seen += 1
+                out.append(0)
+        if seen:
+            self.norms[key] = (mean, seen)
+        return out

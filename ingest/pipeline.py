@@ -40,10 +40,10 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from marketdata.cache import LeaderboardRefresher, versions_bump
-from marketdata.columns import TradeColumns, trades_concat, utc
+from marketdata.columns import BarColumns, Columns, TradeColumns, concat, utc
 from marketdata.errors import MarketDataError
 from marketdata.models import FeedStatus
-from marketdata.services import BarIn, TradeIn, WriteResult, bars_upsert, trades_checked, trades_insert
+from marketdata.services import BarIn, TradeIn, WriteResult, bars_checked, bars_upsert, trades_checked, trades_insert
 from ops import metrics, tracing
 
 from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry, trades_out
@@ -58,7 +58,7 @@ FLUSH_SECONDS = 0.05
 QUEUE_MAX = 20_000
 FEED_STATUS_EVERY_S = 1.0
 FEED_CHUNK = 256
-# A run of at least this many trade records is normalised as columns (marketdata/columns.py);
+# A run of at least this many bar or trade records is normalised as columns (marketdata/columns.py);
 # a shorter one (a live feed's record, a run cut by symbology records) one record at a time.
 COLUMNS_MIN = 64
 _STOP = object()
@@ -289,16 +289,21 @@ class Pipeline:
     def feed_many(self, records: Iterable[object]) -> None:
         """Normalise decoded records and enqueue them in chunks (blocks while the queue is full).
 
-        Runs of COLUMNS_MIN trade records or more are normalised as columns, the rest one by
-        one; either way they are queued in their order.
+        Runs of COLUMNS_MIN bar or trade records or more are normalised as columns, the rest
+        one by one; either way they are queued in their order.
         """
         normalise = self.normalise
         for kind, group in groupby(records, type):
-            run = list(group)
-            trades = run if kind is dbn.TradeMsg and len(run) >= COLUMNS_MIN else None
-            columns = normalise.trade_columns(trades) if trades is not None else None  # type: ignore[arg-type]
+            run: list[Any] = list(group)
+            columns: Columns | None = None
+            if len(run) >= COLUMNS_MIN:
+                if kind is dbn.TradeMsg:
+                    columns = normalise.trade_columns(run)
+                elif kind is dbn.OHLCVMsg:
+                    columns = normalise.bar_columns(run)
             if columns is not None:
-                step = max(1, min(self.batch_trades, self.queue.max_rows // 4))
+                batch = self.batch_trades if type(columns) is TradeColumns else self.batch_bars
+                step = max(1, min(batch, self.queue.max_rows // 4))
                 for start in range(0, len(columns), step):
                     self._put(columns[start : start + step])
                 continue
@@ -306,7 +311,7 @@ class Pipeline:
             for start in range(0, len(rows), self.feed_chunk):
                 self._put(rows[start : start + self.feed_chunk])
 
-    def _put(self, item: list[Any] | TradeColumns) -> None:
+    def _put(self, item: list[Any] | Columns) -> None:
         """Enqueue rows or columns; wait (back-pressure) while the queue is full."""
         while not self.queue.put(item, timeout=0.5):
             metrics.INGEST_BACKPRESSURE.inc()
@@ -332,9 +337,10 @@ class Pipeline:
     # -- writer side ---------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        bars: list[BarIn] = []
-        trades: list[TradeColumns | list[TradeIn]] = []  # in their order: columns, and runs of rows
-        counted = 0  # trades in ``trades``
+        # Each in its order: columns, and runs of rows between them.
+        bars: list[BarColumns | list[BarIn]] = []
+        trades: list[TradeColumns | list[TradeIn]] = []
+        counts = [0, 0]  # bars, trades held
         deadline: float | None = None
         last_status = 0.0
         try:
@@ -349,22 +355,23 @@ class Pipeline:
                     return
                 if type(item) is TradeColumns:
                     trades.append(item)
-                    counted += len(item)
+                    counts[1] += len(item)
+                elif type(item) is BarColumns:
+                    bars.append(item)
+                    counts[0] += len(item)
                 else:
                     for row in item or ():
-                        if type(row) is BarIn:
-                            bars.append(row)
-                        else:
-                            if not trades or type(trades[-1]) is TradeColumns:
-                                trades.append([])
-                            trades[-1].append(row)  # type: ignore[union-attr]
-                            counted += 1
+                        parts: list[Any] = bars if type(row) is BarIn else trades
+                        if not parts or type(parts[-1]) is not list:
+                            parts.append([])
+                        parts[-1].append(row)
+                        counts[parts is trades] += 1
                 if deadline is None and item is not None:
                     deadline = time.monotonic() + self.flush_seconds
                 metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
-                if item is None or len(bars) >= self.batch_bars or counted >= self.batch_trades:
+                if item is None or counts[0] >= self.batch_bars or counts[1] >= self.batch_trades:
                     self._flush(bars, trades)
-                    bars, trades, counted, deadline = [], [], 0, None
+                    bars, trades, counts, deadline = [], [], [0, 0], None
                     now = time.monotonic()
                     if now - last_status >= FEED_STATUS_EVERY_S:
                         self._feed_status_safe()
@@ -384,54 +391,56 @@ class Pipeline:
     @tracing.traced(
         "ingest.batch",
         lambda self, bars, trades: {
-            "dataset": self.dataset, "bars": len(bars), "trades": sum(len(part) for part in trades)
+            "dataset": self.dataset,
+            "bars": sum(len(part) for part in bars),
+            "trades": sum(len(part) for part in trades),
         },
-    )  # fmt: skip
-    def _flush(self, bars: list[BarIn], trades: list[TradeColumns | list[TradeIn]]) -> None:
+    )
+    def _flush(self, bars: list[BarColumns | list[BarIn]], trades: list[TradeColumns | list[TradeIn]]) -> None:
         changed: set[int] = set()
         # Per symbol whose bars alone changed: the earliest bar time per timeframe, so the
         # bump spares cached pages wholly before it (a new bar leaves a chart's history cached).
         since: dict[int, dict[str, datetime]] = {}
-        publish_bars: list[BarIn] = []
+        publish_bars: BarColumns | None = None
         publish_trades: TradeColumns | None = None
-        if bars:
-            result, retried = self._write("bars", lambda: bars_upsert(bars=bars), len(bars))
+        bar_columns = concat([bars_checked(part) for part in bars]) if bars else None
+        if bar_columns is not None and len(bar_columns):
+            result, retried = self._write("bars", lambda: bars_upsert(bars=bar_columns), len(bar_columns))
             if result.inserted + result.updated or retried:
                 for (symbol_id, tf), (first, _) in result.spans.items():
                     since.setdefault(symbol_id, {})[tf] = first
-                publish_bars = bars
-        columns = trades_concat([trades_checked(part) for part in trades]) if trades else None
-        if columns is not None and len(columns):
-            result, retried = self._write("trades", lambda: trades_insert(trades=columns), len(columns))
+                publish_bars = bar_columns
+        trade_columns = concat([trades_checked(part) for part in trades]) if trades else None
+        if trade_columns is not None and len(trade_columns):
+            result, retried = self._write("trades", lambda: trades_insert(trades=trade_columns), len(trade_columns))
             if result.inserted or retried:
-                changed.update(np.unique(columns.symbol_id).tolist())
-                publish_trades = columns
+                changed.update(np.unique(trade_columns.symbol_id).tolist())
+                publish_trades = trade_columns
         for symbol_id in changed:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
         versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
         # Refreshed in a thread of its own once quiet (readers recompute rows older than their symbol's version).
         self._leaderboards.changed(changed)
-        times = [b.ts for b in bars[-1:]]
-        if columns is not None and len(columns):
-            times.append(utc(int(columns.ts_event.max())))
-        last = max(times, default=None)
+        newest = [int(c.ts.max()) for c in (bar_columns,) if c is not None and len(c)]
+        newest += [int(c.ts_event.max()) for c in (trade_columns,) if c is not None and len(c)]
+        last = utc(max(newest)) if newest else None
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
-        if self._publisher is not None and (publish_bars or publish_trades is not None):
+        if self._publisher is not None and (publish_bars is not None or publish_trades is not None):
             self._publish_submit(publish_bars, publish_trades)
 
     # -- publisher side ------------------------------------------------------------
 
-    def _publish_submit(self, bars: list[BarIn], trades: TradeColumns | None) -> None:
+    def _publish_submit(self, bars: BarColumns | None, trades: TradeColumns | None) -> None:
         """Hand a committed batch to the publisher (waits while it is behind)."""
         tickers: dict[int, str] = {}
         if len(self.resolver.tickers) != self._tickers_sent:  # tickers are only ever added
             tickers = dict(self.resolver.tickers)
             self._tickers_sent = len(tickers)
-        self._publish_put((bars, [] if trades is None else [trades_out(trades)], tickers))
+        self._publish_put(([] if bars is None else [bars], [] if trades is None else [trades_out(trades)], tickers))
 
     def _publish_put(self, item: Any) -> None:
         assert self._publisher is not None

@@ -10,9 +10,9 @@ It runs in one of two hosts with the same interface (``submit``, ``stop``, ``joi
   ``ingest`` command. Deriving, JSON and publishing took 60% of the ingester's Python
   time per bar, and three threads of one process share one interpreter lock: in a
   process of its own that work runs beside normalising and writing, on the other core.
-  Batches reach it pickled through a bounded queue (as plain tuples, about 2 us a
-  record both ends; a trade only with what its message needs), so a slow Redis still
-  holds up the writer, then the source: back-pressure end to end. The run's source
+  Batches reach it pickled through a bounded queue (as columns, marketdata/columns.py:
+  arrays pickle as their bytes; a trade only with what its message needs), so a slow
+  Redis still holds up the writer, then the source: back-pressure end to end. The run's source
   starts once the child is ready, and a child behind publishes the batches queued
   behind the one it took as one.
 
@@ -40,7 +40,7 @@ import redis
 import structlog
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from marketdata.columns import TradeColumns
+from marketdata.columns import BarColumns, TradeColumns, utc
 from marketdata.services import BarIn
 from marketdata.wire import bar_json, time_texts, trade_data
 from streaming.derive import Deriver, load_stored
@@ -74,7 +74,7 @@ Groups = dict[tuple[str, str], list[str]]  # (stream, kind) -> data texts in ord
 # Unix microseconds, prices, sizes, sides. The writer sends these, not the whole trades:
 # arrays pickle as their bytes, and no JSON is made in the process that writes.
 TradeOut = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-Job = tuple[list[BarIn], list[TradeOut], dict[int, str]]  # bars, trades in parts, tickers not sent before
+Job = tuple[list[BarColumns], list[TradeOut], dict[int, str]]  # bars and trades in parts, tickers not sent before
 # Behind (a replay at full speed, a catch-up after an outage), the publisher takes the
 # batches queued behind the one it got and publishes them as one, up to about this many
 # records: a stream's costs per publish (its entry in the transaction, its derived and forming
@@ -126,15 +126,13 @@ class PublishWork:
         # Stream names and kinds by (timeframe, symbol id): made once, not per message.
         self._bar_streams: dict[tuple[str, int], tuple[str, str]] = {}
 
-    def handle(self, bars: list[BarIn], trades: list[TradeOut], tickers: dict[int, str]) -> None:
+    def handle(self, bars: list[BarColumns], trades: list[TradeOut], tickers: dict[int, str]) -> None:
         """Publish one committed batch (retrying while Redis or PostgreSQL is down)."""
         self.tickers.update(tickers)
         groups: Groups = {}
-        if bars and type(bars[0]) is not BarIn:  # from a ProcessHost: plain tuples
-            new = tuple.__new__
-            bars = [new(BarIn, b) for b in bars]
         if bars:
-            groups = retry("derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn)[0]
+            rows = bar_rows(bars)
+            groups = retry("derive", lambda: self.bar_messages(rows), closing=self.closing, warn=self.warn)[0]
         if trades:
             groups.update(self.trade_messages(trades))  # trade streams and bar streams never share a name
         if groups:
@@ -173,6 +171,22 @@ class PublishWork:
 
     def close(self) -> None:
         self.publisher.close()
+
+
+def bar_rows(parts: list[BarColumns]) -> list[BarIn]:
+    """Written bars as rows, for deriving and their messages (bars of one time share one datetime)."""
+    rows: list[BarIn] = []
+    new = tuple.__new__
+    for cols in parts:
+        stamps = cols.ts.tolist()
+        times = {us: utc(us) for us in set(stamps)}
+        values = zip(
+            cols.symbol_id.tolist(), cols.timeframe.astype("U2").tolist(), map(times.__getitem__, stamps),
+            cols.publisher_id.tolist(), cols.open.tolist(), cols.high.tolist(), cols.low.tolist(),
+            cols.close.tolist(), cols.volume.tolist(), cols.anomalies.tolist(), strict=True,
+        )  # fmt: skip
+        rows += [new(BarIn, v) for v in values]
+    return rows
 
 
 def trades_out(trades: TradeColumns) -> TradeOut:
@@ -217,7 +231,7 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
     order: the same messages, fewer publishes.
     """
     bars, trades, tickers = job
-    count = len(bars) + sum(len(part[0]) for part in trades)
+    count = sum(len(part) for part in bars) + sum(len(part[0]) for part in trades)
     merged = False
     while count < MERGE_RECORDS and jobs.qsize() > 0:
         try:  # queued, so it comes at once (it may still be on its way through the pipe)
@@ -233,7 +247,7 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
         bars.extend(more_bars)
         trades.extend(more_trades)
         tickers.update(more_tickers)
-        count += len(more_bars) + sum(len(part[0]) for part in more_trades)
+        count += sum(len(part) for part in more_bars) + sum(len(part[0]) for part in more_trades)
     return (bars, trades, tickers), False
 
 
@@ -381,13 +395,7 @@ class ProcessHost:
         return self._process.is_alive()
 
     def put(self, item: Any, timeout: float) -> bool:
-        if item != STOP:
-            # Bars cross as plain tuples: pickling a named tuple calls its __getnewargs__ in
-            # Python for every bar (3.8 -> 1.3 us a bar with the copy to tuples, in the
-            # parent, beside the writer); PublishWork.handle makes them BarIns again.
-            bars, trades, tickers = item
-            item = (list(map(tuple, bars)), trades, tickers)
-        try:
+        try:  # bars and trades cross as columns: arrays pickle as their bytes
             self._jobs.put(item, timeout=timeout)
             return True
         except queue.Full:

@@ -10,7 +10,7 @@ import databento_dbn as dbn
 import numpy as np
 import structlog
 
-from marketdata.columns import TradeColumns
+from marketdata.columns import BarColumns, TradeColumns
 from marketdata.services import UNDEF_PRICE, BarIn, TradeIn
 
 from .anomalies import AnomalyDetector
@@ -31,8 +31,10 @@ SIDES: dict[str, str] = {dbn.Side.ASK.value: "A", dbn.Side.BID.value: "B", dbn.S
 # A row without NamedTuple's Python-level __new__ (a fifth of normalising a record).
 _new_row = tuple.__new__
 TIMES_KEPT = 4096  # datetimes remembered by Normaliser._utc (bars of one minute share one)
-# A trade record's bytes, as databento_dbn lays them out (the same in DBN v1, v2 and v3).
+# A trade's and a bar's record bytes, as databento_dbn lays them out (the same in DBN v1, v2 and v3).
 TRADE_RECORD = np.dtype(dbn.TradeMsg._dtypes)
+BAR_RECORD = np.dtype(dbn.OHLCVMsg._dtypes)
+_TF_BYTES = {rtype: tf.encode() for rtype, tf in BAR_RTYPES.items()}
 # Record times past this (year 2116) are normalised one by one, where a time past what a
 # datetime holds is dealt with as it always was; below it, shifted times stay in int64.
 COLUMN_TS_LIMIT = 2**62
@@ -251,6 +253,91 @@ class Normaliser:
             flags=rec["flags"][kept].astype(np.int64),
         )
 
+    def bar_columns(self, records: list[dbn.OHLCVMsg]) -> BarColumns | None:
+        """Normalise a run of bar records at once: the bars, counts and state ``_bar`` gives one
+        by one (same skips by cause, out-of-order warnings, anomaly flags, symbology).
+
+        None when the records' bytes are not bar records of the expected layout, hold times
+        past COLUMN_TS_LIMIT or a volume past int64; the caller then normalises them one by one.
+        """
+        raw = b"".join(map(bytes, records))
+        if len(raw) != len(records) * BAR_RECORD.itemsize:
+            return None
+        rec = np.frombuffer(raw, dtype=BAR_RECORD)
+        ts_event, volume = rec["ts_event"], rec["volume"]
+        if len(rec) and (int(ts_event.max()) >= COLUMN_TS_LIMIT or int(volume.max()) >= UNDEF_PRICE):
+            return None
+        stats = self.stats
+        stats.records += len(rec)
+        rtypes = rec["rtype"]
+        timeframe = np.zeros(len(rec), dtype="S2")
+        for rtype in np.unique(rtypes).tolist():
+            tf = _TF_BYTES.get(rtype)
+            if tf is None:
+                stats.skipped[f"rtype:{rtype}"] += int(np.count_nonzero(rtypes == rtype))
+            else:
+                timeframe[rtypes == rtype] = tf
+        known = np.flatnonzero(timeframe != b"")
+        symbol_ids, keep = self._resolve_many(rec["instrument_id"][known], ts_event[known])
+        o, h, low, c = (rec[name][known] for name in ("open", "high", "low", "close"))
+        undefined = keep & ((o == UNDEF_PRICE) | (h == UNDEF_PRICE) | (low == UNDEF_PRICE) | (c == UNDEF_PRICE))
+        if undefined.any():
+            stats.skipped["undefined_price"] += int(np.count_nonzero(undefined))
+            keep &= ~undefined
+        inverted = keep & (h < low)
+        if inverted.any():
+            stats.skipped["high_below_low"] += int(np.count_nonzero(inverted))
+            keep &= ~inverted
+        kept = known[keep]
+        symbol_ids = symbol_ids[keep]
+        rtypes = rtypes[kept]
+        publishers = rec["publisher_id"][kept].astype(np.int64)
+        ts_ns = ts_event[kept].astype(np.int64) + self.shift_ns
+        volume = volume[kept].astype(np.int64)
+        # Dense keys: symbols numbered 0.. in this run, then rtype (8 bits) and publisher (16 bits).
+        ids, symbol_index = np.unique(symbol_ids, return_inverse=True)
+        series = (symbol_index.astype(np.int64) << 8) | rtypes
+        self._bar_order(ids.tolist(), (series << 16) | publishers, ts_ns)
+        return BarColumns(
+            symbol_id=symbol_ids,
+            timeframe=timeframe[kept],
+            ts=ts_ns // 1000,
+            publisher_id=publishers,
+            open=rec["open"][kept],
+            high=rec["high"][kept],
+            low=rec["low"][kept],
+            close=rec["close"][kept],
+            volume=volume,
+            anomalies=self._anomalies(ids.tolist(), series, volume),
+        )
+
+    def _bar_order(self, ids: list[int], keys: np.ndarray, ts_ns: np.ndarray) -> None:
+        """``_bar``'s out-of-order count for bars in order: per (symbol, timeframe, publisher), a
+        bar earlier than the latest one before it (``last_bar_ts``, carried over)."""
+        last_bar_ts = self.last_bar_ts
+        out_of_order = 0
+        for key, where in _groups(keys):
+            state_key = (ids[key >> 24], BAR_RTYPES[(key >> 16) & 0xFF], key & 0xFFFF)
+            times = ts_ns[where]
+            before = last_bar_ts.get(state_key, 0)
+            if times[0] >= before and (len(times) == 1 or bool((times[1:] >= times[:-1]).all())):
+                last_bar_ts[state_key] = int(times[-1])  # in order, the common case
+                continue
+            latest = np.maximum.accumulate(np.concatenate((np.array([before], dtype=np.int64), times)))
+            late = int(np.count_nonzero(times < latest[:-1]))
+            out_of_order += late
+            if state_key in last_bar_ts or late < len(times):  # one by one, the latest is kept once one is not late
+                last_bar_ts[state_key] = int(latest[-1])
+        if out_of_order:
+            self.stats.warnings["out_of_order"] += out_of_order
+
+    def _anomalies(self, ids: list[int], series: np.ndarray, volume: np.ndarray) -> np.ndarray:
+        """Anomaly flags of bars in order, per (symbol, timeframe) as ``AnomalyDetector.flags``."""
+        flags = np.zeros(len(volume), dtype=np.int64)
+        for key, where in _groups(series):
+            flags[where] = self.anomalies.flags_many(ids[key >> 8], BAR_RTYPES[key & 0xFF], volume[where].tolist())
+        return flags
+
     def _resolve_many(self, instrument_ids: np.ndarray, ts_event: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Symbol ids of records (by their original times) and which are kept: ``_resolve`` at once,
         per instrument, and record by record only for an instrument whose mapping changes within."""
@@ -326,3 +413,13 @@ class Normaliser:
         ordinals = np.empty(n, dtype=np.int64)
         ordinals[order] = ordinal_sorted
         return ordinals
+
+
+def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Each distinct key with the indices that hold it, in order."""
+    if not len(keys):
+        return []
+    uniques, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+    return list(zip(uniques.tolist(), np.split(order, bounds), strict=True))

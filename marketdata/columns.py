@@ -1,15 +1,16 @@
-"""Trades as columns: a batch held as numpy arrays and written by one binary COPY.
+"""Bars and trades as columns: a batch held as numpy arrays and written by one binary COPY.
 
-A replay or a historical download hands the ingester thousands of trades at once. As
-rows, each cost about 5 us of the ingester's Python: two datetimes, a tuple, a COPY row
-formatted field by field, a tuple pickled for the publisher. As columns the same work is
-a few array operations per batch, and the COPY payload is built in one go in PostgreSQL's
-binary format. Rows (``TradeIn``) are still what the live feed, the services API and the
-tests hand over; ``trade_columns`` turns them into columns, so every trade reaches the
-table by the same path.
+A replay or a historical download hands the ingester thousands of records at once. As
+rows, each trade cost about 5 us of the ingester's Python: two datetimes, a tuple, a COPY
+row formatted field by field, a tuple pickled for the publisher; a bar about as much. As
+columns the same work is a few array operations per batch, and the COPY payload is built
+in one go in PostgreSQL's binary format. Rows (``BarIn``, ``TradeIn``) are still what the
+live feed, the services API and the tests hand over; ``columns_of`` turns them into
+columns, so every bar and trade reaches its table by the same path.
 
 Times are integer microseconds since the Unix epoch: what PostgreSQL keeps (DBN's
-nanoseconds are truncated, as for rows).
+nanoseconds are truncated, as for rows). Timeframes are their two-byte text (every
+stored timeframe is two characters).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
@@ -28,39 +29,65 @@ ONE_US = timedelta(microseconds=1)
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00Z in Unix microseconds: binary COPY's time zero
 UNDEF_PRICE = 2**63 - 1  # Databento's undefined price (as marketdata.services)
 SIDES = (b"A", b"B", b"N")
+STORED = (b"1s", b"1m", b"1h", b"1d")  # marketdata.timeframes.STORED_TIMEFRAMES
 # PostgreSQL's binary COPY: signature, flags, header extension length ... rows ... trailer.
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 COPY_TRAILER = b"\xff\xff"
 
-# Each column's in-memory dtype and its PostgreSQL binary form (big-endian, fixed width);
-# the order is the table's, TradeIn's and TRADE_COLUMNS'.
-TRADE_FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("symbol_id", "i8", ">i8"),
-    ("ts_event", "i8", ">i8"),
-    ("ts_recv", "i8", ">i8"),
-    ("publisher_id", "i8", ">i4"),
-    ("sequence", "i8", ">i8"),
-    ("ordinal", "i8", ">i2"),
-    ("price", "i8", ">i8"),
-    ("size", "i8", ">i8"),
-    ("side", "S1", "S1"),
-    ("flags", "i8", ">i2"),
-)
-_TIMES = ("ts_event", "ts_recv")
-_COPY_ROW = np.dtype(
-    [("count", ">i2")] + [item for name, _, wire in TRADE_FIELDS for item in ((f"{name}_len", ">i4"), (name, wire))]
-)
-# The range each column's PostgreSQL type holds, and its bits, for the columns narrower than int8.
-_NARROW = {
-    name: (int(np.iinfo(wire).min), int(np.iinfo(wire).max), np.iinfo(wire).bits)
-    for name, _, wire in TRADE_FIELDS
-    if wire in (">i2", ">i4")
-}
+C = TypeVar("C", bound="Columns")
+Field = tuple[str, str, str]  # name, in-memory dtype, PostgreSQL binary form (big-endian, fixed width)
+
+
+class Columns:
+    """Equal-length arrays, one per field of the row type, in the table's column order."""
+
+    __slots__ = ()
+    FIELDS: ClassVar[tuple[Field, ...]]
+    TIMES: ClassVar[tuple[str, ...]]  # fields holding Unix microseconds
+    TEXTS: ClassVar[tuple[str, ...]]  # fields holding bytes, text to the row type
+
+    def __len__(self) -> int:
+        return len(getattr(self, self.FIELDS[0][0]))
+
+    def __getitem__(self, index: slice | np.ndarray) -> Self:
+        """The rows at ``index`` (a slice, a mask or indices), as columns."""
+        return type(self)(*(getattr(self, f.name)[index] for f in fields(self)))  # type: ignore[arg-type]
+
+    def row(self, i: int) -> tuple:
+        """Row ``i`` as the row type's values (times as aware datetimes, texts as str)."""
+        values = []
+        for name, _, _ in self.FIELDS:
+            value = getattr(self, name)[i].item()
+            if name in self.TIMES:
+                value = utc(value)
+            elif name in self.TEXTS:
+                value = value.decode()
+            values.append(value)
+        return tuple(values)
+
+    @classmethod
+    def empty(cls) -> Self:
+        return cls(*(np.empty(0, dtype=dtype) for _, dtype, _ in cls.FIELDS))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class TradeColumns:
-    """Trades as equal-length arrays, one per TradeIn field (times in microseconds)."""
+class TradeColumns(Columns):
+    """Trades: TradeIn's fields, times in microseconds."""
+
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        ("symbol_id", "i8", ">i8"),
+        ("ts_event", "i8", ">i8"),
+        ("ts_recv", "i8", ">i8"),
+        ("publisher_id", "i8", ">i4"),
+        ("sequence", "i8", ">i8"),
+        ("ordinal", "i8", ">i2"),
+        ("price", "i8", ">i8"),
+        ("size", "i8", ">i8"),
+        ("side", "S1", "S1"),
+        ("flags", "i8", ">i2"),
+    )
+    TIMES: ClassVar[tuple[str, ...]] = ("ts_event", "ts_recv")
+    TEXTS: ClassVar[tuple[str, ...]] = ("side",)
 
     symbol_id: np.ndarray
     ts_event: np.ndarray
@@ -73,19 +100,36 @@ class TradeColumns:
     side: np.ndarray
     flags: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.symbol_id)
 
-    def __getitem__(self, index: slice | np.ndarray) -> TradeColumns:
-        """The trades at ``index`` (a slice or a mask), as columns."""
-        return TradeColumns(*(getattr(self, f.name)[index] for f in fields(self)))
+@dataclass(frozen=True, slots=True, eq=False)
+class BarColumns(Columns):
+    """Bars: BarIn's fields, the time in microseconds, the timeframe as two bytes."""
 
-    def row(self, i: int) -> tuple:
-        """Trade ``i`` as a TradeIn's values (times as aware datetimes)."""
-        values = [getattr(self, f.name)[i].item() for f in fields(self)]
-        values[1], values[2] = utc(values[1]), utc(values[2])
-        values[8] = values[8].decode()
-        return tuple(values)
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        ("symbol_id", "i8", ">i8"),
+        ("timeframe", "S2", "S2"),
+        ("ts", "i8", ">i8"),
+        ("publisher_id", "i8", ">i4"),
+        ("open", "i8", ">i8"),
+        ("high", "i8", ">i8"),
+        ("low", "i8", ">i8"),
+        ("close", "i8", ">i8"),
+        ("volume", "i8", ">i8"),
+        ("anomalies", "i8", ">i2"),
+    )
+    TIMES: ClassVar[tuple[str, ...]] = ("ts",)
+    TEXTS: ClassVar[tuple[str, ...]] = ("timeframe",)
+
+    symbol_id: np.ndarray
+    timeframe: np.ndarray
+    ts: np.ndarray
+    publisher_id: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    anomalies: np.ndarray
 
 
 def utc(micros: int) -> datetime:
@@ -98,74 +142,108 @@ def micros(ts: datetime) -> int:
     return (ts - EPOCH) // ONE_US
 
 
-def trade_columns(rows: Sequence[Sequence[object]]) -> TradeColumns:
-    """TradeIn rows as columns. Raises TypeError or OverflowError for what no column can hold
-    (a naive datetime, a number past int64, a side longer than one character)."""
+def columns_of(kind: type[C], rows: Sequence[Sequence[Any]]) -> C:
+    """Rows of ``kind``'s row type as columns. Raises TypeError, ValueError or OverflowError for
+    what no column holds (a naive datetime, a number past int64, a text of another width)."""
     if not rows:
-        return empty_trades()
+        return kind.empty()
     columns: list[list[Any]] = [list(values) for values in zip(*rows, strict=True)]
-    for i in (1, 2):
-        columns[i] = [micros(ts) for ts in columns[i]]
-    if any(len(side) != 1 for side in columns[8]):
-        raise TypeError("a side is one character")
-    columns[8] = [side.encode() for side in columns[8]]
-    return TradeColumns(
-        *(np.array(values, dtype=dtype) for values, (_, dtype, _) in zip(columns, TRADE_FIELDS, strict=True))
-    )
+    for i, (name, dtype, _) in enumerate(kind.FIELDS):
+        if name in kind.TIMES:
+            columns[i] = [micros(ts) for ts in columns[i]]
+        elif name in kind.TEXTS:
+            width = np.dtype(dtype).itemsize
+            if any(len(text) != width for text in columns[i]):
+                raise ValueError(f"a {name} is {width} characters")
+            columns[i] = [text.encode() for text in columns[i]]
+    return kind(*(np.array(values, dtype=dtype) for values, (_, dtype, _) in zip(columns, kind.FIELDS, strict=True)))
 
 
-def empty_trades() -> TradeColumns:
-    return TradeColumns(*(np.empty(0, dtype=dtype) for _, dtype, _ in TRADE_FIELDS))
-
-
-def trades_concat(parts: Sequence[TradeColumns]) -> TradeColumns:
-    """One TradeColumns of ``parts`` in order."""
+def concat(parts: Sequence[C]) -> C:
+    """One set of columns of ``parts`` in order (at least one part)."""
     if len(parts) == 1:
         return parts[0]
-    if not parts:
-        return empty_trades()
-    return TradeColumns(*(np.concatenate([getattr(p, name) for p in parts]) for name, _, _ in TRADE_FIELDS))
+    kind = type(parts[0])
+    return kind(*(np.concatenate([getattr(p, name) for p in parts]) for name, _, _ in kind.FIELDS))
 
 
-def trades_invalid(cols: TradeColumns) -> int | None:
-    """The index of the first trade the table must not take (an undefined or out-of-range
-    number, a side other than A, B or N), or None."""
-    bad = (cols.price == UNDEF_PRICE) | (cols.size == UNDEF_PRICE)
-    bad |= (cols.side != SIDES[0]) & (cols.side != SIDES[1]) & (cols.side != SIDES[2])
-    for name, (lo, hi, _) in _NARROW.items():
+def _narrow(kind: type[Columns]) -> dict[str, tuple[int, int, int]]:
+    """The range and bits of each column narrower than int8 in PostgreSQL."""
+    return {
+        name: (int(np.iinfo(wire).min), int(np.iinfo(wire).max), np.iinfo(wire).bits)
+        for name, _, wire in kind.FIELDS
+        if wire in (">i2", ">i4")
+    }
+
+
+_NARROW: dict[type[Columns], dict[str, tuple[int, int, int]]] = {
+    kind: _narrow(kind) for kind in (TradeColumns, BarColumns)
+}
+
+
+def first_invalid(cols: Columns) -> int | None:
+    """The index of the first row the table must not take, or None: an undefined or out-of-range
+    number, a side other than A, B or N, a timeframe not stored, a high below the low."""
+    if isinstance(cols, TradeColumns):
+        bad = (cols.price == UNDEF_PRICE) | (cols.size == UNDEF_PRICE) | ~np.isin(cols.side, SIDES)
+    else:
+        assert isinstance(cols, BarColumns)
+        bad = ~np.isin(cols.timeframe, STORED) | (cols.low > cols.high)
+        for values in (cols.open, cols.high, cols.close, cols.volume):
+            bad |= values == UNDEF_PRICE
+    for name, (lo, hi, _) in _NARROW[type(cols)].items():
         values = getattr(cols, name)
         bad |= (values < lo) | (values > hi)
     found = np.flatnonzero(bad)
     return int(found[0]) if len(found) else None
 
 
-def narrow_check(cols: TradeColumns, i: int) -> None:
-    """Raise the ValidationError for a narrow column of trade ``i`` past its PostgreSQL type."""
-    for name, (lo, hi, bits) in _NARROW.items():
+def narrow_check(cols: Columns, i: int) -> None:
+    """Raise the ValidationError for a narrow column of row ``i`` past its PostgreSQL type."""
+    for name, (lo, hi, bits) in _NARROW[type(cols)].items():
         value = int(getattr(cols, name)[i])
         if not lo <= value <= hi:
             raise ValidationError(ERR_OUT_OF_COLUMN.format(field=name, value=value, bits=bits), field=name)
 
 
-def trade_spans(cols: TradeColumns) -> dict[int, tuple[datetime, datetime]]:
-    """symbol_id -> the first and last ts_event of its trades in ``cols``."""
-    ids, inverse = np.unique(cols.symbol_id, return_inverse=True)
+def spans(keys: np.ndarray, times: np.ndarray) -> dict[Any, tuple[datetime, datetime]]:
+    """Each key's first and last time (``keys`` any array np.unique sorts; times in microseconds)."""
+    ids, inverse = np.unique(keys, return_inverse=True)
     first = np.full(len(ids), np.iinfo(np.int64).max)
     last = np.full(len(ids), np.iinfo(np.int64).min)
-    np.minimum.at(first, inverse, cols.ts_event)
-    np.maximum.at(last, inverse, cols.ts_event)
-    return {
-        symbol_id: (utc(lo), utc(hi))
-        for symbol_id, lo, hi in zip(ids.tolist(), first.tolist(), last.tolist(), strict=True)
-    }
+    np.minimum.at(first, inverse, times)
+    np.maximum.at(last, inverse, times)
+    return {key: (utc(lo), utc(hi)) for key, lo, hi in zip(ids.tolist(), first.tolist(), last.tolist(), strict=True)}
 
 
-def trades_copy(cols: TradeColumns) -> bytes:
-    """The trades as a whole binary COPY payload (header, rows, trailer), columns as TRADE_FIELDS."""
-    rows = np.empty(len(cols), dtype=_COPY_ROW)
-    rows["count"] = len(TRADE_FIELDS)
-    for name, _, wire in TRADE_FIELDS:
+def bar_keys(cols: BarColumns) -> np.ndarray:
+    """(symbol_id, timeframe) of each bar as one sortable array."""
+    keys = np.empty(len(cols), dtype=[("symbol_id", "i8"), ("timeframe", "S2")])
+    keys["symbol_id"], keys["timeframe"] = cols.symbol_id, cols.timeframe
+    return keys
+
+
+def last_per_key(cols: BarColumns) -> BarColumns:
+    """Keep the last of bars sharing a key (symbol, timeframe, ts, publisher): one INSERT ... ON
+    CONFLICT may not touch a row twice."""
+    keys = list(
+        zip(cols.symbol_id.tolist(), cols.timeframe.tolist(), cols.ts.tolist(), cols.publisher_id.tolist(), strict=True)
+    )
+    last = {key: i for i, key in enumerate(keys)}
+    if len(last) == len(keys):
+        return cols
+    return cols[np.array(sorted(last.values()), dtype=np.int64)]
+
+
+def copy_payload(cols: Columns) -> bytes:
+    """The rows as a whole binary COPY payload (header, rows, trailer), columns in FIELDS order."""
+    layout = [("count", ">i2")]
+    for name, _, wire in cols.FIELDS:
+        layout += [(f"{name}_len", ">i4"), (name, wire)]
+    rows = np.empty(len(cols), dtype=layout)
+    rows["count"] = len(cols.FIELDS)
+    for name, _, wire in cols.FIELDS:
         rows[f"{name}_len"] = np.dtype(wire).itemsize
         values = getattr(cols, name)
-        rows[name] = values - PG_EPOCH_US if name in _TIMES else values
+        rows[name] = values - PG_EPOCH_US if name in cols.TIMES else values
     return COPY_HEADER + rows.tobytes() + COPY_TRAILER

@@ -17,10 +17,10 @@ from ingest.pipeline import Pipeline, run_replay
 from ingest.publishing import TradeMessages, trades_out
 from ingest.records import Normaliser, Stats
 from ingest.symbology import Resolver
-from marketdata.columns import trade_columns, trades_concat
+from marketdata.columns import TradeColumns, columns_of, concat
 from marketdata.errors import ValidationError
 from marketdata.models import Symbol, Trade
-from marketdata.services import UNDEF_PRICE, TradeIn, trades_insert
+from marketdata.services import UNDEF_PRICE, BarIn, TradeIn, trades_insert
 from marketdata.wire import time_text, time_texts, trade_json
 
 from .dbnfile import NS, P, metadata
@@ -94,13 +94,60 @@ def test_a_run_as_columns_equals_the_records_one_by_one(specs, cuts, shift):
         columns = many.trade_columns(records[lo:hi])  # type: ignore[arg-type]
         assert columns is not None
         parts.append(columns)
-    got = trades_concat(parts)
+    got = concat(parts)
 
     assert [TradeIn(*got.row(i)) for i in range(len(got))] == expected
     assert (many.stats.records, many.stats.skipped, many.stats.warnings) == (
         one.stats.records, one.stats.skipped, one.stats.warnings,
     )  # fmt: skip
     assert many.last_trade == one.last_trade
+
+
+bar_specs = st.lists(
+    st.tuples(
+        st.sampled_from([1, 1, 1, 2, 3, 3, 4, 9]),  # instrument
+        st.sampled_from([32, 33, 33, 33, 34, 35, 36]),  # rtype: 1s 1m 1h 1d bars, and one not stored
+        st.integers(0, 60),  # minutes after T0 (repeats, and times going back)
+        st.integers(1, 2),  # publisher
+        st.sampled_from([(100, 101, 99, 100), (100, 99, 101, 100), (UNDEF_PRICE, 1, 1, 1), (-5, -4, -6, -5)]),
+        st.sampled_from([0, 10, 11, 12, 500, 10**12]),  # volume: halts, a norm, spikes
+    ),
+    max_size=300,
+)
+
+
+def _bar_bytes(spec: tuple) -> bytes:
+    instrument, rtype, minute, publisher, (o, h, low, c), volume = spec
+    scale = 1 if o == UNDEF_PRICE else P
+    return bytes(
+        dbn.OHLCVMsg(rtype=rtype, publisher_id=publisher, instrument_id=instrument, ts_event=T0 + minute * 60 * NS,
+                     open=o * scale, high=h * P, low=low * P, close=c * P, volume=volume)
+    )  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=bar_specs, cuts=st.lists(st.integers(0, 300), max_size=4), shift=st.sampled_from([0, 3 * 60 * NS]))
+def test_a_run_of_bars_as_columns_equals_the_records_one_by_one(specs, cuts, shift):
+    records = _decoded([_bar_bytes(spec) for spec in specs])
+    one = Normaliser(_resolver(), Stats())
+    many = Normaliser(_resolver(), Stats())
+    one.shift_ns = many.shift_ns = shift
+
+    expected = [row for row in map(one, records) if row is not None]
+    parts = []
+    bounds = [0, *sorted(min(c, len(records)) for c in cuts), len(records)]
+    for lo, hi in itertools.pairwise(bounds):
+        columns = many.bar_columns(records[lo:hi])  # type: ignore[arg-type]
+        assert columns is not None
+        parts.append(columns)
+    got = concat(parts)
+
+    assert [BarIn(*got.row(i)) for i in range(len(got))] == expected
+    assert (many.stats.records, many.stats.skipped, many.stats.warnings) == (
+        one.stats.records, one.stats.skipped, one.stats.warnings,
+    )  # fmt: skip
+    assert many.last_bar_ts == one.last_bar_ts
+    assert many.anomalies.norms == one.anomalies.norms
 
 
 def test_records_of_another_layout_are_left_to_the_one_by_one_path():
@@ -131,7 +178,7 @@ def test_trade_messages_from_columns_are_trade_json():
         TradeIn(1, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC), 1, 3, 0,
                 7, 2, "A"),
     ]  # fmt: skip
-    groups = TradeMessages({1: "AAA", 2: "BBB"})([trades_out(trade_columns(rows))])
+    groups = TradeMessages({1: "AAA", 2: "BBB"})([trades_out(columns_of(TradeColumns, rows))])
     assert groups == {
         ("trades:AAA", "trade"): [trade_json(r.ts_event, r.price, r.size, r.side) for r in (rows[0], rows[2])],
         ("trades:BBB", "trade"): [trade_json(rows[1].ts_event, rows[1].price, rows[1].size, rows[1].side)],
@@ -150,7 +197,7 @@ def test_columns_are_stored_exactly_as_rows_are():
         TradeIn(symbol.pk, ts, ts + timedelta(microseconds=7), 65535, 2**40, 32767, -(2**62), 2**40, side, 255)
         for ts, side in zip(times, "ABN", strict=True)
     ]
-    result = trades_insert(trades=trade_columns(rows))
+    result = trades_insert(trades=columns_of(TradeColumns, rows))
     assert (result.received, result.inserted) == (3, 3)
     stored = [
         TradeIn(t.symbol_id, t.ts_event, t.ts_recv, t.publisher_id, t.sequence, t.ordinal, t.price, t.size, t.side,
@@ -179,7 +226,7 @@ def test_a_bad_trade_in_columns_raises_what_rows_raise_and_stores_nothing(change
     with pytest.raises(ValidationError, match=message):
         trades_insert(trades=rows)
     with pytest.raises(ValidationError, match=message):
-        trades_insert(trades=trade_columns(rows))
+        trades_insert(trades=columns_of(TradeColumns, rows))
     assert not Trade.objects.exists()
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis
 
-from ingest.publishing import MERGE_RECORDS, STOP, Job, ProcessHost, trades_out, with_backlog
-from marketdata.columns import trade_columns
+from ingest.publishing import MERGE_RECORDS, STOP, Job, ProcessHost, bar_rows, trades_out, with_backlog
+from marketdata.columns import BarColumns, TradeColumns, columns_of
 from marketdata.services import BarIn, TradeIn
 
 from .test_replay import buffer_frames
@@ -21,7 +21,8 @@ START = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
 def job(first: int, n: int, trades: int = 0) -> Job:
     bars = [BarIn(7, "1m", START + timedelta(minutes=i), 1, 1, 1, 1, 1, 1) for i in range(first, first + n)]
     trade_rows = [TradeIn(7, START + timedelta(seconds=i), START, 1, i, 0, 1, first + i, "B") for i in range(trades)]
-    return bars, [trades_out(trade_columns(trade_rows))] if trades else [], {7: "AAPL"} if first == 0 else {}
+    trade_parts = [trades_out(columns_of(TradeColumns, trade_rows))] if trades else []
+    return [columns_of(BarColumns, bars)], trade_parts, {7: "AAPL"} if first == 0 else {}
 
 
 def queued(*items: object) -> queue.Queue:
@@ -39,10 +40,10 @@ def test_queued_jobs_become_one_in_commit_order() -> None:
 
     assert not stop
     assert q.empty()
-    assert [b.ts for b in bars] == [START + timedelta(minutes=i) for i in range(16)]
+    assert [b.ts for b in bar_rows(bars)] == [START + timedelta(minutes=i) for i in range(16)]
     assert [size for _, _, _, sizes, _ in trades for size in sizes.tolist()] == [0, 1, 10, 11, 12]
     assert tickers == {7: "AAPL"}
-    assert len(first[0]) == 10
+    assert len(first[0]) == 1
     assert len(first[1]) == 1  # the first job's own list of parts is left as it was
 
 
@@ -53,7 +54,7 @@ def test_a_stop_behind_the_backlog_is_reported_and_nothing_after_it_is_taken() -
     (bars, _, _), stop = with_backlog(job(0, 10), q)
 
     assert stop
-    assert len(bars) == 15
+    assert sum(map(len, bars)) == 15
     assert q.get_nowait() is after
 
 
@@ -64,7 +65,7 @@ def test_merging_stops_once_the_records_reach_the_cap() -> None:
     (bars, _, _), stop = with_backlog(job(0, size), q)
 
     assert not stop
-    assert len(bars) == MERGE_RECORDS
+    assert sum(map(len, bars)) == MERGE_RECORDS
     assert q.qsize() == 4
 
 
