@@ -40,9 +40,9 @@ import redis
 import structlog
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from marketdata.columns import BarColumns, TradeColumns, utc
+from marketdata.columns import BarColumns, TradeColumns, concat, groups, utc
 from marketdata.services import BarIn
-from marketdata.wire import bar_json, time_texts, trade_data
+from marketdata.wire import bar_datas, bar_json, time_texts, trade_data
 from streaming.derive import Deriver, load_stored
 from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
@@ -131,8 +131,7 @@ class PublishWork:
         self.tickers.update(tickers)
         groups: Groups = {}
         if bars:
-            rows = bar_rows(bars)
-            groups = retry("derive", lambda: self.bar_messages(rows), closing=self.closing, warn=self.warn)[0]
+            groups = retry("derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn)[0]
         if trades:
             groups.update(self.trade_messages(trades))  # trade streams and bar streams never share a name
         if groups:
@@ -141,23 +140,25 @@ class PublishWork:
             publish = self.publisher.publish_groups
             retry("publish", lambda: publish(groups, batch_id=batch_id), closing=self.closing, warn=self.warn)
 
-    def bar_messages(self, bars: list[BarIn]) -> dict[tuple[str, str], list[str]]:
+    def bar_messages(self, parts: list[BarColumns]) -> dict[tuple[str, str], list[str]]:
         """Every written bar (final), then the derived and forming bars of coarser timeframes.
 
         Grouped as Publisher.publish_groups takes them: (stream, "bar") -> data texts in
         order; no object per message (a Message each was a fifth of the publisher's time).
+        The written bars' texts are made per batch (wire.bar_datas), and put in their
+        streams' groups a stream at a time.
         """
         groups: dict[tuple[str, str], list[str]] = {}
         streams = self._bar_streams
-        for b in bars:
-            key = streams.get((b.timeframe, b.symbol_id))
-            if key is None:
-                key = self._bar_stream(b.timeframe, b.symbol_id)
-            datas = groups.get(key)
-            if datas is None:
-                datas = groups[key] = []
-            datas.append(bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, True))
-        for d in self.deriver.add(bars):
+        for cols in parts:
+            texts = np.array(
+                bar_datas(cols.ts, cols.open, cols.high, cols.low, cols.close, cols.volume, cols.anomalies, True),
+                dtype=object,
+            )
+            for (symbol_id, tf), where in stream_groups(cols.symbol_id, cols.timeframe):
+                key = streams.get((tf, symbol_id)) or self._bar_stream(tf, symbol_id)
+                groups.setdefault(key, []).extend(texts[where].tolist())
+        for d in self.deriver.add_columns(concat(parts)):
             bar = d.bar
             key = streams.get((d.tf, d.symbol_id)) or self._bar_stream(d.tf, d.symbol_id)
             groups.setdefault(key, []).append(
@@ -187,6 +188,18 @@ def bar_rows(parts: list[BarColumns]) -> list[BarIn]:
         )  # fmt: skip
         rows += [new(BarIn, v) for v in values]
     return rows
+
+
+def stream_groups(symbol_ids: np.ndarray, timeframes: np.ndarray) -> list[tuple[tuple[int, str], np.ndarray]]:
+    """Each (symbol id, timeframe) of bars with the indices of its bars, in order."""
+    ids, symbol_index = np.unique(symbol_ids, return_inverse=True)
+    tfs, tf_index = np.unique(timeframes, return_inverse=True)
+    id_list, names = ids.tolist(), tfs.astype("U2").tolist()
+    width = len(names)
+    return [
+        ((id_list[key // width], names[key % width]), where)
+        for key, where in groups(symbol_index.astype(np.int64) * width + tf_index)
+    ]
 
 
 def trades_out(trades: TradeColumns) -> TradeOut:

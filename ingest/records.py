@@ -10,7 +10,7 @@ import databento_dbn as dbn
 import numpy as np
 import structlog
 
-from marketdata.columns import BarColumns, TradeColumns
+from marketdata.columns import BarColumns, TradeColumns, groups
 from marketdata.services import UNDEF_PRICE, BarIn, TradeIn
 
 from .anomalies import AnomalyDetector
@@ -316,7 +316,7 @@ class Normaliser:
         bar earlier than the latest one before it (``last_bar_ts``, carried over)."""
         last_bar_ts = self.last_bar_ts
         out_of_order = 0
-        for key, where in _groups(keys):
+        for key, where in groups(keys):
             state_key = (ids[key >> 24], BAR_RTYPES[(key >> 16) & 0xFF], key & 0xFFFF)
             times = ts_ns[where]
             before = last_bar_ts.get(state_key, 0)
@@ -334,7 +334,7 @@ class Normaliser:
     def _anomalies(self, ids: list[int], series: np.ndarray, volume: np.ndarray) -> np.ndarray:
         """Anomaly flags of bars in order, per (symbol, timeframe) as ``AnomalyDetector.flags``."""
         flags = np.zeros(len(volume), dtype=np.int64)
-        for key, where in _groups(series):
+        for key, where in groups(series):
             flags[where] = self.anomalies.flags_many(ids[key >> 8], BAR_RTYPES[key & 0xFF], volume[where].tolist())
         return flags
 
@@ -413,13 +413,3 @@ class Normaliser:
         ordinals = np.empty(n, dtype=np.int64)
         ordinals[order] = ordinal_sorted
         return ordinals
-
-
-def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """Each distinct key with the indices that hold it, in order."""
-    if not len(keys):
-        return []
-    uniques, inverse = np.unique(keys, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
-    return list(zip(uniques.tolist(), np.split(order, bounds), strict=True))

@@ -216,6 +216,16 @@ def spans(keys: np.ndarray, times: np.ndarray) -> dict[Any, tuple[datetime, date
     return {key: (utc(lo), utc(hi)) for key, lo, hi in zip(ids.tolist(), first.tolist(), last.tolist(), strict=True)}
 
 
+def groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Each distinct key (integers) with the indices that hold it, in order."""
+    if not len(keys):
+        return []
+    uniques, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+    return list(zip(uniques.tolist(), np.split(order, bounds), strict=True))
+
+
 def bar_keys(cols: BarColumns) -> np.ndarray:
     """(symbol_id, timeframe) of each bar as one sortable array."""
     keys = np.empty(len(cols), dtype=[("symbol_id", "i8"), ("timeframe", "S2")])

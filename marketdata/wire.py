@@ -47,14 +47,38 @@ def bar_json(
     ts: datetime, open_: int, high: int, low: int, close: int, volume: int, anomalies: int, final: bool
 ) -> str:
     """The protocol's BAR object as JSON text."""
+    return bar_data(
+        ts_text(ts), price_text(open_), price_text(high), price_text(low), price_text(close), volume, anomalies, final
+    )
+
+
+def bar_data(ts: str, open_: str, high: str, low: str, close: str, volume: int, anomalies: int, final: bool) -> str:
+    """bar_json with the time and prices already text."""
     flags = ""
     if anomalies:
         flags = ',"anomalies":[' + ",".join(f'"{n}"' for n in anomaly_names(anomalies)) + "]"
     return (
-        f'{{"ts":"{ts_text(ts)}","open":{price_text(open_)},"high":{price_text(high)},'
-        f'"low":{price_text(low)},"close":{price_text(close)},"volume":{volume},'
+        f'{{"ts":"{ts}","open":{open_},"high":{high},"low":{low},"close":{close},"volume":{volume},'
         f'"final":{"true" if final else "false"}{flags}}}'
     )
+
+
+def bar_datas(
+    ts: np.ndarray, open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, volume: np.ndarray,
+    anomalies: np.ndarray, final: bool,
+) -> list[str]:  # fmt: skip
+    """bar_json of each of arrays of bars (times in Unix microseconds), each distinct time and price made text once."""
+    n = len(ts)
+    prices, where = np.unique(np.concatenate((open_, high, low, close)), return_inverse=True)
+    price_texts = np.array([price_text(p) for p in prices.tolist()], dtype=object)[where]
+    times, when = np.unique(ts, return_inverse=True)
+    time_of = np.array(time_texts(times), dtype=object)[when]
+    rows = zip(
+        time_of.tolist(), price_texts[:n].tolist(), price_texts[n : 2 * n].tolist(),
+        price_texts[2 * n : 3 * n].tolist(), price_texts[3 * n :].tolist(), volume.tolist(), anomalies.tolist(),
+        strict=True,
+    )  # fmt: skip
+    return [bar_data(t, o, h, lo, c, v, a, final) for t, o, h, lo, c, v, a in rows]
 
 
 def trade_json(ts: datetime, price: int, size: int, side: str) -> str:

@@ -12,14 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from operator import itemgetter
 from typing import NamedTuple
 
+import numpy as np
+
+from marketdata.columns import BarColumns, groups, micros, utc
 from marketdata.services import BarIn
 from marketdata.timeframes import (
     DURATIONS,
     OHLCV,
+    ORIGIN,
     SERVED_TIMEFRAMES,
     STORED_TIMEFRAMES,
     bucket_start,
@@ -32,6 +36,7 @@ _ORDER = {tf: i for i, tf in enumerate(SERVED_TIMEFRAMES)}
 # NamedTuples made positionally without their Python-level __new__ (this runs per piece).
 _new = tuple.__new__
 _MICROSECOND = timedelta(microseconds=1)  # the store's resolution: [start, upto] as a half-open range
+_ORIGIN_US = micros(ORIGIN)
 
 
 @cache  # a handful of stored timeframes
@@ -108,6 +113,32 @@ def _first_pieces(bars: list[BarIn], tf: str) -> list[_Piece]:
     return out
 
 
+def _first_pieces_columns(bars: BarColumns, members: np.ndarray, tf: str) -> list[_Piece]:
+    """``_first_pieces`` of the bars at ``members`` (in time order), made by array operations."""
+    ts = bars.ts[members]
+    stride = DURATIONS[tf] // _MICROSECOND
+    starts = ts - (ts - _ORIGIN_US) % stride
+    firsts = np.concatenate(([0], np.flatnonzero(np.diff(starts)) + 1))
+    lasts = np.concatenate((firsts[1:] - 1, [len(ts) - 1]))
+    at_firsts = members[firsts]
+    values = zip(
+        starts[firsts].tolist(),
+        bars.open[at_firsts].tolist(),
+        np.maximum.reduceat(bars.high[members], firsts).tolist(),
+        np.minimum.reduceat(bars.low[members], firsts).tolist(),
+        bars.close[members[lasts]].tolist(),
+        np.add.reduceat(bars.volume[members], firsts).tolist(),
+        np.bitwise_or.reduceat(bars.anomalies[members], firsts).tolist(),
+        ts[firsts].tolist(),
+        ts[lasts].tolist(),
+        strict=True,
+    )
+    return [
+        _new(_Piece, (_new(OHLCV, (utc(start), o, h, low, c, v, a, 0)), utc(first), utc(last)))
+        for start, o, h, low, c, v, a, first, last in values
+    ]
+
+
 _BAR_ORDER = itemgetter(2, 3)  # BarIn (ts, publisher_id): the order "first" and "last" follow
 
 
@@ -138,14 +169,41 @@ class Deriver:
             members.setdefault(bar.symbol_id, []).append(bar)
         out: dict[tuple[int, str, datetime], Derived] = {}
         for symbol_id, base_bars in members.items():
-            base = finest_of[symbol_id]
             base_bars.sort(key=_BAR_ORDER)
-            items: list[_Piece] = []
-            for level, tf in enumerate(targets(base)):
-                items = _first_pieces(base_bars, tf) if level == 0 else _pieces(items, tf)
-                for piece in items:
-                    self._merge(symbol_id, base, tf, piece, out)
+            self._derive(symbol_id, finest_of[symbol_id], partial(_first_pieces, base_bars), out)
         return list(out.values())
+
+    def add_columns(self, bars: BarColumns) -> list[Derived]:
+        """``add`` of bars as columns: the same messages, the first level of each symbol's pieces
+        made by array operations (``_first_pieces_columns``)."""
+        out: dict[tuple[int, str, datetime], Derived] = {}
+        tfs, tf_index = np.unique(bars.timeframe, return_inverse=True)
+        codes = np.array([_ORDER.get(tf, -1) for tf in tfs.astype("U3").tolist()])[tf_index]
+        by_symbol = sorted(groups(bars.symbol_id), key=lambda group: int(group[1][0]))  # first seen first, as add
+        for symbol_id, where in by_symbol:
+            finest = self.finest.get(symbol_id)
+            mine = codes[where]
+            code = int(mine[0])
+            volume = bars.volume[where]
+            wide = len(volume) and int(volume.max()) > (2**63 - 1) // len(volume)  # a sum past int64
+            if wide or code < 0 or bool((mine != code).any()) or (finest is not None and _ORDER[finest] != code):
+                # Timeframes mixed or changing: add's own rule, one bar at a time (rare).
+                for d in self.add([BarIn(*bars.row(int(i))) for i in where]):
+                    out[(d.symbol_id, d.tf, d.bar.ts)] = d
+                continue
+            base = SERVED_TIMEFRAMES[code]
+            self.finest[symbol_id] = base
+            members = where[np.lexsort((bars.publisher_id[where], bars.ts[where]))]  # by (ts, publisher), stable
+            self._derive(symbol_id, base, partial(_first_pieces_columns, bars, members), out)
+        return list(out.values())
+
+    def _derive(self, symbol_id: int, base: str, first_pieces: Callable[[str], list[_Piece]], out: dict) -> None:
+        """Merge each target timeframe's pieces: the first from the base bars, each next from the one before."""
+        items: list[_Piece] = []
+        for level, tf in enumerate(targets(base)):
+            items = first_pieces(tf) if level == 0 else _pieces(items, tf)
+            for piece in items:
+                self._merge(symbol_id, base, tf, piece, out)
 
     def _merge(self, symbol_id: int, base: str, tf: str, piece: _Piece, out: dict) -> None:
         key = (symbol_id, tf)

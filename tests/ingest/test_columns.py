@@ -17,11 +17,11 @@ from ingest.pipeline import Pipeline, run_replay
 from ingest.publishing import TradeMessages, trades_out
 from ingest.records import Normaliser, Stats
 from ingest.symbology import Resolver
-from marketdata.columns import TradeColumns, columns_of, concat
+from marketdata.columns import TradeColumns, columns_of, concat, utc
 from marketdata.errors import ValidationError
 from marketdata.models import Symbol, Trade
 from marketdata.services import UNDEF_PRICE, BarIn, TradeIn, trades_insert
-from marketdata.wire import time_text, time_texts, trade_json
+from marketdata.wire import bar_datas, bar_json, time_text, time_texts, trade_json
 
 from .dbnfile import NS, P, metadata
 from .test_replay import SAMPLE_FILES, _expected, _stored
@@ -273,3 +273,27 @@ def test_a_pipeline_keeps_the_order_of_columns_rows_and_symbology_between_them()
     )
     assert stats.written == 302
     assert not stats.skipped
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-2_208_988_800_000_000, 7_258_118_400_000_000),
+            st.integers(-(10**12), 10**12),
+            st.integers(0, 10**6),
+            st.sampled_from([0, 1, 2, 3]),
+        ),
+        max_size=40,
+    ),
+    st.booleans(),
+)
+def test_bar_texts_made_per_batch_equal_bar_json(bars, final):
+    ts = np.array([b[0] - b[0] % 60_000_000 for b in bars], dtype=np.int64)  # minutes repeat across bars
+    prices = np.array([b[1] for b in bars], dtype=np.int64)
+    volume = np.array([b[2] for b in bars], dtype=np.int64)
+    anomalies = np.array([b[3] for b in bars], dtype=np.int64)
+    expected = [
+        bar_json(utc(t), p, p + 1, p - 1, p, v, a, final)
+        for t, p, v, a in zip(ts.tolist(), prices.tolist(), volume.tolist(), anomalies.tolist(), strict=True)
+    ]
+    assert bar_datas(ts, prices, prices + 1, prices - 1, prices, volume, anomalies, final) == expected

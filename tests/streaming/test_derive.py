@@ -58,3 +58,53 @@ def test_latest_state_per_bucket_equals_resampling_everything(raw, cuts, ahead):
         assert [bar for _, bar in got] == expected, tf
         finals = [latest[(tf, b.ts)][1] for b in expected]
         assert finals == [True] * (len(expected) - 1) + [False], tf  # only the last bucket is still forming
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    raw=st.lists(
+        st.tuples(
+            st.integers(1, 3),  # symbol
+            st.sampled_from(["1s", "1s", "1s", "1m", "1h"]),  # mostly one base, sometimes a coarser or finer one
+            st.integers(0, 3 * 3600),  # seconds after T0, in any order
+            st.integers(1, 2),  # publisher
+            st.integers(2, 500),  # close
+            st.sampled_from([0, 1, 100, 10**6]),  # volume
+            st.sampled_from([0, 0, 1, 2]),  # anomaly bits
+        ),
+        max_size=120,
+    ),
+    cuts=st.lists(st.integers(1, 119), max_size=5),
+    one_base=st.booleans(),
+)
+def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base):
+    from marketdata.columns import BarColumns, columns_of
+
+    bars = [
+        BarIn(symbol, tf, T0 + timedelta(seconds=offset), publisher, close * P, (close + 2) * P, (close - 1) * P,
+              close * P, volume, anomalies)
+        for symbol, tf, offset, publisher, close, volume, anomalies in raw
+    ]  # fmt: skip
+    if one_base:  # the common case: every bar of the base timeframe (the columns' own path)
+        bars = [b._replace(timeframe="1s") for b in bars]
+    stored: list[BarIn] = []
+
+    def load(symbol_id, base, start, end):
+        return [
+            OHLCV(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.publisher_id)
+            for b in stored
+            if b.symbol_id == symbol_id and b.timeframe == base and start <= b.ts < end
+        ]
+
+    rows, columns = Deriver(load=load), Deriver(load=load)
+    edges = [0, *sorted({c for c in cuts if c < len(bars)}), len(bars)]
+    for lo, hi in pairwise(edges):
+        stored.extend(bars[lo:hi])
+        expected = sorted((d.symbol_id, d.tf, d.bar.ts, d.bar, d.final) for d in rows.add(bars[lo:hi]))
+        got = sorted(
+            (d.symbol_id, d.tf, d.bar.ts, d.bar, d.final)
+            for d in columns.add_columns(columns_of(BarColumns, bars[lo:hi]))
+        )
+        assert got == expected
+    assert columns.finest == rows.finest
+    assert columns.forming == rows.forming
