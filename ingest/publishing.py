@@ -42,7 +42,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 
 from marketdata.columns import BarColumns, TradeColumns, concat, groups, utc
 from marketdata.services import BarIn
-from marketdata.wire import bar_datas, bar_json, time_texts, trade_data
+from marketdata.wire import bar_datas, time_texts, trade_data
 from streaming.derive import Deriver, load_stored
 from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
@@ -151,19 +151,20 @@ class PublishWork:
         groups: dict[tuple[str, str], list[str]] = {}
         streams = self._bar_streams
         for cols in parts:
-            texts = np.array(
+            written = np.array(
                 bar_datas(cols.ts, cols.open, cols.high, cols.low, cols.close, cols.volume, cols.anomalies, True),
                 dtype=object,
             )
             for (symbol_id, tf), where in stream_groups(cols.symbol_id, cols.timeframe):
                 key = streams.get((tf, symbol_id)) or self._bar_stream(tf, symbol_id)
-                groups.setdefault(key, []).extend(texts[where].tolist())
-        for d in self.deriver.add_columns(concat(parts)):
-            bar = d.bar
-            key = streams.get((d.tf, d.symbol_id)) or self._bar_stream(d.tf, d.symbol_id)
-            groups.setdefault(key, []).append(
-                bar_json(bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, d.final)
-            )
+                groups.setdefault(key, []).extend(written[where].tolist())
+        derived = self.deriver.add_columns(concat(parts))
+        texts = bar_datas(*derived[1:])
+        at = 0
+        for symbol_id, tf, count in derived.streams:
+            key = streams.get((tf, symbol_id)) or self._bar_stream(tf, symbol_id)
+            groups.setdefault(key, []).extend(texts[at : at + count])
+            at += count
         return groups
 
     def _bar_stream(self, tf: str, symbol_id: int) -> tuple[str, str]:

@@ -65,9 +65,10 @@ def bar_data(ts: str, open_: str, high: str, low: str, close: str, volume: int, 
 
 def bar_datas(
     ts: np.ndarray, open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, volume: np.ndarray,
-    anomalies: np.ndarray, final: bool,
+    anomalies: np.ndarray, final: bool | np.ndarray,
 ) -> list[str]:  # fmt: skip
-    """bar_json of each of arrays of bars (times in Unix microseconds), each distinct time and price made text once."""
+    """bar_json of each of arrays of bars (times in Unix microseconds; ``final`` one for all or
+    one a bar), each distinct time and price made text once."""
     n = len(ts)
     prices, where = np.unique(np.concatenate((open_, high, low, close)), return_inverse=True)
     price_texts = np.array([price_text(p) for p in prices.tolist()], dtype=object)[where]
@@ -76,9 +77,9 @@ def bar_datas(
     rows = zip(
         time_of.tolist(), price_texts[:n].tolist(), price_texts[n : 2 * n].tolist(),
         price_texts[2 * n : 3 * n].tolist(), price_texts[3 * n :].tolist(), volume.tolist(), anomalies.tolist(),
-        strict=True,
+        np.broadcast_to(final, n).tolist(), strict=True,
     )  # fmt: skip
-    return [bar_data(t, o, h, lo, c, v, a, final) for t, o, h, lo, c, v, a in rows]
+    return [bar_data(t, o, h, lo, c, v, a, f) for t, o, h, lo, c, v, a, f in rows]
 
 
 def trade_json(ts: datetime, price: int, size: int, side: str) -> str:

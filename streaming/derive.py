@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from marketdata.columns import BarColumns, groups, micros, utc
+from marketdata.columns import BarColumns, micros, utc
 from marketdata.services import BarIn
 from marketdata.timeframes import (
     DURATIONS,
@@ -113,30 +113,42 @@ def _first_pieces(bars: list[BarIn], tf: str) -> list[_Piece]:
     return out
 
 
-def _first_pieces_columns(bars: BarColumns, members: np.ndarray, tf: str) -> list[_Piece]:
-    """``_first_pieces`` of the bars at ``members`` (in time order), made by array operations."""
-    ts = bars.ts[members]
-    stride = DURATIONS[tf] // _MICROSECOND
-    starts = ts - (ts - _ORIGIN_US) % stride
-    firsts = np.concatenate(([0], np.flatnonzero(np.diff(starts)) + 1))
-    lasts = np.concatenate((firsts[1:] - 1, [len(ts) - 1]))
-    at_firsts = members[firsts]
-    values = zip(
-        starts[firsts].tolist(),
-        bars.open[at_firsts].tolist(),
-        np.maximum.reduceat(bars.high[members], firsts).tolist(),
-        np.minimum.reduceat(bars.low[members], firsts).tolist(),
-        bars.close[members[lasts]].tolist(),
-        np.add.reduceat(bars.volume[members], firsts).tolist(),
-        np.bitwise_or.reduceat(bars.anomalies[members], firsts).tolist(),
-        ts[firsts].tolist(),
-        ts[lasts].tolist(),
-        strict=True,
-    )
+FIELDS = ("ts", "open", "high", "low", "close", "volume", "anomalies")  # a derived bar's values, in order
+Raw = tuple[int, int, int, int, int, int, int, int]  # a bucket being formed: start, values, last member (us)
+
+
+class DerivedBars(NamedTuple):
+    """Derived bars of a batch as arrays (times in microseconds), stream after stream: ``streams``
+    names each stream's (symbol_id, timeframe) and how many of the rows, in order, are its."""
+
+    streams: list[tuple[int, str, int]]
+    ts: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    anomalies: np.ndarray
+    final: np.ndarray
+
+
+def _as_pieces(starts: list[int], values: list[tuple[int, ...]], first: list[int], last: list[int]) -> list[_Piece]:
+    """Buckets (starts, their OHLCV values, first and last member times) as pieces, for ``_merge``."""
     return [
-        _new(_Piece, (_new(OHLCV, (utc(start), o, h, low, c, v, a, 0)), utc(first), utc(last)))
-        for start, o, h, low, c, v, a, first, last in values
+        _new(_Piece, (_new(OHLCV, (utc(start), *v, 0)), utc(f), utc(la)))
+        for start, v, f, la in zip(starts, values, first, last, strict=True)
     ]
+
+
+def _forming_of(raw: Raw) -> _Forming:
+    return _new(_Forming, (_new(OHLCV, (utc(raw[0]), *raw[1:7], 0)), utc(raw[7])))
+
+
+def _raw_of(state: _Forming | Raw) -> Raw:
+    if not isinstance(state, _Forming):
+        return state
+    bar, last = state
+    return (micros(bar.ts), bar.open, bar.high, bar.low, bar.close, bar.volume, bar.anomalies, micros(last))
 
 
 _BAR_ORDER = itemgetter(2, 3)  # BarIn (ts, publisher_id): the order "first" and "last" follow
@@ -173,29 +185,132 @@ class Deriver:
             self._derive(symbol_id, finest_of[symbol_id], partial(_first_pieces, base_bars), out)
         return list(out.values())
 
-    def add_columns(self, bars: BarColumns) -> list[Derived]:
-        """``add`` of bars as columns: the same messages, the first level of each symbol's pieces
-        made by array operations (``_first_pieces_columns``)."""
-        out: dict[tuple[int, str, datetime], Derived] = {}
+    def state(self, symbol_id: int, tf: str) -> Raw | None:
+        """The bucket being formed of a stream, as plain numbers (however it is kept)."""
+        state = self.forming.get((symbol_id, tf))
+        return None if state is None else _raw_of(state)
+
+    def add_columns(self, bars: BarColumns) -> DerivedBars:
+        """``add`` of bars as columns: the same messages, as arrays, stream after stream.
+
+        All symbols at once: the bars sorted by (symbol, ts, publisher), then for each target
+        timeframe every symbol's buckets are folded from the base bars in one pass (the
+        aggregation is associative, so this equals building each level from the one below).
+        In the common case a stream goes on from the bucket being formed (its first bucket is
+        that one, with no bar back in time, or a later one): the first bucket is merged with
+        the state, every bucket but the last is final, and the state kept as plain numbers.
+        Anything else (a stream's first sight, a correction, a late bar, a symbol whose
+        timeframes are mixed or change within the batch) takes ``add``'s own rule.
+        """
+        parts: list[DerivedBars] = []
+        n = len(bars)
+        order = np.lexsort((bars.publisher_id, bars.ts, bars.symbol_id))
+        sym = bars.symbol_id[order]
+        sym_first = np.concatenate(([0], np.flatnonzero(np.diff(sym)) + 1)) if n else np.zeros(0, dtype=np.int64)
+        counts = np.diff(np.append(sym_first, n))
         tfs, tf_index = np.unique(bars.timeframe, return_inverse=True)
-        codes = np.array([_ORDER.get(tf, -1) for tf in tfs.astype("U3").tolist()])[tf_index]
-        by_symbol = sorted(groups(bars.symbol_id), key=lambda group: int(group[1][0]))  # first seen first, as add
-        for symbol_id, where in by_symbol:
+        codes = np.array([_ORDER.get(tf, -1) for tf in tfs.astype("U3").tolist()], dtype=np.int64)[tf_index][order]
+        lowest = np.minimum.reduceat(codes, sym_first) if n else codes
+        highest = np.maximum.reduceat(codes, sym_first) if n else codes
+        loudest = np.maximum.reduceat(bars.volume[order], sym_first) if n else codes
+        symbols = sym[sym_first].tolist()
+        fast = np.zeros(len(symbols), dtype=bool)
+        slow: list[Derived] = []
+        per_symbol = zip(symbols, lowest.tolist(), highest.tolist(), loudest.tolist(), counts.tolist(), strict=True)
+        for k, (symbol_id, code, top, volume, count) in enumerate(per_symbol):
             finest = self.finest.get(symbol_id)
-            mine = codes[where]
-            code = int(mine[0])
-            volume = bars.volume[where]
-            wide = len(volume) and int(volume.max()) > (2**63 - 1) // len(volume)  # a sum past int64
-            if wide or code < 0 or bool((mine != code).any()) or (finest is not None and _ORDER[finest] != code):
-                # Timeframes mixed or changing: add's own rule, one bar at a time (rare).
-                for d in self.add([BarIn(*bars.row(int(i))) for i in where]):
-                    out[(d.symbol_id, d.tf, d.bar.ts)] = d
-                continue
-            base = SERVED_TIMEFRAMES[code]
-            self.finest[symbol_id] = base
-            members = where[np.lexsort((bars.publisher_id[where], bars.ts[where]))]  # by (ts, publisher), stable
-            self._derive(symbol_id, base, partial(_first_pieces_columns, bars, members), out)
-        return list(out.values())
+            if code >= 0 and code == top and volume <= 2**62 // count and finest in (None, SERVED_TIMEFRAMES[code]):
+                fast[k] = True
+                self.finest[symbol_id] = SERVED_TIMEFRAMES[code]
+            else:  # timeframes mixed or changing (or sums past int64): add's own rule, bar by bar, in order
+                rows = np.flatnonzero(bars.symbol_id == symbol_id)
+                slow += self.add([BarIn(*bars.row(int(i))) for i in rows])
+        symbol_of = np.repeat(np.arange(len(symbols)), counts)
+        taken = np.flatnonzero(fast[symbol_of])
+        if len(taken):
+            rows = order[taken]
+            owner = symbol_of[taken]
+            values = [bars.ts[rows], bars.open[rows], bars.high[rows], bars.low[rows], bars.close[rows],
+                      bars.volume[rows], bars.anomalies[rows]]  # fmt: skip
+            base_codes = lowest[owner]
+            for code in np.unique(base_codes).tolist():
+                mine = base_codes == code
+                base = SERVED_TIMEFRAMES[code]
+                for tf in targets(base):
+                    parts.append(self._fold(symbols, base, tf, owner[mine], [v[mine] for v in values], slow))
+        if slow:
+            parts += _bars_of(slow)
+        return _joined(parts)
+
+    def _fold(
+        self, symbols: list[int], base: str, tf: str, owner: np.ndarray, values: list[np.ndarray], slow: list[Derived]
+    ) -> DerivedBars:
+        """One target timeframe for bars sorted by (owner, ts, publisher): ``values`` are their
+        FIELDS, ``owner`` indexes ``symbols``. Streams not in the common case are merged piece
+        by piece, their messages added to ``slow``."""
+        ts, open_, high, low, close, volume, anomalies = values
+        m = len(ts)
+        starts = ts - (ts - _ORIGIN_US) % (DURATIONS[tf] // _MICROSECOND)
+        begins = np.ones(m, dtype=bool)
+        begins[1:] = (starts[1:] != starts[:-1]) | (owner[1:] != owner[:-1])
+        firsts = np.flatnonzero(begins)
+        lasts = np.append(firsts[1:] - 1, m - 1)
+        b = [
+            starts[firsts], open_[firsts], np.maximum.reduceat(high, firsts), np.minimum.reduceat(low, firsts),
+            close[lasts], np.add.reduceat(volume, firsts), np.bitwise_or.reduceat(anomalies, firsts),
+        ]  # fmt: skip
+        first_ts, last_ts, b_owner = ts[firsts], ts[lasts], owner[firsts]
+        k = len(firsts)
+        opens = np.ones(k, dtype=bool)
+        opens[1:] = b_owner[1:] != b_owner[:-1]
+        g_first = np.flatnonzero(opens)
+        g_last = np.append(g_first[1:] - 1, k - 1)
+        g_symbols = [symbols[i] for i in b_owner[g_first].tolist()]
+        states = [self.state(symbol_id, tf) for symbol_id in g_symbols]
+        known = np.array([s is not None for s in states], dtype=bool)
+        held = np.array([s or (0,) * 8 for s in states], dtype=np.int64).reshape(len(states), 8)
+        begun, formed_to = held[:, 0], held[:, 7]
+        start0 = b[0][g_first]
+        odd = ~known | (start0 < begun) | ((start0 == begun) & (first_ts[g_first] <= formed_to))
+        same = ~odd & (start0 == begun)
+        later = ~odd & (start0 > begun)
+        at = g_first[same]  # the batch goes on with the bucket being formed: merged with it
+        b[1][at] = held[same, 1]
+        b[2][at] = np.maximum(b[2][at], held[same, 2])
+        b[3][at] = np.minimum(b[3][at], held[same, 3])
+        b[5][at] += held[same, 5]
+        b[6][at] |= held[same, 6]
+        final = np.ones(k, dtype=bool)
+        final[g_last] = False
+        group = np.repeat(np.arange(len(g_first)), g_last - g_first + 1)
+        for g in np.flatnonzero(odd).tolist():  # the rule one piece at a time
+            span = slice(int(g_first[g]), int(g_last[g]) + 1)
+            out: dict[tuple[int, str, datetime], Derived] = {}
+            bucket_values: list[tuple[int, ...]] = list(zip(*(v[span].tolist() for v in b[1:]), strict=True))
+            pieces = _as_pieces(b[0][span].tolist(), bucket_values, first_ts[span].tolist(), last_ts[span].tolist())
+            for piece in pieces:
+                self._merge(g_symbols[g], base, tf, piece, out)
+            slow += out.values()
+        for g, raw in zip(
+            np.flatnonzero(~odd).tolist(),
+            np.column_stack([v[g_last[~odd]] for v in b] + [last_ts[g_last[~odd]]]).tolist(),
+            strict=True,
+        ):
+            self.forming[(g_symbols[g], tf)] = tuple(raw)  # type: ignore[assignment]
+        # A later bucket begins: the one being formed goes out final, before the batch's.
+        where = g_first[later]
+        b = [np.insert(v, where, held[later, i]) for i, v in enumerate(b)]
+        final = np.insert(final, where, True)
+        group = np.insert(group, where, np.flatnonzero(later))
+        keep = ~odd[group]
+        streams = [
+            (g_symbols[g], tf, int(size))
+            for g, size in zip(
+                np.flatnonzero(~odd).tolist(), (g_last - g_first + 1 + later)[~odd].tolist(), strict=True
+            )
+        ]
+        ts, open_, high, low, close, volume, anomalies = (v[keep] for v in b)
+        return DerivedBars(streams, ts, open_, high, low, close, volume, anomalies, final[keep])
 
     def _derive(self, symbol_id: int, base: str, first_pieces: Callable[[str], list[_Piece]], out: dict) -> None:
         """Merge each target timeframe's pieces: the first from the base bars, each next from the one before."""
@@ -209,6 +324,8 @@ class Deriver:
         key = (symbol_id, tf)
         start = piece.bar.ts
         state = self.forming.get(key)
+        if type(state) is tuple:  # kept as plain numbers by add_columns
+            state = _forming_of(state)  # type: ignore[arg-type]
         if state is None or (start == state.bar.ts and piece.first_ts <= state.last_ts):
             # First sight of this stream, or a correction inside the bucket: rebuild it from the
             # store, which already holds this committed batch. Only up to what this batch and
@@ -239,3 +356,29 @@ def load_stored(symbol_id: int, base: str, start: datetime, end: datetime) -> li
         "ts", "open", "high", "low", "close", "volume", "anomalies", "publisher_id"
     )
     return [OHLCV(*row) for row in rows]
+
+
+def _bars_of(derived: list[Derived]) -> list[DerivedBars]:
+    """Derived bars (objects) as DerivedBars, one stream after another in their order."""
+    streams: dict[tuple[int, str], list[Derived]] = {}
+    for d in derived:
+        streams.setdefault((d.symbol_id, d.tf), []).append(d)
+    ordered = [d for ds in streams.values() for d in ds]
+    rows = [(micros(d.bar.ts), *d.bar[1:7]) for d in ordered]
+    ts, open_, high, low, close, volume, anomalies = (np.array(v, dtype=np.int64) for v in zip(*rows, strict=True))
+    final = np.array([d.final for d in ordered], dtype=bool)
+    counts = [(symbol_id, tf, len(ds)) for (symbol_id, tf), ds in streams.items()]
+    return [DerivedBars(counts, ts, open_, high, low, close, volume, anomalies, final)]
+
+
+def _joined(parts: list[DerivedBars]) -> DerivedBars:
+    """DerivedBars one after another, as one."""
+    if not parts:
+        nothing = np.zeros(0, dtype=np.int64)
+        return DerivedBars([], nothing, nothing, nothing, nothing, nothing, nothing, nothing, nothing.astype(bool))
+    ts, open_, high, low, close, volume, anomalies, final = (
+        np.concatenate([getattr(p, name) for p in parts]) for name in (*FIELDS, "final")
+    )
+    return DerivedBars(
+        [stream for part in parts for stream in part.streams], ts, open_, high, low, close, volume, anomalies, final
+    )

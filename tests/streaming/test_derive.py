@@ -76,9 +76,10 @@ def test_latest_state_per_bucket_equals_resampling_everything(raw, cuts, ahead):
     ),
     cuts=st.lists(st.integers(1, 119), max_size=5),
     one_base=st.booleans(),
+    in_order=st.booleans(),
 )
-def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base):
-    from marketdata.columns import BarColumns, columns_of
+def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base, in_order):
+    from marketdata.columns import BarColumns, columns_of, micros
 
     bars = [
         BarIn(symbol, tf, T0 + timedelta(seconds=offset), publisher, close * P, (close + 2) * P, (close - 1) * P,
@@ -87,6 +88,8 @@ def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base):
     ]  # fmt: skip
     if one_base:  # the common case: every bar of the base timeframe (the columns' own path)
         bars = [b._replace(timeframe="1s") for b in bars]
+    if in_order:  # as a feed sends them: each batch goes on from the one before
+        bars.sort(key=lambda b: (b.ts, b.publisher_id))
     stored: list[BarIn] = []
 
     def load(symbol_id, base, start, end):
@@ -100,11 +103,16 @@ def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base):
     edges = [0, *sorted({c for c in cuts if c < len(bars)}), len(bars)]
     for lo, hi in pairwise(edges):
         stored.extend(bars[lo:hi])
-        expected = sorted((d.symbol_id, d.tf, d.bar.ts, d.bar, d.final) for d in rows.add(bars[lo:hi]))
-        got = sorted(
-            (d.symbol_id, d.tf, d.bar.ts, d.bar, d.final)
-            for d in columns.add_columns(columns_of(BarColumns, bars[lo:hi]))
-        )
-        assert got == expected
+        expected = [(d.symbol_id, d.tf, micros(d.bar.ts), *d.bar[1:7], d.final) for d in rows.add(bars[lo:hi])]
+        derived = columns.add_columns(columns_of(BarColumns, bars[lo:hi]))
+        rows_of = list(zip(*(a.tolist() for a in derived[1:]), strict=True))
+        got, at = [], 0
+        for symbol_id, tf, count in derived.streams:
+            mine = rows_of[at : at + count]
+            at += count
+            got += [(symbol_id, tf, *values) for values in mine]
+            assert [values[0] for values in mine] == sorted(values[0] for values in mine)  # in time order
+        assert at == len(rows_of)
+        assert sorted(got) == sorted(expected)
     assert columns.finest == rows.finest
-    assert columns.forming == rows.forming
+    assert {key: columns.state(*key) for key in columns.forming} == {key: rows.state(*key) for key in rows.forming}
