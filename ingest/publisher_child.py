@@ -38,12 +38,13 @@ def child_main(
         django.setup()
         from ops.runtime import interpreter_tune
 
-        from .publishing import PARENT_CHECK_S, STOP, PublishWork, log, with_backlog
+        from .publishing import LINGER_S, PARENT_CHECK_S, STOP, PublishWork, log, with_backlog
 
         interpreter_tune()
         parent = multiprocessing.parent_process()
         work = PublishWork(run_id, closing=closing.is_set, warn=lambda what: reports.put(("warning", what)))
         reports.put(("ready",))
+        behind = False
         while True:
             try:
                 job = jobs.get(timeout=PARENT_CHECK_S)
@@ -55,11 +56,12 @@ def child_main(
             if job == STOP:
                 reports.put(("done",))
                 return
-            job, stop = with_backlog(job, jobs)
+            job, stop = with_backlog(job, jobs, LINGER_S if behind else 0.0)
             work.handle(*job)
             if stop:
                 reports.put(("done",))
                 return
+            behind = jobs.qsize() > 0  # batches came in meanwhile
     except BaseException as exc:
         traceback.print_exc()  # stderr: logging may not be set up yet
         reports.put(("failed", type(exc).__name__, str(exc)))

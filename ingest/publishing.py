@@ -80,6 +80,7 @@ Job = tuple[list[BarColumns], list[TradeOut], dict[int, str]]  # bars and trades
 # records: a stream's costs per publish (its entry in the transaction, its derived and forming
 # bars) are paid once for all of them. Live, the queue is empty and each batch goes alone.
 MERGE_RECORDS = 10_000
+LINGER_S = 0.02  # how long a publisher behind waits for more batches to publish as one (with_backlog)
 
 
 class PublisherFailedError(RuntimeError):
@@ -234,7 +235,7 @@ class TradeMessages:
         return groups
 
 
-def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
+def with_backlog(job: Job, jobs: Any, linger_s: float = 0.0) -> tuple[Job, bool]:
     """``job`` and the jobs queued behind it as one, up to MERGE_RECORDS; True if STOP came after them.
 
     ``jobs`` is the host's queue (``queue.Queue`` or ``multiprocessing.Queue``). Its size
@@ -243,14 +244,23 @@ def with_backlog(job: Job, jobs: Any) -> tuple[Job, bool]:
     job is almost never readable yet when the child asks. Bars keep their commit order
     (the deriver needs each stream's in time order) and each trade stream its messages in
     order: the same messages, fewer publishes.
+
+    With ``linger_s`` (the host passes LINGER_S when jobs came in while it published the
+    last: it is behind a fast source), it also waits that long at most for jobs still to
+    come. A publish costs mostly per stream (each batch of 50 symbols' 1m bars touches 350
+    streams), so gathering more batches into one is what lets the publisher keep up.
     """
     bars, trades, tickers = job
     count = sum(len(part) for part in bars) + sum(len(part[0]) for part in trades)
     merged = False
-    while count < MERGE_RECORDS and jobs.qsize() > 0:
+    deadline = time.monotonic() + linger_s
+    while count < MERGE_RECORDS:
+        wait = PARENT_CHECK_S if jobs.qsize() > 0 else deadline - time.monotonic()
+        if wait <= 0:
+            break
         try:  # queued, so it comes at once (it may still be on its way through the pipe)
-            more = jobs.get(timeout=PARENT_CHECK_S)
-        except queue.Empty:  # a parent that died mid-send: the caller's loop notices
+            more = jobs.get(timeout=wait)
+        except queue.Empty:  # none came in time, or a parent that died mid-send: the caller's loop notices
             break
         if more == STOP:
             return (bars, trades, tickers), True
@@ -283,15 +293,17 @@ class ThreadHost:
 
     def _loop(self) -> None:
         work = PublishWork(self._run_id, closing=self._closing, warn=self._warn)
+        behind = False
         try:
             while True:
                 job = self._jobs.get()
                 if job == STOP:
                     return
-                job, stop = with_backlog(job, self._jobs)
+                job, stop = with_backlog(job, self._jobs, LINGER_S if behind else 0.0)
                 work.handle(*job)
                 if stop:
                     return
+                behind = self._jobs.qsize() > 0  # batches came in meanwhile
         except BaseException as exc:  # the source and the writer must learn of it
             log.exception("ingest publisher failed")
             self._failed(exc)

@@ -188,7 +188,7 @@ def first_invalid(cols: Columns) -> int | None:
         bad = (cols.price == UNDEF_PRICE) | (cols.size == UNDEF_PRICE) | ~np.isin(cols.side, SIDES)
     else:
         assert isinstance(cols, BarColumns)
-        bad = ~np.isin(cols.timeframe, STORED) | (cols.low > cols.high)
+        bad = ~np.isin(timeframe_codes(cols.timeframe), _STORED_CODES) | (cols.low > cols.high)
         for values in (cols.open, cols.high, cols.close, cols.volume):
             bad |= values == UNDEF_PRICE
     for name, (lo, hi, _) in _NARROW[type(cols)].items():
@@ -206,14 +206,18 @@ def narrow_check(cols: Columns, i: int) -> None:
             raise ValidationError(ERR_OUT_OF_COLUMN.format(field=name, value=value, bits=bits), field=name)
 
 
-def spans(keys: np.ndarray, times: np.ndarray) -> dict[Any, tuple[datetime, datetime]]:
-    """Each key's first and last time (``keys`` any array np.unique sorts; times in microseconds)."""
-    ids, inverse = np.unique(keys, return_inverse=True)
-    first = np.full(len(ids), np.iinfo(np.int64).max)
-    last = np.full(len(ids), np.iinfo(np.int64).min)
-    np.minimum.at(first, inverse, times)
-    np.maximum.at(last, inverse, times)
-    return {key: (utc(lo), utc(hi)) for key, lo, hi in zip(ids.tolist(), first.tolist(), last.tolist(), strict=True)}
+def spans(keys: np.ndarray, times: np.ndarray) -> dict[int, tuple[datetime, datetime]]:
+    """Each key's first and last time (integer keys; times in microseconds)."""
+    if not len(keys):
+        return {}
+    order = np.lexsort((times, keys))  # by key, then time: a key's first and last time bound its run
+    keys, times = keys[order], times[order]
+    firsts = np.concatenate(([0], np.flatnonzero(np.diff(keys)) + 1))
+    lasts = np.append(firsts[1:] - 1, len(keys) - 1)
+    return {
+        key: (utc(lo), utc(hi))
+        for key, lo, hi in zip(keys[firsts].tolist(), times[firsts].tolist(), times[lasts].tolist(), strict=True)
+    }
 
 
 def groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -226,11 +230,22 @@ def groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return list(zip(uniques.tolist(), np.split(order, bounds), strict=True))
 
 
-def bar_keys(cols: BarColumns) -> np.ndarray:
-    """(symbol_id, timeframe) of each bar as one sortable array."""
-    keys = np.empty(len(cols), dtype=[("symbol_id", "i8"), ("timeframe", "S2")])
-    keys["symbol_id"], keys["timeframe"] = cols.symbol_id, cols.timeframe
-    return keys
+def timeframe_codes(timeframes: np.ndarray) -> np.ndarray:
+    """Two-byte timeframes as integers (their bytes, big-endian): cheap to compare and to sort."""
+    return np.ascontiguousarray(timeframes, dtype="S2").view(">u2").astype(np.int64)
+
+
+def timeframe_of(code: int) -> str:
+    return code.to_bytes(2, "big").decode()
+
+
+_STORED_CODES = timeframe_codes(np.array(STORED, dtype="S2"))
+
+
+def bar_spans(cols: BarColumns) -> dict[tuple[int, str], tuple[datetime, datetime]]:
+    """(symbol_id, timeframe) -> the first and last time of its bars in ``cols``."""
+    keys = (cols.symbol_id << 16) | timeframe_codes(cols.timeframe)
+    return {(key >> 16, timeframe_of(key & 0xFFFF)): span for key, span in spans(keys, cols.ts).items()}
 
 
 def last_per_key(cols: BarColumns) -> BarColumns:

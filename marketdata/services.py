@@ -23,7 +23,7 @@ from .columns import (
     BarColumns,
     C,
     TradeColumns,
-    bar_keys,
+    bar_spans,
     columns_of,
     copy_payload,
     first_invalid,
@@ -308,7 +308,7 @@ def bars_upsert(*, bars: Sequence[BarIn] | BarColumns) -> WriteResult:
         return WriteResult(0, 0, 0)
     started = time.perf_counter()
     cols = bars_checked(bars)
-    key_spans = {(symbol_id, tf.decode()): span for (symbol_id, tf), span in spans(bar_keys(cols), cols.ts).items()}
+    key_spans = bar_spans(cols)
     payload = copy_payload(cols)
     if _append(key_spans, lambda cursor: _copy_payload(cursor, BAR_TABLE, BAR_COLUMNS, payload)):
         result = WriteResult(received=len(cols), inserted=len(cols), updated=0, spans=key_spans)

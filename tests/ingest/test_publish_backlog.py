@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -103,3 +104,24 @@ def test_batches_queued_behind_a_busy_publisher_process_go_out_together_complete
     assert finals == [b.isoformat().replace("+00:00", "Z") for b in buckets[:-1]]
     assert hours[-1]["final"] is False  # the last hour is still forming
     assert hours[-1]["ts"] == buckets[-1].isoformat().replace("+00:00", "Z")
+
+
+def test_a_publisher_behind_lingers_for_the_batches_still_coming() -> None:
+    q: queue.Queue = queue.Queue()
+    later = job(10, 5)
+    threading.Timer(0.05, q.put, [later]).start()
+
+    (bars, _, _), stop = with_backlog(job(0, 10), q, linger_s=2.0)  # behind: waits for what comes
+
+    assert not stop
+    assert sum(map(len, bars)) == 15
+
+
+def test_a_publisher_keeping_up_does_not_wait() -> None:
+    q: queue.Queue = queue.Queue()
+    threading.Timer(0.2, q.put, [job(10, 5)]).start()
+
+    (bars, _, _), _ = with_backlog(job(0, 10), q)
+
+    assert sum(map(len, bars)) == 10  # it did not wait for the job the timer puts
+    assert len(q.get(timeout=5)[0]) == 1
