@@ -549,7 +549,8 @@ def run_feed(
 ) -> Stats:
     """Run one feed (historical or live) through a pipeline under the feed's advisory lock.
 
-    ``records`` yields decoded DBN records, and ``Mappings`` wherever the source learns
+    ``records`` yields decoded DBN records (one by one, or in lists: the historical source's
+    chunks, whose runs go in as columns), and ``Mappings`` wherever the source learns
     symbology (live symbol-mapping records are handled by the normaliser itself). The
     source should watch ``stopping`` and end its iteration when it is set.
     """
@@ -562,6 +563,8 @@ def run_feed(
         for record in records:
             if isinstance(record, Mappings):
                 pipeline.resolver.add_metadata_mappings(record.mappings)
+            elif isinstance(record, list):
+                pipeline.feed_many(record)
             else:
                 pipeline.feed(record)
             if stopping is not None and stopping.is_set():

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
 
 import databento
@@ -45,6 +46,7 @@ from .keys import api_key_get
 log = logging.getLogger(__name__)
 
 SOURCE = "historical"
+CHUNK_RECORDS = 4096  # records handed to the pipeline at once
 # Statuses worth asking again: the request timed out, or the client is being throttled.
 RETRY_STATUSES = frozenset({408, 429})
 # Error causes that mean the window was not fetched to its end.
@@ -202,7 +204,9 @@ def _records(
         try:
             store = databento.DBNStore.from_file(path)
             yield Mappings({ticker: [dict(i) for i in spans] for ticker, spans in store.metadata.mappings.items()})
-            yield from store
+            records = iter(store)
+            while chunk := list(islice(records, CHUNK_RECORDS)):  # in lists: runs of them go in as columns
+                yield chunk
         finally:
             path.unlink(missing_ok=True)
         notes.fetched_until = hi

@@ -106,10 +106,11 @@ def crash_after(monkeypatch, records: int) -> None:
         def cut():
             fed = 0
             for item in source:
-                if not isinstance(item, Mappings):
-                    if fed == records:
+                if not isinstance(item, Mappings):  # a list of records (the source's chunks)
+                    if fed + len(item) > records:
+                        yield item[: records - fed]
                         raise Crash(f"killed after {records} records")
-                    fed += 1
+                    fed += len(item)
                 yield item
 
         return real(records=cut(), **kwargs)
