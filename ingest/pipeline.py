@@ -17,6 +17,7 @@ sent twice replaces itself, a bar never sent would be lost to clients.
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 import time
@@ -57,6 +58,9 @@ BATCH_TRADES = 5000
 FLUSH_SECONDS = 0.05
 QUEUE_MAX = 20_000
 FEED_STATUS_EVERY_S = 1.0
+# Committed batches waiting for their cache bump and hand-off to the publisher (the
+# after-commit thread); beyond this the writer waits.
+AFTER_COMMIT_BATCHES = 2
 FEED_CHUNK = 256
 # A run of at least this many bar or trade records is normalised as columns (marketdata/columns.py);
 # a shorter one (a live feed's record, a run cut by symbology records) one record at a time.
@@ -275,6 +279,12 @@ class Pipeline:
             self._publisher = host(
                 run_id, closing=lambda: self.queue.closed, warn=self._warn, failed=self._publisher_failed
             )
+        # After each commit, its cache bump and hand-off to the publisher, in commit order,
+        # in a thread of their own: the writer goes on with the next batch's COPY meanwhile.
+        self._after: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=AFTER_COMMIT_BATCHES)
+        self._after_failure: BaseException | None = None
+        self._after_thread = threading.Thread(target=self._after_loop, name="ingest-after-commit", daemon=True)
+        self._after_thread.start()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
 
@@ -349,6 +359,7 @@ class Pipeline:
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
                     self._flush(bars, trades)
+                    self._after_drain()
                     self._leaderboards.close()
                     self._publish_stop()
                     self._feed_status_safe()
@@ -383,6 +394,7 @@ class Pipeline:
             log.exception("ingest writer failed")
             self._record_error(exc)
             self.queue.clear()  # unblock a source waiting on a full queue
+            self._after_stop()
             self._publish_stop()
         finally:
             self._leaderboards.close()  # (again after a clean stop: returns at once)
@@ -419,9 +431,7 @@ class Pipeline:
         for symbol_id in changed:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
-        versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
-        # Refreshed in a thread of its own once quiet (readers recompute rows older than their symbol's version).
-        self._leaderboards.changed(changed)
+        self._after_put((changed, since, publish_bars, publish_trades, tracing.current_context()))
         newest = [int(c.ts.max()) for c in (bar_columns,) if c is not None and len(c)]
         newest += [int(c.ts_event.max()) for c in (trade_columns,) if c is not None and len(c)]
         last = utc(max(newest)) if newest else None
@@ -429,8 +439,57 @@ class Pipeline:
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
-        if self._publisher is not None and (publish_bars is not None or publish_trades is not None):
-            self._publish_submit(publish_bars, publish_trades)
+
+    # -- after the commit ----------------------------------------------------------
+
+    def _after_put(self, item: tuple[Any, ...]) -> None:
+        """Hand a committed batch to the after-commit thread (waits while it is behind)."""
+        while True:
+            if self._after_failure is not None:
+                raise RuntimeError("ingest after-commit work failed") from self._after_failure
+            try:
+                self._after.put(item, timeout=PUT_WAIT_S)
+                return
+            except queue.Full:
+                metrics.INGEST_BACKPRESSURE.inc()
+
+    def _after_loop(self) -> None:
+        """Each committed batch in order: bump its symbols' cache versions, then hand it to the publisher."""
+        while True:
+            item = self._after.get()
+            try:
+                if item is None:
+                    return
+                if self._after_failure is not None:
+                    continue  # the run is failing: what was queued is dropped
+                changed, since, bars, trades, trace = item
+                with tracing.continued(trace, "ingest.after_commit"):  # a child of the batch's span
+                    versions_bump(symbol_ids=changed, changed=since)  # at once: the cache must not outlive the commit
+                    # Refreshed in a thread of its own once quiet (readers recompute rows older than
+                    # their symbol's version).
+                    self._leaderboards.changed(changed)
+                    if self._publisher is not None and (bars is not None or trades is not None):
+                        self._publish_submit(bars, trades)
+            except BaseException as exc:
+                log.exception("ingest after-commit work failed")
+                self._after_failure = exc
+                self.failure = self.failure or exc
+                self.queue.clear()  # unblock a source waiting on a full queue
+            finally:
+                self._after.task_done()
+
+    def _after_drain(self) -> None:
+        """Wait until every committed batch is bumped and handed over; raise what failed, if anything."""
+        self._after.join()
+        self._after_stop()
+        if self._after_failure is not None:
+            raise RuntimeError("ingest after-commit work failed") from self._after_failure
+
+    def _after_stop(self) -> None:
+        try:
+            self._after.put(None, timeout=PUT_WAIT_S * 4)  # (a thread stuck past that is a daemon: it dies with us)
+        except queue.Full:
+            log.warning("after-commit thread still busy at stop")
 
     # -- publisher side ------------------------------------------------------------
 

@@ -98,6 +98,22 @@ def traced(
     return decorate
 
 
+def current_context() -> Any:
+    """The active trace context, to go on with in another thread (``continued``); None when tracing is off."""
+    if _tracer is None:
+        return None
+    from opentelemetry import context
+
+    return context.get_current()
+
+
+def continued(parent: Any, name: str, attributes: dict[str, Any] | None = None) -> AbstractContextManager[Any]:
+    """A span ``name`` under ``parent`` (a ``current_context`` taken in another thread); else a no-op."""
+    if _tracer is None or parent is None:
+        return _NOOP
+    return _tracer.start_as_current_span(name, context=parent, attributes=attributes)
+
+
 def current_ids() -> tuple[str, str] | None:
     """(trace id, span id) in hex of the active span, or None (tracing off, or no span)."""
     if _tracer is None:

@@ -185,7 +185,12 @@ def test_ingester_exports_an_ingest_batch_span_around_write_and_publish(collecto
     assert batch["service"] == "marketdata-ingest"
     inside = lambda s: s["trace_id"] == batch["trace_id"] and s["parent_span_id"] == batch["span_id"]  # noqa: E731
     collector.wait_for(lambda s: inside(s) and s["attributes"].get("db.system") == "postgresql", "write in the batch")
-    collector.wait_for(lambda s: inside(s) and s["attributes"].get("db.system") == "redis", "cache bump in the batch")
+    # The cache bump and the hand-off to the publisher run after the commit in a thread of their own.
+    after = collector.wait_for(lambda s: inside(s) and s["name"] == "ingest.after_commit", "ingest.after_commit")[0]
+    collector.wait_for(
+        lambda s: s["parent_span_id"] == after["span_id"] and s["attributes"].get("db.system") == "redis",
+        "cache bump after the commit",
+    )
     # The publisher's own span (its transaction goes out on a raw connection: no redis span of its own).
     published = collector.wait_for(lambda s: s["name"] == "publish.batch", "publish.batch")[0]
     assert published["attributes"]["messages"] >= 5  # the five bars, and the derived ones
