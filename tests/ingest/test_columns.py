@@ -82,25 +82,31 @@ def _trade_bytes(spec: tuple) -> bytes:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=trade_specs, cuts=st.lists(st.integers(0, 300), max_size=4), shift=st.sampled_from([0, 3 * 60 * NS]))
 def test_a_run_as_columns_equals_the_records_one_by_one(specs, cuts, shift):
-    records = _decoded([_trade_bytes(spec) for spec in specs])
+    one, many = _both_ways(_decoded([_trade_bytes(spec) for spec in specs]), cuts, shift, "trade_columns", TradeIn)
+    assert many.last_trade == one.last_trade
+
+
+def _both_ways(
+    records: list[object], cuts: list[int], shift: int, method: str, row: type
+) -> tuple[Normaliser, Normaliser]:
+    """Normalise ``records`` one by one and as columns (in runs cut at ``cuts``: the state carries over
+    from run to run); assert the same rows and counts; return both normalisers."""
     one = Normaliser(_resolver(), Stats())
     many = Normaliser(_resolver(), Stats())
     one.shift_ns = many.shift_ns = shift
-
-    expected = [row for row in map(one, records) if row is not None]
+    expected = [r for r in map(one, records) if r is not None]
     parts = []
     bounds = [0, *sorted(min(c, len(records)) for c in cuts), len(records)]
-    for lo, hi in itertools.pairwise(bounds):  # runs one after another: the state carries over
-        columns = many.trade_columns(records[lo:hi])  # type: ignore[arg-type]
+    for lo, hi in itertools.pairwise(bounds):
+        columns = getattr(many, method)(records[lo:hi])
         assert columns is not None
         parts.append(columns)
     got = concat(parts)
-
-    assert [TradeIn(*got.row(i)) for i in range(len(got))] == expected
+    assert [row(*got.row(i)) for i in range(len(got))] == expected
     assert (many.stats.records, many.stats.skipped, many.stats.warnings) == (
         one.stats.records, one.stats.skipped, one.stats.warnings,
     )  # fmt: skip
-    assert many.last_trade == one.last_trade
+    return one, many
 
 
 bar_specs = st.lists(
@@ -128,24 +134,7 @@ def _bar_bytes(spec: tuple) -> bytes:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=bar_specs, cuts=st.lists(st.integers(0, 300), max_size=4), shift=st.sampled_from([0, 3 * 60 * NS]))
 def test_a_run_of_bars_as_columns_equals_the_records_one_by_one(specs, cuts, shift):
-    records = _decoded([_bar_bytes(spec) for spec in specs])
-    one = Normaliser(_resolver(), Stats())
-    many = Normaliser(_resolver(), Stats())
-    one.shift_ns = many.shift_ns = shift
-
-    expected = [row for row in map(one, records) if row is not None]
-    parts = []
-    bounds = [0, *sorted(min(c, len(records)) for c in cuts), len(records)]
-    for lo, hi in itertools.pairwise(bounds):
-        columns = many.bar_columns(records[lo:hi])  # type: ignore[arg-type]
-        assert columns is not None
-        parts.append(columns)
-    got = concat(parts)
-
-    assert [BarIn(*got.row(i)) for i in range(len(got))] == expected
-    assert (many.stats.records, many.stats.skipped, many.stats.warnings) == (
-        one.stats.records, one.stats.skipped, one.stats.warnings,
-    )  # fmt: skip
+    one, many = _both_ways(_decoded([_bar_bytes(spec) for spec in specs]), cuts, shift, "bar_columns", BarIn)
     assert many.last_bar_ts == one.last_bar_ts
     assert many.anomalies.norms == one.anomalies.norms
 
