@@ -1,11 +1,13 @@
 """Source -> bounded queue -> batch writer -> commit -> publish.
 
-The source runs in the calling thread and only normalises and enqueues; a full queue
-blocks it (back-pressure: nothing is dropped while the database is slow). One writer
-thread drains the queue into batches of up to BATCH_BARS bars / BATCH_TRADES trades or
-FLUSH_SECONDS of waiting, writes each with one COPY-based upsert transaction, and
-after the commit hands it to a publisher thread, which derives and publishes batches in
-commit order while the writer goes on with the next. SIGTERM and Ctrl-C stop the source;
+The source runs in the calling thread and only normalises and enqueues (rows, or columns
+for runs of COLUMNS_MIN records: marketdata/columns.py); a full queue blocks it
+(back-pressure: nothing is dropped while the database is slow). One writer thread drains
+the queue into batches of up to BATCH_BARS bars / BATCH_TRADES trades or FLUSH_SECONDS of
+waiting and writes each with one COPY-based upsert transaction. After the commit an
+after-commit thread bumps the batch's cache versions and hands it to the publisher (a
+process, or a thread), which derives and publishes batches in commit order, while the
+writer goes on with the next. SIGTERM and Ctrl-C stop the source;
 everything already queued is still written before the run ends.
 
 While PostgreSQL or Redis is unreachable (a restart, a failover) the writer retries the
