@@ -40,8 +40,7 @@ import redis
 import structlog
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 
-from marketdata.columns import BarColumns, TradeColumns, concat, groups, utc
-from marketdata.services import BarIn
+from marketdata.columns import BarColumns, TradeColumns, concat, groups
 from marketdata.wire import bar_datas, time_texts, trade_data
 from streaming.derive import Deriver, load_stored
 from streaming.publish import Publisher
@@ -174,22 +173,6 @@ class PublishWork:
 
     def close(self) -> None:
         self.publisher.close()
-
-
-def bar_rows(parts: list[BarColumns]) -> list[BarIn]:
-    """Written bars as rows, for deriving and their messages (bars of one time share one datetime)."""
-    rows: list[BarIn] = []
-    new = tuple.__new__
-    for cols in parts:
-        stamps = cols.ts.tolist()
-        times = {us: utc(us) for us in set(stamps)}
-        values = zip(
-            cols.symbol_id.tolist(), cols.timeframe.astype("U2").tolist(), map(times.__getitem__, stamps),
-            cols.publisher_id.tolist(), cols.open.tolist(), cols.high.tolist(), cols.low.tolist(),
-            cols.close.tolist(), cols.volume.tolist(), cols.anomalies.tolist(), strict=True,
-        )  # fmt: skip
-        rows += [new(BarIn, v) for v in values]
-    return rows
 
 
 def stream_groups(symbol_ids: np.ndarray, timeframes: np.ndarray) -> list[tuple[tuple[int, str], np.ndarray]]:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from ingest.publishing import MERGE_RECORDS, STOP, Job, ProcessHost, bar_rows, trades_out, with_backlog
-from marketdata.columns import BarColumns, TradeColumns, columns_of
+from ingest.publishing import MERGE_RECORDS, STOP, Job, ProcessHost, trades_out, with_backlog
+from marketdata.columns import BarColumns, TradeColumns, columns_of, utc
 from marketdata.services import BarIn, TradeIn
 
 from .test_replay import buffer_frames
@@ -41,7 +41,7 @@ def test_queued_jobs_become_one_in_commit_order() -> None:
 
     assert not stop
     assert q.empty()
-    assert [b.ts for b in bar_rows(bars)] == [START + timedelta(minutes=i) for i in range(16)]
+    assert [utc(t) for part in bars for t in part.ts.tolist()] == [START + timedelta(minutes=i) for i in range(16)]
     assert [size for _, _, _, sizes, _ in trades for size in sizes.tolist()] == [0, 1, 10, 11, 12]
     assert tickers == {7: "AAPL"}
     assert len(first[0]) == 1
