@@ -384,7 +384,10 @@ class Normaliser:
         n = len(symbol_ids)
         if not n:
             return np.zeros(0, dtype=np.int64)
-        keys, inverse = np.unique(symbol_ids * 65536 + publishers, return_inverse=True)  # publisher ids are uint16
+        ids, symbol_index = np.unique(symbol_ids, return_inverse=True)
+        id_list = ids.tolist()
+        # Dense symbol numbers, then the publisher id (uint16): one integer key per (symbol, publisher).
+        keys, inverse = np.unique((symbol_index.astype(np.int64) << 16) | publishers, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         group, ts, seq = inverse[order], ts_ns[order], seqs[order]
         pos = np.arange(n)
@@ -397,7 +400,7 @@ class Normaliser:
         last_trade = self.last_trade
         starts = np.flatnonzero(first)
         for p, key in zip(starts.tolist(), keys[group[starts]].tolist(), strict=True):
-            last = last_trade.get((key >> 16, key & 0xFFFF))
+            last = last_trade.get((id_list[key >> 16], key & 0xFFFF))
             if last is not None:
                 prev_ts[p], prev_seq[p], base[p], has_prev[p] = last[0], last[1], last[2] + 1, True
         same = has_prev & (ts == prev_ts) & (seq == prev_seq)
@@ -409,7 +412,7 @@ class Normaliser:
         last_of_group = np.ones(n, dtype=bool)
         last_of_group[:-1] = first[1:]
         for p, key in zip(np.flatnonzero(last_of_group).tolist(), keys[group[last_of_group]].tolist(), strict=True):
-            last_trade[(key >> 16, key & 0xFFFF)] = (int(ts[p]), int(seq[p]), int(ordinal_sorted[p]))
+            last_trade[(id_list[key >> 16], key & 0xFFFF)] = (int(ts[p]), int(seq[p]), int(ordinal_sorted[p]))
         ordinals = np.empty(n, dtype=np.int64)
         ordinals[order] = ordinal_sorted
         return ordinals

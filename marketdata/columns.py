@@ -244,8 +244,10 @@ _STORED_CODES = timeframe_codes(np.array(STORED, dtype="S2"))
 
 def bar_spans(cols: BarColumns) -> dict[tuple[int, str], tuple[datetime, datetime]]:
     """(symbol_id, timeframe) -> the first and last time of its bars in ``cols``."""
-    keys = (cols.symbol_id << 16) | timeframe_codes(cols.timeframe)
-    return {(key >> 16, timeframe_of(key & 0xFFFF)): span for key, span in spans(keys, cols.ts).items()}
+    ids, index = np.unique(cols.symbol_id, return_inverse=True)  # dense: any id packs with the timeframe
+    keys = (index.astype(np.int64) << 16) | timeframe_codes(cols.timeframe)
+    id_list = ids.tolist()
+    return {(id_list[key >> 16], timeframe_of(key & 0xFFFF)): span for key, span in spans(keys, cols.ts).items()}
 
 
 def last_per_key(cols: BarColumns) -> BarColumns:

@@ -17,7 +17,7 @@ from ingest.pipeline import Pipeline, run_replay
 from ingest.publishing import TradeMessages, trades_out
 from ingest.records import Normaliser, Stats
 from ingest.symbology import Resolver
-from marketdata.columns import TradeColumns, columns_of, concat, utc
+from marketdata.columns import BarColumns, TradeColumns, bar_spans, columns_of, concat, utc
 from marketdata.errors import ValidationError
 from marketdata.models import Symbol, Trade
 from marketdata.services import UNDEF_PRICE, BarIn, TradeIn, trades_insert
@@ -286,3 +286,21 @@ def test_bar_texts_made_per_batch_equal_bar_json(bars, final):
         for t, p, v, a in zip(ts.tolist(), prices.tolist(), volume.tolist(), anomalies.tolist(), strict=True)
     ]
     assert bar_datas(ts, prices, prices + 1, prices - 1, prices, volume, anomalies, final) == expected
+
+
+def test_spans_and_ordinals_hold_for_any_symbol_id():
+    big = 2**50 + 3  # packed keys use dense numbers, never the ids themselves
+    t0 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+    bars = [BarIn(big, "1m", t0 + timedelta(minutes=i), 1, P, P, P, P, 1) for i in range(3)]
+    bars.append(BarIn(7, "1m", t0, 1, P, P, P, P, 1))
+    assert bar_spans(columns_of(BarColumns, bars)) == {
+        (big, "1m"): (t0, t0 + timedelta(minutes=2)),
+        (7, "1m"): (t0, t0),
+    }
+
+    normaliser = Normaliser(_resolver(), Stats())
+    ids = np.array([big, big, 7], dtype=np.int64)
+    publishers = np.array([1, 1, 1], dtype=np.int64)
+    ordinals = normaliser._ordinals(ids, publishers, np.array([5, 5, 5]), np.array([9, 9, 9]))
+    assert ordinals.tolist() == [0, 1, 0]
+    assert normaliser.last_trade == {(big, 1): (5, 9, 1), (7, 1): (5, 9, 0)}
