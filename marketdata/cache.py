@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -35,6 +35,8 @@ from django.db import close_old_connections
 from prometheus_client import Counter
 
 from ops import metrics
+
+from .columns import micros
 
 log = structlog.get_logger(__name__)
 
@@ -191,15 +193,6 @@ def versions_bump(*, symbol_ids: Iterable[int], changed: Mapping[int, Mapping[st
         # Entries expire; until Redis is back readers cannot read entries either.
         metrics.CACHE_ERRORS.labels("bump").inc()
         log.warning("cache version bump failed", error=str(exc))
-
-
-def micros(ts: datetime) -> int:
-    """Microseconds since the Unix epoch (exact: no float)."""
-    return (ts - _EPOCH) // _MICRO
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICRO = timedelta(microseconds=1)
 
 
 def version_key(symbol_id: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cache, partial
+from functools import cache
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -181,8 +181,13 @@ class Deriver:
             members.setdefault(bar.symbol_id, []).append(bar)
         out: dict[tuple[int, str, datetime], Derived] = {}
         for symbol_id, base_bars in members.items():
+            base = finest_of[symbol_id]
             base_bars.sort(key=_BAR_ORDER)
-            self._derive(symbol_id, finest_of[symbol_id], partial(_first_pieces, base_bars), out)
+            items: list[_Piece] = []
+            for level, tf in enumerate(targets(base)):
+                items = _first_pieces(base_bars, tf) if level == 0 else _pieces(items, tf)
+                for piece in items:
+                    self._merge(symbol_id, base, tf, piece, out)
         return list(out.values())
 
     def state(self, symbol_id: int, tf: str) -> Raw | None:
@@ -311,14 +316,6 @@ class Deriver:
         ]
         ts, open_, high, low, close, volume, anomalies = (v[keep] for v in b)
         return DerivedBars(streams, ts, open_, high, low, close, volume, anomalies, final[keep])
-
-    def _derive(self, symbol_id: int, base: str, first_pieces: Callable[[str], list[_Piece]], out: dict) -> None:
-        """Merge each target timeframe's pieces: the first from the base bars, each next from the one before."""
-        items: list[_Piece] = []
-        for level, tf in enumerate(targets(base)):
-            items = first_pieces(tf) if level == 0 else _pieces(items, tf)
-            for piece in items:
-                self._merge(symbol_id, base, tf, piece, out)
 
     def _merge(self, symbol_id: int, base: str, tf: str, piece: _Piece, out: dict) -> None:
         key = (symbol_id, tf)
