@@ -2,13 +2,16 @@
 
 The source runs in the calling thread and only normalises and enqueues (rows, or columns
 for runs of COLUMNS_MIN records: marketdata/columns.py); a full queue blocks it
-(back-pressure: nothing is dropped while the database is slow). One writer thread drains
+(back-pressure: nothing is dropped while the database is slow). A batcher thread drains
 the queue into batches of up to BATCH_BARS bars / BATCH_TRADES trades or FLUSH_SECONDS of
-waiting and writes each with one COPY-based upsert transaction. After the commit an
-after-commit thread bumps the batch's cache versions and hands it to the publisher (a
-process, or a thread), which derives and publishes batches in commit order, while the
-writer goes on with the next. SIGTERM and Ctrl-C stop the source;
-everything already queued is still written before the run ends.
+waiting and numbers them; WRITERS writer threads, each with its own database session,
+write each with one COPY-based upsert transaction. A batch's COPY runs while the batch
+before it commits, and it commits only after that one (CommitOrder): what is stored is
+always a prefix of the batches. After the commit an after-commit thread bumps the
+batch's cache versions and hands it to the publisher (a process, or a thread), which
+derives and publishes batches in commit order, while the writers go on with the next.
+SIGTERM and Ctrl-C stop the source; everything already queued is still written before
+the run ends.
 
 While PostgreSQL or Redis is unreachable (a restart, a failover) the writer retries the
 batch it holds (the publisher, the publish), with a capped backoff: the queue fills, the
@@ -64,6 +67,13 @@ FEED_STATUS_EVERY_S = 1.0
 # after-commit thread); beyond this the writer waits.
 AFTER_COMMIT_BATCHES = 2
 FEED_CHUNK = 256
+# Batch writers, each with its own database session: batch i runs its statements while
+# batch i-1 commits, and commits after it (CommitOrder).
+WRITERS = 2
+# A batch ready to commit waits this long for the batch before it to commit, then rolls
+# back and is written again once that one has (OutOfTurnError).
+ORDER_WAIT_S = 2.0
+ORDER_POLL_S = 0.5  # a writer waiting its turn looks for a failed run this often
 # A run of at least this many bar or trade records is normalised as columns (marketdata/columns.py);
 # a shorter one (a live feed's record, a run cut by symbology records) one record at a time.
 COLUMNS_MIN = 64
@@ -237,6 +247,83 @@ class RowQueue:
         return self._closed
 
 
+class OutOfTurnError(Exception):
+    """A batch waited ORDER_WAIT_S at its commit for the batch before it: rolled back, to be written after it."""
+
+
+class WriterStoppedError(Exception):
+    """Another part of the run failed while this batch waited its turn: it is rolled back, not committed."""
+
+
+class CommitOrder:
+    """The commit order of batches 0, 1, 2, ... that WRITERS threads write, each in its own session.
+
+    Batch i starts its statements once batch i-1 has run its own (``start``), and commits
+    only after batch i-1 has committed and been handed on (``gate``, called just before
+    its commit; ``done``). So a batch's COPY overlaps the commit of the batch before it
+    and the writers' own Python work, while what is stored is always a prefix of the
+    batches (an ingester that dies leaves no hole for a resume to skip), and batches reach
+    the after-commit thread, and the publisher, in order.
+
+    Rows are never locked both ways: batch i only waits on rows of batch i-1 (the same key
+    in both: its COPY waits for that commit, is refused, and the batch takes the staged
+    upsert, which then sees batch i-1's rows). Should batch i-1 have to run its statements
+    again (a retried write) against rows batch i holds uncommitted, batch i's wait at its
+    gate ends after ORDER_WAIT_S: it rolls back and is written again once batch i-1 is done.
+    """
+
+    def __init__(self, failed: Callable[[], BaseException | None]) -> None:
+        self._cond = threading.Condition()
+        self._statements = -1  # every batch up to this one has run its statements
+        self._done = -1  # every batch up to this one has committed and been handed on
+        self._failed = failed
+
+    def start(self, i: int) -> None:
+        """Wait until batch i-1 has run its statements."""
+        self._wait(lambda: self._statements >= i - 1, None)
+
+    def gate(self, i: int) -> Callable[[], None]:
+        """Batch i's before_commit: its statements are done; wait (ORDER_WAIT_S at most) for batch i-1's commit."""
+
+        def before_commit() -> None:
+            with self._cond:
+                self._statements = max(self._statements, i)
+                self._cond.notify_all()
+            if not self._wait(lambda: self._done >= i - 1, ORDER_WAIT_S):
+                raise OutOfTurnError(f"batch {i - 1} had not committed after {ORDER_WAIT_S} s")
+
+        return before_commit
+
+    def wait_done(self, i: int) -> None:
+        """Wait until batch i has committed and been handed on (at once for i < 0)."""
+        self._wait(lambda: self._done >= i, None)
+
+    def done(self, i: int) -> None:
+        """Batch i has committed and been handed on (after batch i-1: see wait_done)."""
+        with self._cond:
+            self._statements = max(self._statements, i)
+            self._done = i
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """The run failed: every waiting writer gives up (WriterStoppedError)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not ready():
+                failure = self._failed()
+                if failure is not None:
+                    raise WriterStoppedError("the ingest run failed meanwhile") from failure
+                left = ORDER_POLL_S if deadline is None else min(ORDER_POLL_S, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
 class Pipeline:
     """One ingest run: feed it records with ``feed``; ``close`` flushes and stops."""
 
@@ -287,7 +374,17 @@ class Pipeline:
         self._after_failure: BaseException | None = None
         self._after_thread = threading.Thread(target=self._after_loop, name="ingest-after-commit", daemon=True)
         self._after_thread.start()
-        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        # The batcher (_write_loop) numbers batches and hands them to the writers (_commit_loop).
+        self._failure_lock = threading.Lock()
+        self._order = CommitOrder(lambda: self.failure)
+        self._batches: queue.Queue[tuple[int, list[Any], list[Any]] | None] = queue.Queue(maxsize=1)
+        self._dispatched = 0
+        self._writers = [
+            threading.Thread(target=self._commit_loop, name=f"ingest-writer-{n}", daemon=True) for n in range(WRITERS)
+        ]
+        for writer in self._writers:
+            writer.start()
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-batcher", daemon=True)
         self._writer.start()
 
     # -- source side ---------------------------------------------------------------
@@ -349,6 +446,7 @@ class Pipeline:
     # -- writer side ---------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        """The batcher: gathers what is queued into batches and hands each to a writer, numbered."""
         # Each in its order: columns, and runs of rows between them.
         bars: list[BarColumns | list[BarIn]] = []
         trades: list[TradeColumns | list[TradeIn]] = []
@@ -360,7 +458,9 @@ class Pipeline:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 item = self.queue.get(timeout=timeout)
                 if item is _STOP:
-                    self._flush(bars, trades)
+                    self._dispatch(bars, trades)
+                    self._order.wait_done(self._dispatched - 1)  # every batch committed and handed on
+                    self._writers_stop()
                     self._after_drain()
                     self._leaderboards.close()
                     self._publish_stop()
@@ -383,7 +483,7 @@ class Pipeline:
                     deadline = time.monotonic() + self.flush_seconds
                 metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
                 if item is None or counts[0] >= self.batch_bars or counts[1] >= self.batch_trades:
-                    self._flush(bars, trades)
+                    self._dispatch(bars, trades)
                     bars, trades, counts, deadline = [], [], [0, 0], None
                     now = time.monotonic()
                     if now - last_status >= FEED_STATUS_EVERY_S:
@@ -392,25 +492,73 @@ class Pipeline:
                         if self.progress:
                             self.progress(self.stats, now - self.started)
         except BaseException as exc:  # the source must learn of it; nothing else may swallow it
-            self.failure = exc
-            log.exception("ingest writer failed")
-            self._record_error(exc)
-            self.queue.clear()  # unblock a source waiting on a full queue
+            self._writer_failed(exc)
+            self._writers_stop()
             self._after_stop()
             self._publish_stop()
         finally:
             self._leaderboards.close()  # (again after a clean stop: returns at once)
             connections.close_all()
 
+    def _dispatch(self, bars: list[BarColumns | list[BarIn]], trades: list[TradeColumns | list[TradeIn]]) -> None:
+        """Hand a batch to the next free writer (waits while both are busy and one batch is waiting)."""
+        if not bars and not trades:
+            return
+        job = (self._dispatched, bars, trades)
+        while True:
+            self._raise_if_failed()
+            try:
+                self._batches.put(job, timeout=PUT_WAIT_S)
+                break
+            except queue.Full:
+                continue
+        self._dispatched += 1
+
+    def _writers_stop(self) -> None:
+        """End the writers: each takes one None once the batches before it are taken."""
+        for _ in self._writers:
+            try:
+                self._batches.put(None, timeout=PUT_WAIT_S * 4)
+            except queue.Full:  # writers that failed take nothing more; they end on their own
+                break
+        for writer in self._writers:
+            writer.join(timeout=PUT_WAIT_S * 4)
+
+    def _commit_loop(self) -> None:
+        """A writer: writes the batches it takes, each in its own transaction(s), in CommitOrder."""
+        try:
+            while (job := self._batches.get()) is not None:
+                self._flush(*job)
+        except WriterStoppedError:
+            pass  # the failure that stopped the run is recorded already; this batch is rolled back
+        except BaseException as exc:
+            self._writer_failed(exc)
+        finally:
+            connections.close_all()
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        """Record the run's failure (the first one only), release the source and wake waiting writers."""
+        with self._failure_lock:
+            first = self.failure is None
+            if first:
+                self.failure = exc
+        if first:
+            log.error("ingest writer failed", exc_info=exc)
+            self._record_error(exc)
+        self.queue.clear()  # unblock a source waiting on a full queue
+        self._order.wake()
+
     @tracing.traced(
         "ingest.batch",
-        lambda self, bars, trades: {
+        lambda self, i, bars, trades: {
             "dataset": self.dataset,
+            "batch": i,
             "bars": sum(len(part) for part in bars),
             "trades": sum(len(part) for part in trades),
         },
     )
-    def _flush(self, bars: list[BarColumns | list[BarIn]], trades: list[TradeColumns | list[TradeIn]]) -> None:
+    def _flush(self, i: int, bars: list[BarColumns | list[BarIn]], trades: list[TradeColumns | list[TradeIn]]) -> None:
+        order = self._order
         changed: set[int] = set()
         # Per symbol whose bars alone changed: the earliest bar time per timeframe, so the
         # bump spares cached pages wholly before it (a new bar leaves a chart's history cached).
@@ -418,21 +566,35 @@ class Pipeline:
         publish_bars: BarColumns | None = None
         publish_trades: TradeColumns | None = None
         bar_columns = concat([bars_checked(part) for part in bars]) if bars else None
+        trade_columns = concat([trades_checked(part) for part in trades]) if trades else None
+        order.start(i)
+        if bar_columns is not None and trade_columns is not None:
+            order.wait_done(i - 1)  # two transactions: the first commits after the batch before, too
+        results: list[WriteResult] = []
         if bar_columns is not None and len(bar_columns):
-            result, retried = self._write("bars", lambda: bars_upsert(bars=bar_columns), len(bar_columns))
+            cols = bar_columns
+            result, retried = self._write(i, "bars", lambda gate: bars_upsert(bars=cols, before_commit=gate), len(cols))
+            results.append(result)
             if result.inserted + result.updated or retried:
                 for (symbol_id, tf), (first, _) in result.spans.items():
                     since.setdefault(symbol_id, {})[tf] = first
                 publish_bars = bar_columns
-        trade_columns = concat([trades_checked(part) for part in trades]) if trades else None
         if trade_columns is not None and len(trade_columns):
-            result, retried = self._write("trades", lambda: trades_insert(trades=trade_columns), len(trade_columns))
+            tcols = trade_columns
+            result, retried = self._write(
+                i, "trades", lambda gate: trades_insert(trades=tcols, before_commit=gate), len(tcols)
+            )
+            results.append(result)
             if result.inserted or retried:
                 changed.update(np.unique(trade_columns.symbol_id).tolist())
                 publish_trades = trade_columns
         for symbol_id in changed:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
+        order.wait_done(i - 1)  # (at once after a gate; a batch with nothing to write waits here)
+        for result in results:
+            self.stats.written += result.inserted + result.updated
+            self.stats.duplicates += result.unchanged
         self._after_put((changed, since, publish_bars, publish_trades, tracing.current_context()))
         newest = [int(c.ts.max()) for c in (bar_columns,) if c is not None and len(c)]
         newest += [int(c.ts_event.max()) for c in (trade_columns,) if c is not None and len(c)]
@@ -441,6 +603,7 @@ class Pipeline:
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())
             metrics.INGEST_LAST_RECORD.labels(self.dataset).set(last.timestamp())
+        order.done(i)
 
     # -- after the commit ----------------------------------------------------------
 
@@ -523,14 +686,23 @@ class Pipeline:
     def _warn(self, what: str) -> None:
         self.stats.warnings[what] += 1
 
-    def _write(self, table: str, write: Callable[[], WriteResult], count: int) -> tuple[WriteResult, bool]:
-        """Run one batch write (its own transaction) and account for it; True when it had to be retried."""
+    def _write(
+        self, i: int, table: str, write: Callable[[Callable[[], None] | None], WriteResult], count: int
+    ) -> tuple[WriteResult, bool]:
+        """Run one write of batch i (its own transaction, committed in CommitOrder); True when it was retried.
+
+        ``write(before_commit)`` runs the transaction. Out of turn (the batch before took
+        too long to commit), it is rolled back and run again once that batch is done.
+        """
         started = time.perf_counter()
-        result, retried = self._retry(table, write)
+        try:
+            result, retried = self._retry(table, lambda: write(self._order.gate(i)))
+        except OutOfTurnError:
+            self._warn("commit_out_of_turn")
+            self._order.wait_done(i - 1)
+            result, retried = self._retry(table, lambda: write(None))
         metrics.INGEST_BATCH_SECONDS.labels(table).observe(time.perf_counter() - started)
         metrics.INGEST_RECORDS.labels(table).inc(count)
-        self.stats.written += result.inserted + result.updated
-        self.stats.duplicates += result.unchanged
         return result, retried
 
     def _retry(self, what: str, call: Callable[[], T]) -> tuple[T, bool]:
