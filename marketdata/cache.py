@@ -123,32 +123,51 @@ for i = 3, #ARGV do
   local raw = redis.call('GET', lkey)
   local base, rest = nil, ''
   if raw then
-    local b, r = string.match(raw, '^(%d+)|(.*)$')
-    if b then base, rest = tonumber(b), r end
+    local bar = string.find(raw, '|', 1, true)
+    local digits = bar and string.sub(raw, 1, bar - 1)
+    if digits and string.find(digits, '^%d+$') then base, rest = tonumber(digits), string.sub(raw, bar + 1) end
   end
-  -- Records are only ever appended and their oldest two merged: found by plain searches
-  -- for ';', never by a pattern over the whole text (the digits made that 40 us a symbol).
-  local count, at, lastsep = 0, 0, 0
-  if rest ~= '' then
-    count = 1
-    while true do
-      at = string.find(rest, ';', at + 1, true)
-      if not at then break end
-      count, lastsep = count + 1, at
+  -- The log goes on only if its newest record is the bump before this one (with no record,
+  -- if its base is). Records are only ever appended, at consecutive versions, and their
+  -- oldest two merged at the older version: after the first record they run from the
+  -- second's version to v - 1, which counts them. Plain searches and anchored matches
+  -- only: a loop or a pattern over the whole text costs Redis 5 to 40 us a symbol.
+  local count, follows = 0, false
+  local prev = string.format('%d', v - 1) .. ':'
+  if rest == '' then
+    follows = base == v - 1
+  else
+    local first = string.find(rest, ';', 1, true)
+    if first == nil then
+      count, follows = 1, string.sub(rest, 1, #prev) == prev
+    else
+      local at = string.find(rest, ';' .. prev, first, true)
+      local second = tonumber(string.match(rest, '^(%d+):', first + 1))
+      if at ~= nil and second ~= nil and second <= v - 1 and string.find(rest, ';', at + 1, true) == nil then
+        count, follows = v - second + 1, true
+      end
     end
   end
-  local last = base  -- the newest record's version; with none, the base
-  if count > 0 then last = tonumber(string.match(string.sub(rest, lastsep + 1), '^(%d+):')) end
   -- No log, or bumps made around it (a plain INCR): the log starts at the version before this one.
-  if last == nil or last ~= v - 1 then base, rest, count = v - 1, '', 0 end
+  if not follows then base, rest, count = v - 1, '', 0 end
   local record = string.format('%d', v) .. ':' .. ARGV[i]
   if rest == '' then rest = record else rest = rest .. ';' .. record end
   count = count + 1
   while count > keep do
     local first = string.find(rest, ';', 1, true)
     local second = string.find(rest, ';', first + 1, true)
+    local a = string.sub(rest, 1, first - 1)
     local b = second and string.sub(rest, first + 1, second - 1) or string.sub(rest, first + 1)
-    local merged = merge(string.sub(rest, 1, first - 1), b)
+    -- The usual pair, one timeframe each and the same one, merged without tables.
+    local merged
+    local av, atf, at = string.match(a, '^(%d+):([^,=]+)=(%d+)$')
+    local _, btf, bt = string.match(b, '^(%d+):([^,=]+)=(%d+)$')
+    if av ~= nil and btf == atf then
+      if tonumber(bt) < tonumber(at) then at = bt end
+      merged = av .. ':' .. atf .. '=' .. at
+    else
+      merged = merge(a, b)
+    end
     if merged == nil then  -- not a log this script wrote: start it again (stricter, never looser)
       base, rest, count = v - 1, record, 1
     else
