@@ -343,6 +343,7 @@ class Pipeline:
         self.dataset = dataset
         self.source = source
         self.stats = Stats()
+        self._warn_lock = threading.Lock()
         self.resolver = Resolver(dataset=dataset, allowed=frozenset(symbols) if symbols else None)
         self.resolver.load()
         self.normalise = Normaliser(self.resolver, self.stats)
@@ -568,12 +569,17 @@ class Pipeline:
         bar_columns = concat([bars_checked(part) for part in bars]) if bars else None
         trade_columns = concat([trades_checked(part) for part in trades]) if trades else None
         order.start(i)
-        if bar_columns is not None and trade_columns is not None:
-            order.wait_done(i - 1)  # two transactions: the first commits after the batch before, too
+        # Two transactions (bars, then trades): the batch begins after the one before is done,
+        # and the next batch may begin once its second has run its statements.
+        both = bar_columns is not None and len(bar_columns) > 0 and trade_columns is not None and len(trade_columns) > 0
+        if both:
+            order.wait_done(i - 1)
         results: list[WriteResult] = []
         if bar_columns is not None and len(bar_columns):
             cols = bar_columns
-            result, retried = self._write(i, "bars", lambda gate: bars_upsert(bars=cols, before_commit=gate), len(cols))
+            result, retried = self._write(
+                i, "bars", lambda gate: bars_upsert(bars=cols, before_commit=gate), len(cols), gated=not both
+            )
             results.append(result)
             if result.inserted + result.updated or retried:
                 for (symbol_id, tf), (first, _) in result.spans.items():
@@ -684,19 +690,27 @@ class Pipeline:
         self.queue.clear()
 
     def _warn(self, what: str) -> None:
-        self.stats.warnings[what] += 1
+        with self._warn_lock:  # (from the writers, the after-commit thread and the publisher's reports)
+            self.stats.warnings[what] += 1
 
     def _write(
-        self, i: int, table: str, write: Callable[[Callable[[], None] | None], WriteResult], count: int
+        self,
+        i: int,
+        table: str,
+        write: Callable[[Callable[[], None] | None], WriteResult],
+        count: int,
+        *,
+        gated: bool = True,
     ) -> tuple[WriteResult, bool]:
         """Run one write of batch i (its own transaction, committed in CommitOrder); True when it was retried.
 
-        ``write(before_commit)`` runs the transaction. Out of turn (the batch before took
-        too long to commit), it is rolled back and run again once that batch is done.
+        ``write(before_commit)`` runs the transaction; ``gated``, through batch i's gate (else
+        the batch before is done already). Out of turn (the batch before took too long to
+        commit), it is rolled back and run again once that batch is done.
         """
         started = time.perf_counter()
         try:
-            result, retried = self._retry(table, lambda: write(self._order.gate(i)))
+            result, retried = self._retry(table, lambda: write(self._order.gate(i) if gated else None))
         except OutOfTurnError:
             self._warn("commit_out_of_turn")
             self._order.wait_done(i - 1)

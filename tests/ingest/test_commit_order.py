@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from ingest import pipeline as pipeline_module
 from ingest.pipeline import CommitOrder, Pipeline
-from marketdata.models import Bar
+from marketdata.models import Bar, Trade
 
 from .dbnfile import NS, P
 
@@ -192,3 +192,33 @@ def test_bars_repeated_across_overlapping_batches_end_as_the_last_one_sent(feed,
     stored = {(b.symbol.ticker, b.ts): b.close for b in Bar.objects.select_related("symbol")}
     assert stored == {(tickers[i], _second(s)): close * P for (i, s), close in last.items()}
     assert not stats.errors
+
+
+def _trade(second: int, size: int) -> dbn.TradeMsg:
+    return dbn.TradeMsg(
+        publisher_id=2, instrument_id=7, ts_event=(T0 + second) * NS, price=100 * P, size=size,
+        action=dbn.Action.TRADE, side=dbn.Side.BID, depth=0, ts_recv=(T0 + second) * NS, ts_in_delta=0,
+        sequence=second, flags=0,
+    )  # fmt: skip
+
+
+def test_batches_of_bars_and_trades_commit_in_order(monkeypatch):
+    """A batch of both is two transactions: it begins once the batch before is done, and only
+    its second (the trades) has the gate that lets the next batch begin."""
+    recorder = Recorder()
+    recorder.install(monkeypatch)
+    pipeline = Pipeline(
+        dataset="XNAS.ITCH", source="test", symbols=None, publish=False, batch_bars=5, batch_trades=5, flush_seconds=30
+    )
+    pipeline.resolver.add_mapping(ticker="AAPL", instrument_id=7, start_ns=0, end_ns=None)
+    for s in range(40):
+        pipeline.feed(_bar(s, 100 + s) if s % 2 else _trade(s, 1 + s))
+    stats = pipeline.close()
+
+    batches = len(recorder.order("done"))
+    assert batches >= 4  # about 9 records each (5 of one kind close it): each holds both
+    assert recorder.order("done") == list(range(batches))
+    assert recorder.order("commit") == list(range(batches))  # one gate each: the trades transaction's
+    assert _stored() == [(_second(s), (100 + s) * P) for s in range(1, 40, 2)]
+    assert sorted(Trade.objects.values_list("size", flat=True)) == [1 + s for s in range(0, 40, 2)]
+    assert stats.written == 40
