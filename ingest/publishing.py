@@ -42,7 +42,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 
 from marketdata.columns import BarColumns, TradeColumns, concat, groups
 from marketdata.wire import bar_datas, time_texts, trade_data
-from streaming.derive import Deriver, load_stored
+from streaming.derive import Deriver, load_stored, load_stored_many
 from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
 
@@ -118,7 +118,7 @@ class PublishWork:
         self.run_id = run_id  # with a batch number, names each publish so a retry is not repeated
         self.closing = closing
         self.warn = warn
-        self.deriver = Deriver(load=load_stored)
+        self.deriver = Deriver(load=load_stored, load_many=load_stored_many)
         self.publisher = Publisher()
         self.tickers: dict[int, str] = {}
         self.trade_messages = TradeMessages(self.tickers)

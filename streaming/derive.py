@@ -9,7 +9,7 @@ within one batch only the latest state of each stream is published.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -32,6 +32,8 @@ from marketdata.timeframes import (
 )
 
 Loader = Callable[[int, str, datetime, datetime], list[OHLCV]]
+# Stored bars of a base timeframe for many (symbol_id, start, end) at once, in their order.
+ManyLoader = Callable[[str, Sequence[tuple[int, datetime, datetime]]], list[list[OHLCV]]]
 _ORDER = {tf: i for i, tf in enumerate(SERVED_TIMEFRAMES)}
 # NamedTuples made positionally without their Python-level __new__ (this runs per piece).
 _new = tuple.__new__
@@ -161,6 +163,10 @@ class Deriver:
     load: Loader
     forming: dict[tuple[int, str], _Forming] = field(default_factory=dict)
     finest: dict[int, str] = field(default_factory=dict)
+    # Streams seen for the first time in a batch load their bucket's stored bars with one
+    # call (one query) per timeframe, not one each: a publisher's first batch of 5,000
+    # symbols would otherwise make 30,000 queries before it publishes anything.
+    load_many: ManyLoader | None = None
 
     def add(self, bars: Iterable[BarIn]) -> list[Derived]:
         """Fold a committed batch in; return what to publish: the latest state per stream and bucket.
@@ -288,13 +294,15 @@ class Deriver:
         final = np.ones(k, dtype=bool)
         final[g_last] = False
         group = np.repeat(np.arange(len(g_first)), g_last - g_first + 1)
+        preloaded = self._first_sights(base, tf, [g_symbols[g] for g in np.flatnonzero(~known).tolist()],
+                                       b[0][g_first[~known]], last_ts[g_first[~known]])  # fmt: skip
         for g in np.flatnonzero(odd).tolist():  # the rule one piece at a time
             span = slice(int(g_first[g]), int(g_last[g]) + 1)
             out: dict[tuple[int, str, datetime], Derived] = {}
             bucket_values: list[tuple[int, ...]] = list(zip(*(v[span].tolist() for v in b[1:]), strict=True))
             pieces = _as_pieces(b[0][span].tolist(), bucket_values, first_ts[span].tolist(), last_ts[span].tolist())
             for piece in pieces:
-                self._merge(g_symbols[g], base, tf, piece, out)
+                self._merge(g_symbols[g], base, tf, piece, out, preloaded)
             slow += out.values()
         for g, raw in zip(
             np.flatnonzero(~odd).tolist(),
@@ -317,7 +325,29 @@ class Deriver:
         ts, open_, high, low, close, volume, anomalies = (v[keep] for v in b)
         return DerivedBars(streams, ts, open_, high, low, close, volume, anomalies, final[keep])
 
-    def _merge(self, symbol_id: int, base: str, tf: str, piece: _Piece, out: dict) -> None:
+    def _first_sights(
+        self, base: str, tf: str, symbols: list[int], starts: np.ndarray, lasts: np.ndarray
+    ) -> dict[tuple[int, datetime, datetime], list[OHLCV]]:
+        """The stored bars ``_merge`` loads for streams seen for the first time (their first
+        bucket starts at ``starts``, its part in this batch ends at ``lasts``), with one
+        ``load_many``; keyed as _merge asks for them."""
+        if self.load_many is None or len(symbols) < 2:
+            return {}
+        wanted = []
+        for symbol_id, start_us, last_us in zip(symbols, starts.tolist(), lasts.tolist(), strict=True):
+            start = utc(start_us)
+            wanted.append((symbol_id, start, min(start + DURATIONS[tf], utc(last_us) + _MICROSECOND)))
+        return dict(zip(wanted, self.load_many(base, wanted), strict=True))
+
+    def _merge(
+        self,
+        symbol_id: int,
+        base: str,
+        tf: str,
+        piece: _Piece,
+        out: dict,
+        preloaded: dict[tuple[int, datetime, datetime], list[OHLCV]] | None = None,
+    ) -> None:
         key = (symbol_id, tf)
         start = piece.bar.ts
         state = self.forming.get(key)
@@ -330,7 +360,10 @@ class Deriver:
             # derived yet would make each of those batches look like a correction (a reload
             # per batch and stream: 37% of a replay's time before this bound).
             upto = piece.last_ts if state is None else max(piece.last_ts, state.last_ts)
-            stored = self.load(symbol_id, base, start, min(start + DURATIONS[tf], upto + _MICROSECOND))
+            end = min(start + DURATIONS[tf], upto + _MICROSECOND)
+            stored = (preloaded or {}).pop((symbol_id, start, end), None)
+            if stored is None:
+                stored = self.load(symbol_id, base, start, end)
             bar = resample(stored, tf)[0] if stored else piece.bar
             state = _Forming(bar, max([piece.last_ts] + [m.ts for m in stored]))
         elif start > state.bar.ts:
@@ -344,15 +377,37 @@ class Deriver:
         out[(symbol_id, tf, start)] = _new(Derived, (symbol_id, tf, state.bar, False))
 
 
+LOAD_CHUNK = 500  # (symbol, range)s per query of load_stored_many
+LOAD_SQL = """
+SELECT r.k, b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.publisher_id
+FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::int[]) AS r(symbol_id, lo, hi, k)
+JOIN marketdata_bar b ON b.symbol_id = r.symbol_id AND b.timeframe = %s AND b.ts >= r.lo AND b.ts < r.hi
+"""
+
+
 def load_stored(symbol_id: int, base: str, start: datetime, end: datetime) -> list[OHLCV]:
     """Stored ``base`` bars of a symbol in [start, end)."""
-    from marketdata.models import Bar
+    return load_stored_many(base, [(symbol_id, start, end)])[0]
+
+
+def load_stored_many(base: str, wanted: Sequence[tuple[int, datetime, datetime]]) -> list[list[OHLCV]]:
+    """Stored ``base`` bars of each (symbol_id, start, end), in [start, end): one query per LOAD_CHUNK.
+
+    From the primary (raw SQL on ``default`` is never routed to a replica): the bars must
+    include the batch just committed there, which a lagging replica may not have yet.
+    """
+    from django.db import DEFAULT_DB_ALIAS, connections
 
     assert base in STORED_TIMEFRAMES
-    rows = Bar.objects.filter(symbol_id=symbol_id, timeframe=base, ts__gte=start, ts__lt=end).values_list(
-        "ts", "open", "high", "low", "close", "volume", "anomalies", "publisher_id"
-    )
-    return [OHLCV(*row) for row in rows]
+    out: list[list[OHLCV]] = [[] for _ in wanted]
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        for at in range(0, len(wanted), LOAD_CHUNK):
+            chunk = wanted[at : at + LOAD_CHUNK]
+            ids, los, his = (list(column) for column in zip(*chunk, strict=True))
+            cursor.execute(LOAD_SQL, [ids, los, his, list(range(at, at + len(chunk))), base])
+            for k, *values in cursor.fetchall():
+                out[k].append(OHLCV(*values))
+    return out
 
 
 def _bars_of(derived: list[Derived]) -> list[DerivedBars]:

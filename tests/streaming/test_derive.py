@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,7 +100,10 @@ def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base, in_order):
             if b.symbol_id == symbol_id and b.timeframe == base and start <= b.ts < end
         ]
 
-    rows, columns = Deriver(load=load), Deriver(load=load)
+    def load_many(base, wanted):  # as load, for many streams at once (their first sight in a batch)
+        return [load(symbol_id, base, start, end) for symbol_id, start, end in wanted]
+
+    rows, columns = Deriver(load=load), Deriver(load=load, load_many=load_many)
     edges = [0, *sorted({c for c in cuts if c < len(bars)}), len(bars)]
     for lo, hi in pairwise(edges):
         stored.extend(bars[lo:hi])
@@ -116,3 +120,76 @@ def test_bars_as_columns_derive_what_rows_derive(raw, cuts, one_base, in_order):
         assert sorted(got) == sorted(expected)
     assert columns.finest == rows.finest
     assert {key: columns.state(*key) for key in columns.forming} == {key: rows.state(*key) for key in rows.forming}
+
+
+def test_streams_seen_first_in_a_batch_load_their_stored_bars_in_one_call_per_timeframe():
+    from marketdata.columns import BarColumns, columns_of
+
+    singles: list[tuple] = []
+    many: list[tuple[str, int]] = []
+    stored = [
+        BarIn(symbol, "1m", T0 + timedelta(minutes=m), 2, 10 * P, 11 * P, 9 * P, 10 * P, 5)
+        for symbol in range(1, 51)
+        for m in range(3)
+    ]
+
+    def matching(symbol_id, start, end):
+        found = [b for b in stored if b.symbol_id == symbol_id and start <= b.ts < end]
+        return [OHLCV(b.ts, *b[4:9], b.anomalies, b.publisher_id) for b in found]
+
+    def load(symbol_id, base, start, end):
+        singles.append((symbol_id, start))
+        return matching(symbol_id, start, end)
+
+    def load_many(base, wanted):
+        many.append((base, len(wanted)))
+        return [matching(*w) for w in wanted]
+
+    deriver = Deriver(load=load, load_many=load_many)
+    derived = deriver.add_columns(columns_of(BarColumns, stored))
+
+    assert many == [("1m", 50)] * len(targets("1m"))  # one call per derived timeframe, every symbol in it
+    assert not singles
+    assert len(derived.streams) == 50 * len(targets("1m"))
+    plain = Deriver(load=load)  # a stream at a time: the same bars and states
+    expected = plain.add_columns(columns_of(BarColumns, stored))
+    assert len(singles) == 50 * len(targets("1m"))
+    assert derived.streams == expected.streams
+    assert all((getattr(derived, f) == getattr(expected, f)).all() for f in derived._fields[1:])
+    assert {k: deriver.state(*k) for k in deriver.forming} == {k: plain.state(*k) for k in plain.forming}
+
+
+@pytest.mark.django_db
+def test_load_stored_many_reads_each_range_of_each_symbol(monkeypatch):
+    from marketdata.models import Symbol
+    from marketdata.services import bars_upsert
+    from streaming import derive
+
+    monkeypatch.setattr(derive, "LOAD_CHUNK", 2)  # three queries for five ranges
+    a, b = (Symbol.objects.create(ticker=t, dataset="XNAS.ITCH") for t in ("AAA", "BBB"))
+    bars = [
+        BarIn(symbol.pk, tf, T0 + timedelta(minutes=m), publisher, (10 + m) * P, (11 + m) * P, (9 + m) * P,
+              (10 + m) * P, 100 + m)
+        for symbol in (a, b) for tf in ("1m", "1h") for m in range(5) for publisher in (1, 2)
+    ]  # fmt: skip
+    bars_upsert(bars=bars)
+    at = lambda m: T0 + timedelta(minutes=m)  # noqa: E731
+    wanted = [
+        (a.pk, at(0), at(2)),
+        (b.pk, at(1), at(4)),
+        (a.pk, at(3), at(10)),
+        (b.pk, at(7), at(9)),
+        (a.pk, at(0), at(1)),
+    ]
+
+    got = derive.load_stored_many("1m", wanted)
+
+    def expected(symbol_id, start, end):
+        return sorted(
+            OHLCV(x.ts, x.open, x.high, x.low, x.close, x.volume, x.anomalies, x.publisher_id)
+            for x in bars if x.symbol_id == symbol_id and x.timeframe == "1m" and start <= x.ts < end
+        )  # fmt: skip
+
+    assert [sorted(bars_of) for bars_of in got] == [expected(*w) for w in wanted]
+    assert [len(bars_of) for bars_of in got] == [4, 6, 4, 0, 2]
+    assert sorted(derive.load_stored(a.pk, "1m", at(0), at(2))) == sorted(got[0])
