@@ -53,7 +53,7 @@ from marketdata.services import BarIn, TradeIn, WriteResult, bars_checked, bars_
 from ops import metrics, tracing
 
 from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry, trades_out
-from .records import Normaliser, Stats
+from .records import Normaliser, RawRecords, Stats
 from .symbology import Resolver
 
 log = structlog.get_logger(__name__)
@@ -412,14 +412,29 @@ class Pipeline:
                 elif kind is dbn.OHLCVMsg:
                     columns = normalise.bar_columns(run)
             if columns is not None:
-                batch = self.batch_trades if type(columns) is TradeColumns else self.batch_bars
-                step = max(1, min(batch, self.queue.max_rows // 4))
-                for start in range(0, len(columns), step):
-                    self._put(columns[start : start + step])
+                self._put_columns(columns)
                 continue
             rows = [row for row in map(normalise, run) if row is not None]
             for start in range(0, len(rows), self.feed_chunk):
                 self._put(rows[start : start + self.feed_chunk])
+
+    def feed_raw(self, run: RawRecords) -> None:
+        """Normalise records read as bytes (RawRecords) as columns and enqueue them; records the
+        columns cannot hold (times past COLUMN_TS_LIMIT, ...) go one by one, as feed_many's."""
+        columns: Columns | None = (
+            self.normalise.bar_columns(run.data) if run.kind is dbn.OHLCVMsg else self.normalise.trade_columns(run.data)
+        )
+        if columns is None:
+            self.feed_many(run.records())
+        else:
+            self._put_columns(columns)
+
+    def _put_columns(self, columns: Columns) -> None:
+        """Enqueue columns in pieces of at most a batch (and a quarter of the queue)."""
+        batch = self.batch_trades if type(columns) is TradeColumns else self.batch_bars
+        step = max(1, min(batch, self.queue.max_rows // 4))
+        for start in range(0, len(columns), step):
+            self._put(columns[start : start + step])
 
     def _put(self, item: list[Any] | Columns) -> None:
         """Enqueue rows or columns; wait (back-pressure) while the queue is full."""
@@ -882,7 +897,8 @@ def _replay(
                 pipeline: Pipeline | None = None
                 file_stats = Stats()
                 unit = 60_000_000_000
-                for item in file_records(path, file_stats):
+                # Paced, record by record; at full speed, a file of one layout as its bytes (RawRecords).
+                for item in file_records(path, file_stats, raw=pacer is None):
                     if stopping.is_set():
                         break
                     locks.check()
@@ -904,12 +920,19 @@ def _replay(
                     if shift_ns is None:
                         # A looped pass acts live: shifted by whole units (bars keep their bucket
                         # edges) to start at the next edge, and paced on the wall clock from there.
-                        first_ts = next((ts for ts in map(_record_ts, item) if ts is not None), None)
+                        first_ts = (
+                            item.first_ts()
+                            if isinstance(item, RawRecords)
+                            else next((ts for ts in map(_record_ts, item) if ts is not None), None)
+                        )
                         if first_ts is not None:
                             shift_ns = -((first_ts - time.time_ns()) // unit) * unit
                             if pacer is not None:
                                 pacer.anchor(first_ts, wall_ns=first_ts + shift_ns)
                     pipeline.normalise.shift_ns = shift_ns or 0
+                    if isinstance(item, RawRecords):
+                        pipeline.feed_raw(item)
+                        continue
                     if pacer is None:
                         pipeline.feed_many(item)
                         continue

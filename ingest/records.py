@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +39,32 @@ _TF_BYTES = {rtype: tf.encode() for rtype, tf in BAR_RTYPES.items()}
 # Record times past this (year 2116) are normalised one by one, where a time past what a
 # datetime holds is dealt with as it always was; below it, shifted times stay in int64.
 COLUMN_TS_LIMIT = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecords:
+    """Whole records of one fixed-size layout (``kind``) as a file holds them, read without
+    an object per record (ingest/sources/replay.py); ``header`` is the file's DBN metadata,
+    to decode them one by one where the normaliser cannot take them as columns."""
+
+    kind: type
+    data: bytes
+    header: bytes
+
+    def __len__(self) -> int:
+        return len(self.data) // RAW_SIZES[self.kind]
+
+    def first_ts(self) -> int | None:
+        """The first record's ts_event (None for no record)."""
+        return int.from_bytes(self.data[8:16], "little") if self.data else None
+
+    def records(self) -> list[object]:
+        """The records as databento_dbn decodes them."""
+        decoder = dbn.DBNDecoder(upgrade_policy=dbn.VersionUpgradePolicy.UPGRADE_TO_V3)
+        return list(decoder.write_and_decode(self.header + self.data)[1:])
+
+
+RAW_SIZES: dict[type, int] = {dbn.OHLCVMsg: BAR_RECORD.itemsize, dbn.TradeMsg: TRADE_RECORD.itemsize}
 
 
 @dataclass
@@ -212,15 +239,16 @@ class Normaliser:
         )
         return _new_row(TradeIn, row)
 
-    def trade_columns(self, records: list[dbn.TradeMsg]) -> TradeColumns | None:
+    def trade_columns(self, records: list[dbn.TradeMsg] | bytes) -> TradeColumns | None:
         """Normalise a run of trade records at once: the trades, counts and state ``_trade`` gives
         one by one (same skips by cause, ordinals, out-of-order warnings, symbology).
 
-        None when the records' bytes are not trade records of the expected layout or hold
-        times past COLUMN_TS_LIMIT; the caller then normalises them one by one.
+        ``records`` may be their bytes, as the file holds them (RawRecords). None when the
+        records' bytes are not trade records of the expected layout or hold times past
+        COLUMN_TS_LIMIT; the caller then normalises them one by one.
         """
-        raw = b"".join(map(bytes, records))
-        if len(raw) != len(records) * TRADE_RECORD.itemsize:
+        raw = _record_bytes(records, TRADE_RECORD.itemsize)
+        if raw is None:
             return None
         rec = np.frombuffer(raw, dtype=TRADE_RECORD)
         ts_event, ts_recv = rec["ts_event"], rec["ts_recv"]
@@ -253,15 +281,16 @@ class Normaliser:
             flags=rec["flags"][kept].astype(np.int64),
         )
 
-    def bar_columns(self, records: list[dbn.OHLCVMsg]) -> BarColumns | None:
+    def bar_columns(self, records: list[dbn.OHLCVMsg] | bytes) -> BarColumns | None:
         """Normalise a run of bar records at once: the bars, counts and state ``_bar`` gives one
         by one (same skips by cause, out-of-order warnings, anomaly flags, symbology).
 
-        None when the records' bytes are not bar records of the expected layout, hold times
-        past COLUMN_TS_LIMIT or a volume past int64; the caller then normalises them one by one.
+        ``records`` may be their bytes, as the file holds them (RawRecords). None when the
+        records' bytes are not bar records of the expected layout, hold times past
+        COLUMN_TS_LIMIT or a volume past int64; the caller then normalises them one by one.
         """
-        raw = b"".join(map(bytes, records))
-        if len(raw) != len(records) * BAR_RECORD.itemsize:
+        raw = _record_bytes(records, BAR_RECORD.itemsize)
+        if raw is None:
             return None
         rec = np.frombuffer(raw, dtype=BAR_RECORD)
         ts_event, volume = rec["ts_event"], rec["volume"]
@@ -416,3 +445,11 @@ class Normaliser:
         ordinals = np.empty(n, dtype=np.int64)
         ordinals[order] = ordinal_sorted
         return ordinals
+
+
+def _record_bytes(records: Sequence[object] | bytes, size: int) -> bytes | None:
+    """The records' bytes one after another; None unless each is ``size`` bytes long."""
+    if isinstance(records, bytes):
+        return records if len(records) % size == 0 else None
+    raw = b"".join(map(bytes, records))  # type: ignore[arg-type]
+    return raw if len(raw) == len(records) * size else None

@@ -1,6 +1,7 @@
 """Fuzz the DBN reader (ingest.sources.replay.file_records) with random, truncated and corrupted files.
 
-Whatever the bytes, reading a file never raises: a cut or corrupt file is counted as an
+Both ways a file is read: by the decoder, and raw (a file of one layout as its bytes, as
+the replay at full speed reads). Whatever the bytes, reading a file never raises: a cut or corrupt file is counted as an
 error by cause, and every whole record before the damage is still delivered, unchanged.
 """
 
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from ingest.records import Stats
+from ingest.records import RAW_SIZES, RawRecords, Stats
 from ingest.sources.replay import FileStart, file_records
 from tests.conftest import SAMPLES
 
@@ -32,17 +33,23 @@ def plain(path: Path) -> bytes:
     return data
 
 
-def read(data: bytes, suffix: str = ".dbn") -> tuple[list[bytes], Stats, bool]:
-    """Records (as bytes) file_records delivers for ``data``, its stats, and whether metadata came."""
+def read(data: bytes, suffix: str = ".dbn", *, raw: bool = False) -> tuple[list[bytes], Stats, bool]:
+    """Records (as bytes) file_records delivers for ``data``, its stats, and whether metadata came.
+
+    With ``raw``, as the replay at full speed reads: files of one layout as their bytes (RawRecords).
+    """
     stats = Stats()
     records: list[bytes] = []
     started = False
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"fuzz{suffix}"
         path.write_bytes(data)
-        for item in file_records(path, stats):
+        for item in file_records(path, stats, raw=raw):
             if isinstance(item, FileStart):
                 started = True
+            elif isinstance(item, RawRecords):
+                size = RAW_SIZES[item.kind]
+                records.extend(item.data[at : at + size] for at in range(0, len(item.data), size))
             else:
                 records.extend(bytes(r) for r in item)  # type: ignore[call-overload]
     return records, stats, started
@@ -67,32 +74,36 @@ def originals() -> dict[Path, tuple[bytes, list[bytes]]]:
         data = plain(path)
         records, stats, _ = read(data)
         assert not stats.errors, (path, stats.errors)
+        assert read(data, raw=True)[0] == records  # the raw reader delivers the same records
         out[path] = (data, records)
     return out
 
 
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["decoder", "raw"])
 @FUZZ
 @given(st.binary(min_size=1, max_size=2000))
-def test_random_bytes_are_an_error_never_a_crash(data):
-    records, stats, _ = read(data)
+def test_random_bytes_are_an_error_never_a_crash(raw_mode, data):
+    records, stats, _ = read(data, raw=raw_mode)
     assert stats.errors or not records or data.startswith(b"DBN")
     assert sum(stats.errors.values()) <= 1
 
 
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["decoder", "raw"])
 @FUZZ
 @given(st.binary(min_size=1, max_size=2000))
-def test_random_zstd_input_is_an_error_never_a_crash(data):
-    _, stats, _ = read(data, ".dbn.zst")
+def test_random_zstd_input_is_an_error_never_a_crash(raw_mode, data):
+    _, stats, _ = read(data, ".dbn.zst", raw=raw_mode)
     assert stats.errors
 
 
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["decoder", "raw"])
 @FUZZ
 @given(st.data())
-def test_a_truncated_file_delivers_every_whole_record_before_the_cut_and_counts_the_cut(originals, data):
+def test_a_truncated_file_delivers_every_whole_record_before_the_cut_and_counts_the_cut(raw_mode, originals, data):
     path = data.draw(st.sampled_from(SAMPLE_FILES), label="file")
     raw, full = originals[path]
     cut = data.draw(st.integers(1, len(raw) - 1), label="cut")
-    records, stats, _ = read(raw[:cut])
+    records, stats, _ = read(raw[:cut], raw=raw_mode)
     ends = boundaries(raw)
     whole = sum(1 for end in ends[1:] if end <= cut)
     assert records == full[:whole]  # nothing lost before the cut, nothing made up
@@ -100,28 +111,30 @@ def test_a_truncated_file_delivers_every_whole_record_before_the_cut_and_counts_
         assert stats.errors["truncated_file"] + stats.errors["corrupt_file"] == 1
 
 
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["decoder", "raw"])
 @FUZZ
 @given(st.data())
-def test_a_truncated_zstd_file_delivers_a_prefix_of_its_records(originals, data):
+def test_a_truncated_zstd_file_delivers_a_prefix_of_its_records(raw_mode, originals, data):
     path = data.draw(st.sampled_from(SAMPLE_FILES), label="file")
     raw, full = originals[path]
     packed = zstandard.ZstdCompressor().compress(raw)
     cut = data.draw(st.integers(1, len(packed) - 1), label="cut")
-    records, stats, _ = read(packed[:cut], ".dbn.zst")
+    records, stats, _ = read(packed[:cut], ".dbn.zst", raw=raw_mode)
     assert records == full[: len(records)]
     assert sum(stats.errors.values()) == 1  # a cut zstd stream is always reported, even between records
 
 
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["decoder", "raw"])
 @FUZZ
 @given(st.data())
-def test_a_corrupted_file_delivers_every_record_before_the_damage(originals, data):
+def test_a_corrupted_file_delivers_every_record_before_the_damage(raw_mode, originals, data):
     path = data.draw(st.sampled_from(SAMPLE_FILES), label="file")
     raw, full = originals[path]
     ends = boundaries(raw)
     at = data.draw(st.integers(ends[0], len(raw) - 1), label="at")
     junk = data.draw(st.binary(min_size=1, max_size=16), label="junk")
     damaged = raw[:at] + junk + raw[at + len(junk) :]
-    records, stats, _ = read(damaged)
+    records, stats, _ = read(damaged, raw=raw_mode)
     before = sum(1 for end in ends[1:] if end <= at)
     assert records[:before] == full[:before]
     assert sum(stats.errors.values()) <= 1

@@ -17,11 +17,12 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from ingest.pipeline import FeedLock, IngestLockedError, advisory_key, run_replay
-from ingest.records import BAR_RTYPES
+from ingest.records import BAR_RTYPES, RAW_SIZES, RawRecords, Stats
+from ingest.sources.replay import FileStart, file_records
 from marketdata.models import Bar, FeedStatus, Symbol, Trade
 from tests.conftest import SAMPLES, dbn_records
 
-from .dbnfile import bar, metadata, write
+from .dbnfile import NS, bar, metadata, write
 
 pytestmark = pytest.mark.django_db(transaction=True)
 T0 = 1704205800  # 2024-01-02T14:30:00Z
@@ -330,3 +331,64 @@ def test_a_bar_batch_bumps_the_cache_version_naming_its_first_bar(tmp_path, redi
     log = cache.changes_parse(redis_client.get(cache.changes_key(symbol.pk)))
     assert log is not None
     assert log.records[-1] == (version, {"1m": T0 * 1_000_000})  # T0 in seconds; the log holds microseconds
+
+
+def _read(path: Path, *, raw: bool) -> tuple[list[bytes], list[str], Stats]:
+    """The records file_records delivers (as bytes), the kinds of its items, and its stats."""
+    stats = Stats()
+    records: list[bytes] = []
+    kinds: list[str] = []
+    for item in file_records(path, stats, raw=raw):
+        kinds.append(type(item).__name__)
+        if isinstance(item, RawRecords):
+            size = RAW_SIZES[item.kind]
+            records += [item.data[at : at + size] for at in range(0, len(item.data), size)]
+        elif not isinstance(item, FileStart):
+            records += [bytes(r) for r in item]  # type: ignore[call-overload]
+    return records, kinds, stats
+
+
+@pytest.mark.parametrize("zstd", [False, True])
+def test_a_file_of_one_layout_reads_as_its_bytes_and_another_record_hands_the_rest_to_the_decoder(tmp_path, zstd):
+    bars = [bar(7, T0 + 60 * i, 100 + i) for i in range(300)]
+    remap = bytes(
+        dbn.SymbolMappingMsg(
+            publisher_id=0, instrument_id=7, ts_event=(T0 + 300 * 60) * NS, stype_in=dbn.SType.RAW_SYMBOL,
+            stype_in_symbol="AAPL", stype_out=dbn.SType.RAW_SYMBOL, stype_out_symbol="AAPL",
+            start_ts=(T0 + 300 * 60) * NS, end_ts=(T0 + 400 * 60) * NS,
+        )
+    )  # fmt: skip
+    later = [bar(7, T0 + 60 * (301 + i), 200 + i) for i in range(50)]
+    suffix = ".dbn.zst" if zstd else ".dbn"
+    uniform = write(tmp_path / f"uniform{suffix}", metadata(symbols={"AAPL": 7}), bars, zstd=zstd)
+    mixed = write(tmp_path / f"mixed{suffix}", metadata(symbols={"AAPL": 7}), [*bars, remap, *later], zstd=zstd)
+
+    records, kinds, stats = _read(uniform, raw=True)
+    assert kinds[0] == "FileStart"
+    assert set(kinds[1:]) == {"RawRecords"}
+    assert records == _read(uniform, raw=False)[0] == bars
+    assert not stats.errors
+
+    records, kinds, stats = _read(mixed, raw=True)
+    assert kinds.count("FileStart") == 1
+    assert "RawRecords" in kinds
+    assert "list" in kinds
+    assert records == _read(mixed, raw=False)[0]  # every record once, in order
+    assert len(records) == 351
+    assert records[:300] == bars
+    assert records[301:] == later
+    assert not stats.errors
+
+
+def test_bars_read_as_bytes_that_columns_cannot_hold_go_one_by_one(tmp_path):
+    records = [bar(7, T0 + 60 * i, 100 + i) for i in range(3)]
+    past_limit = bytearray(bar(7, T0 + 180, 103))
+    past_limit[8:16] = (2**62 + 5).to_bytes(8, "little")  # ts_event past COLUMN_TS_LIMIT (and past a datetime)
+    path = write(tmp_path / "far.dbn", metadata(symbols={"AAPL": 7}), [*records, bytes(past_limit)])
+
+    results = run_replay(paths=[path], speed=None, loop=False, symbols=None, publish=False, install_signals=False)
+
+    stats = results["XNAS.ITCH"]
+    assert Bar.objects.count() == 3  # the run went one by one, as the decoder's records do
+    assert stats.records == 4
+    assert sum(stats.skipped.values()) + sum(stats.errors.values()) == 1
