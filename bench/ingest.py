@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/ingest.py [--records 1000000] [--symbols 50] [--no-publish]
 
-It writes two DBN files with databento_dbn's encoder (the decoder path of real files),
+It writes two DBN files with databento_dbn's encoder (read as real files are),
 then runs the real command, ``python manage.py ingest replay FILE --max``, in a child
 process against a database of its own (``marketdata_bench_ingest``, created and migrated
 here, emptied before each run) and Redis database 14, so it never touches the development
