@@ -581,8 +581,12 @@ class Pipeline:
         since: dict[int, dict[str, datetime]] = {}
         publish_bars: BarColumns | None = None
         publish_trades: TradeColumns | None = None
-        bar_columns = concat([bars_checked(part) for part in bars]) if bars else None
-        trade_columns = concat([trades_checked(part) for part in trades]) if trades else None
+        # Rows are made columns here (checked: a bad row raises its ValidationError); columns
+        # are checked once, by bars_upsert / trades_insert.
+        bar_columns = concat([p if type(p) is BarColumns else bars_checked(p) for p in bars]) if bars else None
+        trade_columns = (
+            concat([p if type(p) is TradeColumns else trades_checked(p) for p in trades]) if trades else None
+        )
         order.start(i)
         # Two transactions (bars, then trades): the batch begins after the one before is done,
         # and the next batch may begin once its second has run its statements.
