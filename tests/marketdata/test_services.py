@@ -288,3 +288,44 @@ def test_a_refused_trade_append_falls_back_and_keeps_one_of_each(make_symbol):
     assert (result.inserted, result.unchanged) == (1, 2)
     assert metrics.DB_APPEND_FALLBACKS._value.get() == fallbacks + 1
     assert Trade.objects.count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", ["bars", "trades"])
+def test_before_commit_runs_with_the_rows_sent_and_uncommitted_and_its_error_stores_nothing(make_symbol, kind):
+    """The appending copy is its own statement in autocommit: before_commit runs before the
+    copy's end commits it (the ingester orders its writers' commits there)."""
+    import psycopg
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    dsn = f"host={db['HOST']} port={db['PORT']} user={db['USER']} dbname={db['NAME']}"
+    symbol = make_symbol("AAPL")
+    table = "marketdata_bar" if kind == "bars" else "marketdata_trade"
+    rows = _bars(symbol.pk, n=4)
+    trades = [TradeIn(symbol.pk, r.ts, r.ts, 2, i, 0, 100 * P, 10, "B", 0) for i, r in enumerate(rows)]
+    seen: list[int] = []
+
+    def count_elsewhere() -> None:  # what another session sees at that moment
+        with psycopg.connect(dsn, autocommit=True) as other:
+            row = other.execute(f"SELECT count(*) FROM {table}").fetchone()
+            seen.append(row[0] if row else -1)
+
+    def write(before_commit):
+        if kind == "bars":
+            return bars_upsert(bars=rows, before_commit=before_commit)
+        return trades_insert(trades=trades, before_commit=before_commit)
+
+    def refuse() -> None:
+        count_elsewhere()
+        raise RuntimeError("not this one's turn")
+
+    with pytest.raises(RuntimeError, match="turn"):
+        write(refuse)
+    assert seen == [0]
+    assert not (Bar if kind == "bars" else Trade).objects.exists()  # the copy was aborted: nothing stored
+
+    result = write(count_elsewhere)
+    assert seen == [0, 0]  # not committed while before_commit ran...
+    assert result.inserted == 4
+    assert (Bar if kind == "bars" else Trade).objects.count() == 4  # ...and committed after it
