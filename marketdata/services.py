@@ -334,8 +334,11 @@ def bars_upsert(*, bars: Sequence[BarIn] | BarColumns, before_commit: Callable[[
     cols = bars_checked(bars)
     key_spans = bar_spans(cols)
     payload = copy_payload(cols)
-    copy = partial(_copy_payload, table=BAR_TABLE, columns=BAR_COLUMNS, payload=payload)
-    if _append(key_spans, lambda cursor, before_end: copy(cursor, before_end=before_end), before_commit):
+
+    def copy(cursor: Any, end: Callable[[], None] | None) -> None:
+        _copy_payload(cursor, BAR_TABLE, BAR_COLUMNS, payload, end)
+
+    if _append(key_spans, copy, before_commit):
         result = WriteResult(received=len(cols), inserted=len(cols), updated=0, spans=key_spans)
     else:
         with _staged("bar_stage") as cursor:
@@ -370,8 +373,11 @@ def trades_insert(
     cols = trades_checked(trades)
     series = {(symbol_id, TRADE_SERIES): span for symbol_id, span in spans(cols.symbol_id, cols.ts_event).items()}
     payload = copy_payload(cols)
-    copy = partial(_copy_payload, table=TRADE_TABLE, columns=TRADE_COLUMNS, payload=payload)
-    if _append(series, lambda cursor, before_end: copy(cursor, before_end=before_end), before_commit):
+
+    def copy(cursor: Any, end: Callable[[], None] | None) -> None:
+        _copy_payload(cursor, TRADE_TABLE, TRADE_COLUMNS, payload, end)
+
+    if _append(series, copy, before_commit):
         inserted = len(cols)
     else:
         with _staged("trade_stage") as cursor:
