@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from marketdata.wire import time_text, trade_json, ts_text
 
@@ -30,3 +32,15 @@ def test_a_trade_carries_its_time_to_the_microsecond():
     assert trade_json(INSTANT, 189_120_000_000, 5, "B") == (
         '{"ts":"2024-01-02T14:30:05.123456Z","price":189.12,"size":5,"side":"B"}'
     )
+
+
+@given(st.lists(st.integers(-(10**15), 10**15), max_size=50))
+def test_kept_price_texts_are_price_text_and_stay_bounded(prices):
+    from marketdata import wire
+
+    texts = wire._PriceTexts()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "PRICE_TEXTS_MAX", 8)
+        for price in prices + prices:  # each asked for twice: made once, then kept
+            assert texts[price] == wire.price_text(price)
+            assert len(texts) <= 8
