@@ -39,6 +39,7 @@ _TF_BYTES = {rtype: tf.encode() for rtype, tf in BAR_RTYPES.items()}
 # Record times past this (year 2116) are normalised one by one, where a time past what a
 # datetime holds is dealt with as it always was; below it, shifted times stay in int64.
 COLUMN_TS_LIMIT = 2**62
+UPGRADE = dbn.VersionUpgradePolicy.UPGRADE_TO_V3  # every decoder here reads DBN v1/v2 as v3
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,7 @@ class RawRecords:
 
     def records(self) -> list[object]:
         """The records as databento_dbn decodes them."""
-        decoder = dbn.DBNDecoder(upgrade_policy=dbn.VersionUpgradePolicy.UPGRADE_TO_V3)
+        decoder = dbn.DBNDecoder(upgrade_policy=UPGRADE)
         return list(decoder.write_and_decode(self.header + self.data)[1:])
 
 

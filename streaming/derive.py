@@ -336,7 +336,7 @@ class Deriver:
         wanted = []
         for symbol_id, start_us, last_us in zip(symbols, starts.tolist(), lasts.tolist(), strict=True):
             start = utc(start_us)
-            wanted.append((symbol_id, start, min(start + DURATIONS[tf], utc(last_us) + _MICROSECOND)))
+            wanted.append((symbol_id, start, _load_end(start, tf, utc(last_us))))
         return dict(zip(wanted, self.load_many(base, wanted), strict=True))
 
     def _merge(
@@ -360,7 +360,7 @@ class Deriver:
             # derived yet would make each of those batches look like a correction (a reload
             # per batch and stream: 37% of a replay's time before this bound).
             upto = piece.last_ts if state is None else max(piece.last_ts, state.last_ts)
-            end = min(start + DURATIONS[tf], upto + _MICROSECOND)
+            end = _load_end(start, tf, upto)
             stored = (preloaded or {}).pop((symbol_id, start, end), None)
             if stored is None:
                 stored = self.load(symbol_id, base, start, end)
@@ -375,6 +375,11 @@ class Deriver:
             state = _new(_Forming, (combine(state.bar, piece.bar, start), piece.last_ts))
         self.forming[key] = state
         out[(symbol_id, tf, start)] = _new(Derived, (symbol_id, tf, state.bar, False))
+
+
+def _load_end(start: datetime, tf: str, upto: datetime) -> datetime:
+    """Where a bucket's reload from the store ends: its end, or just past ``upto`` if sooner."""
+    return min(start + DURATIONS[tf], upto + _MICROSECOND)
 
 
 LOAD_CHUNK = 500  # (symbol, range)s per query of load_stored_many

@@ -12,7 +12,7 @@ import databento_dbn as dbn
 import numpy as np
 import zstandard
 
-from ..records import RAW_SIZES, RawRecords, Stats
+from ..records import RAW_SIZES, UPGRADE, RawRecords, Stats
 
 CHUNK = 1 << 16  # compressed input expands ~20x: keep the decoded batch small
 ERR_TRUNCATED = "{path}: file ends inside a record ({count} bytes after the last whole record)"
@@ -33,7 +33,6 @@ def _is_zstd(path: Path) -> bool:
     return path.suffix == ".zst"
 
 
-UPGRADE = dbn.VersionUpgradePolicy.UPGRADE_TO_V3
 MAX_METADATA = 64 << 20  # a header claiming more is damage, not symbology (the decoder says so)
 
 
