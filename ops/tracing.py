@@ -60,12 +60,28 @@ def setup(service_name: str = "marketdata") -> bool:
     provider = TracerProvider(resource=Resource.create(attributes))  # shuts down (flushes) at exit
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    DjangoInstrumentor().instrument()  # adds its middleware first in settings.MIDDLEWARE
+    # Adds its middleware first in settings.MIDDLEWARE; the hook redacts the URL attributes.
+    DjangoInstrumentor().instrument(request_hook=redact_span_urls)
     PsycopgInstrumentor().instrument()
     RedisInstrumentor().instrument()
     _tracer = trace.get_tracer("marketdata")
     _enabled = True
     return True
+
+
+# Attributes of the Django server span that hold the query (old and new HTTP conventions).
+URL_ATTRIBUTES = ("http.url", "http.target", "url.full", "url.query")
+
+
+def redact_span_urls(span: Any, request: Any) -> None:
+    """Rewrite the span's URL attributes with their tokens redacted (``?token=``, as in the logs)."""
+    from .logging import redact
+
+    attributes = getattr(span, "attributes", None) or {}
+    for key in URL_ATTRIBUTES:
+        value = attributes.get(key)
+        if isinstance(value, str) and redact(value) != value:
+            span.set_attribute(key, redact(value))
 
 
 def enabled() -> bool:

@@ -10,11 +10,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,21 +32,113 @@ from tests.browser.chromium import headless_chromium
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _production(argv: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` under the production settings with only the required environment."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "STREAMING_", "DATABASE_REPLICA"))}
+# What an operator must choose besides the secret key and hosts (README "Configuration").
+METRICS_TOKEN = "metrics-" + secrets.token_urlsafe(24)
+_STATIC: list[Path] = []
+
+
+def static_root() -> Path:
+    """A STATIC_ROOT holding a manifest, as collectstatic leaves it (empty: no page is rendered here).
+
+    The real collectstatic takes ~40 s of CPU (whitenoise compresses every file); these
+    tests need the manifest to exist, not the files.
+    """
+    if not _STATIC:
+        root = Path(tempfile.mkdtemp(prefix="static-"))
+        (root / "staticfiles.json").write_text(json.dumps({"paths": {}, "version": "1.1", "hash": "0"}))
+        _STATIC.append(root)
+    return _STATIC[0]
+
+
+def production_env(**extra: str) -> dict[str, str]:
+    """The environment of a process under the production settings: only what they require, on the test database."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "STREAMING_", "DATABASE_REPLICA", "METRICS_", "WS_", "PROMETHEUS_MULTIPROC"))
+    }
     db = settings.DATABASES["default"]
-    env = {
+    return {
         **clean,
         "DJANGO_SETTINGS_MODULE": "config.settings.production",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
         "DJANGO_ALLOWED_HOSTS": "md.example.com,localhost",
+        "DJANGO_STATIC_ROOT": str(static_root()),
+        "METRICS_TOKEN": METRICS_TOKEN,
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
         "DATABASE_POOL_MIN": "0",
         "REDIS_URL": settings.REDIS_URL,
+        "CHANNELS_PREFIX": settings.CHANNELS_PREFIX,
+        "PYTHONUNBUFFERED": "1",
         **extra,
     }
+
+
+def _production(argv: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` under the production settings with only the required environment."""
+    env = {k: v for k, v in production_env(**extra).items() if v is not None}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A gateway subprocess (``python -m streaming.server``) on a loopback port; its output in a file."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def request(self, path: str, headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, bytes]:
+        """GET ``path``: (status, body), error statuses included."""
+        url = f"http://127.0.0.1:{port or self.port}{path}"
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                return int(response.status), bytes(response.read())
+        except urllib.error.HTTPError as error:
+            return int(error.code), bytes(error.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def start_server(env: dict[str, str], log: Path, args: tuple[str, ...] = (), ready: str = "/healthz") -> Server:
+    """Start the gateway as the image does (``python -m streaming.server``) and wait until ``ready`` answers."""
+    for _ in range(3):  # a port taken between choosing and binding it: another one
+        port = free_port()
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), *args,
+                 "config.asgi:application"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        server = Server(port, proc, log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                server.request(ready, {"Host": "localhost"})
+                return server
+            except OSError:
+                time.sleep(0.1)
+        server.stop()
+        if "Address already in use" not in server.output():
+            break
+    raise AssertionError(f"the gateway did not start:\n{server.output()[-3000:]}")
 
 
 CHECK_DEPLOY = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]

@@ -29,6 +29,7 @@ from tests.ingest.dbnfile import bar, metadata, write
 ROOT = Path(__file__).resolve().parent.parent.parent
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
+SECRET = "mdg_" + "s3cr3t" * 7
 WAIT_S = 20.0
 
 
@@ -154,13 +155,18 @@ def test_gateway_exports_django_psycopg_and_redis_spans_continuing_the_tracepare
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.1)
         traceparent = f"00-{TRACE_ID}-{PARENT}-01"
-        assert _get(f"http://127.0.0.1:{port}/healthz", {"traceparent": traceparent}) == 200
+        assert _get(f"http://127.0.0.1:{port}/healthz?token={SECRET}&x=1", {"traceparent": traceparent}) == 200
         assert _get(f"http://127.0.0.1:{port}/readyz", {"traceparent": traceparent}) == 200
 
         ours = lambda s: s["trace_id"] == TRACE_ID  # noqa: E731
         server = collector.wait_for(lambda s: ours(s) and s["attributes"].get("http.route") == "healthz", "healthz")
         assert server[0]["parent_span_id"] == PARENT  # a child of the caller's span
         assert server[0]["service"] == "marketdata-gateway"
+        # The query is kept in the URL attributes, its token redacted (as in the logs).
+        urls = {k: v for k, v in server[0]["attributes"].items() if k in ("http.url", "http.target", "url.full")}
+        assert urls
+        assert all(v.endswith("?token=[REDACTED]&x=1") for v in urls.values()), urls
+        assert not [s for s in collector.spans if SECRET in json.dumps(s["attributes"])]
         ready = collector.wait_for(lambda s: ours(s) and s["attributes"].get("http.route") == "readyz", "readyz")[0]
         db = collector.wait_for(lambda s: ours(s) and s["attributes"].get("db.system") == "postgresql", "psycopg")
         cache = collector.wait_for(lambda s: ours(s) and s["attributes"].get("db.system") == "redis", "redis")
