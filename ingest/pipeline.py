@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import groupby
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import databento_dbn as dbn
 import numpy as np
@@ -55,6 +55,9 @@ from ops import metrics, tracing
 from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry, trades_out
 from .records import Normaliser, RawRecords, Stats
 from .symbology import Resolver
+
+if TYPE_CHECKING:
+    from .sources.replay import FileRead
 
 log = structlog.get_logger(__name__)
 
@@ -865,13 +868,18 @@ def run_replay(
     progress: Callable[[Stats, float], None] | None = None,
     install_signals: bool = True,
     max_loops: int | None = None,
+    on_file: Callable[[FileRead], None] | None = None,
 ) -> dict[str, Stats]:
-    """Replay DBN files into the store (and out to clients); one pipeline per dataset."""
+    """Replay DBN files into the store (and out to clients); one pipeline per dataset.
+
+    ``on_file`` hears how each file went as its read ends (each pass, when looping): a
+    failed file's records before the damage are stored all the same.
+    """
     stopping = threading.Event()
     with stop_on_signals(stopping) if install_signals else nullcontext():
         return _replay(
             paths=paths, speed=speed, loop=loop, symbols=symbols, publish=publish, progress=progress,
-            stopping=stopping, max_loops=max_loops,
+            stopping=stopping, max_loops=max_loops, on_file=on_file,
         )  # fmt: skip
 
 
@@ -885,8 +893,9 @@ def _replay(
     progress: Callable[[Stats, float], None] | None,
     stopping: threading.Event,
     max_loops: int | None,
+    on_file: Callable[[FileRead], None] | None,
 ) -> dict[str, Stats]:
-    from .sources.replay import FileStart, Pacer, file_records
+    from .sources.replay import FileRead, FileStart, Pacer, file_records
 
     pipelines: dict[str, Pipeline] = {}
     unread = Stats()  # errors of files that never got as far as their metadata
@@ -901,10 +910,13 @@ def _replay(
                 pipeline: Pipeline | None = None
                 file_stats = Stats()
                 unit = 60_000_000_000
+                delivered = 0
                 # Paced, record by record; at full speed, a file of one layout as its bytes (RawRecords).
                 for item in file_records(path, file_stats, raw=pacer is None):
                     if stopping.is_set():
                         break
+                    if not isinstance(item, FileStart):
+                        delivered += len(item)
                     locks.check()
                     if isinstance(item, FileStart):
                         meta = item.metadata
@@ -950,6 +962,9 @@ def _replay(
                 target = pipeline.stats if pipeline is not None else unread
                 target.errors.update(file_stats.errors)
                 target.last_error = file_stats.last_error or target.last_error
+                if on_file is not None:
+                    # Every error file_records counts is the file's own: it was not read whole.
+                    on_file(FileRead(path, delivered, file_stats.last_error, stopping.is_set()))
             if not loop or (max_loops is not None and passes >= max_loops):
                 break
             if pacer is not None:

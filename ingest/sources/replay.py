@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import databento_dbn as dbn
 import numpy as np
@@ -19,6 +21,19 @@ ERR_TRUNCATED = "{path}: file ends inside a record ({count} bytes after the last
 ERR_CORRUPT = "{path}: not decodable as DBN: {error}"
 ERR_MISSING = "{path}: no such file"
 ERR_ZSTD_CUT = "{path}: the zstd stream ends early (the file was cut): the records after it are missing"
+ERR_DIRECTORY = "{path}: is a directory, not a DBN file"
+ERR_NOT_FILE = "{path}: not a regular file"
+ERR_UNREADABLE = "{path}: cannot be read: {error}"
+ERR_EMPTY = "{path}: empty file (no DBN header)"
+ERR_NOT_DBN = "{path}: not a DBN file (it does not start with DBN's header)"
+ERR_HEADER_CUT = "{path}: file ends inside the DBN header ({count} bytes)"
+ERR_METADATA_HUGE = (
+    "{path}: the DBN header claims {length} bytes of metadata, more than a DBN file holds ({limit} at most): "
+    "the header is damaged"
+)
+ERR_METADATA_PAST_END = (
+    "{path}: the DBN header claims {length} bytes of metadata, but the file ends {size} bytes after the header"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +44,26 @@ class FileStart:
     metadata: dbn.Metadata
 
 
+@dataclass(frozen=True, slots=True)
+class FileRead:
+    """How one file of a replay went: read whole, failed (``error``, its one-line reason), or stopped first."""
+
+    path: Path
+    records: int  # data records delivered
+    error: str = ""
+    stopped: bool = False
+
+
 def _is_zstd(path: Path) -> bool:
     return path.suffix == ".zst"
 
 
-MAX_METADATA = 64 << 20  # a header claiming more is damage, not symbology (the decoder says so)
+MAX_METADATA = 64 << 20  # the raw reader leaves larger metadata (or damage) to the decoder
+# More metadata than any DBN file holds: OPRA's whole symbology (1.5M symbols, with their
+# mappings) is about 350 MB in DBN v3. Only a compressed file needs it: a plain one's
+# metadata must fit in the file.
+METADATA_LIMIT = 1 << 30
+HEADER = 8  # b"DBN", the version byte, then the metadata's length (u32, little-endian)
 
 
 def dbn_decoder(path: Path) -> dbn.DBNDecoder:
@@ -62,6 +92,68 @@ def zstd_complete(path: Path) -> bool:
                 pending = decompressor.unused_data
                 decompressor = zstandard.ZstdDecompressor().decompressobj()
     return complete
+
+
+def header_error(path: Path) -> tuple[str, str] | None:
+    """Why ``path`` cannot be read as DBN, judged by what it is and its header alone: (cause, message), or None.
+
+    Runs before any decoder sees the file: the decoder reserves the metadata length the
+    header claims, so a damaged length (0xFFFFFFF0) would be a 4 GiB allocation (an abort
+    under a memory limit) instead of an error.
+    """
+    if path.is_dir():
+        return "not_a_file", ERR_DIRECTORY.format(path=path)
+    if not path.exists():
+        return "missing_file", ERR_MISSING.format(path=path)
+    if not path.is_file():
+        return "not_a_file", ERR_NOT_FILE.format(path=path)
+    try:
+        with path.open("rb") as handle:
+            if not _is_zstd(path):
+                return _metadata_error(path, handle, os.fstat(handle.fileno()).st_size)
+            with zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True) as stream:
+                problem = _metadata_error(path, stream, None)
+        # A cut zstd stream just ends (often before its first byte out): say what happened to the file.
+        if problem is not None and not zstd_complete(path):
+            return "truncated_file", ERR_ZSTD_CUT.format(path=path)
+        return problem
+    except zstandard.ZstdError as exc:
+        return "corrupt_file", ERR_CORRUPT.format(path=path, error=exc)
+    except OSError as exc:
+        return "unreadable_file", ERR_UNREADABLE.format(path=path, error=exc.strerror or exc)
+
+
+def _read_up_to(stream: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes of ``stream``, fewer only at its end (a zstd reader may return less per read)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < count and (part := stream.read(min(count - got, CHUNK))):
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _metadata_error(path: Path, stream: BinaryIO, size: int | None) -> tuple[str, str] | None:
+    """The header check on the file's DBN bytes; ``size``: their length when known (plain files)."""
+    head = _read_up_to(stream, HEADER)
+    if not head:
+        return "corrupt_file", ERR_EMPTY.format(path=path)
+    if head[:3] != b"DBN"[: len(head)]:
+        return "corrupt_file", ERR_NOT_DBN.format(path=path)
+    if len(head) < HEADER:
+        return "truncated_file", ERR_HEADER_CUT.format(path=path, count=len(head))
+    length = int.from_bytes(head[4:8], "little")
+    if length > METADATA_LIMIT:
+        return "corrupt_file", ERR_METADATA_HUGE.format(path=path, length=length, limit=METADATA_LIMIT)
+    if size is not None:
+        after = size - HEADER
+    else:  # a compressed stream's length is known only by reading it: as far as the metadata, kept nowhere
+        after = 0
+        while after < length and (part := stream.read(min(length - after, CHUNK))):
+            after += len(part)
+    if after < length:
+        return "truncated_file", ERR_METADATA_PAST_END.format(path=path, length=length, size=after)
+    return None
 
 
 def _decode_error(exc: BaseException) -> bool:
@@ -95,8 +187,9 @@ def file_records(path: Path, stats: Stats, *, raw: bool = False) -> Iterator[Fil
     no upgrade. From the first record it does not read so (another rtype, damage) to the
     end, and for every other file, the decoder reads as it always did.
     """
-    if not path.is_file():
-        stats.error("missing_file", ERR_MISSING.format(path=path))
+    problem = header_error(path)
+    if problem is not None:
+        stats.error(*problem)
         return
     delivered = 0  # data records yielded
     started = False

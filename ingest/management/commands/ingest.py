@@ -16,10 +16,25 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from ingest.pipeline import IngestLockedError, run_replay, stop_on_signals
 from ingest.records import Stats
 from ingest.sources.keys import ApiKeyError, api_key_get
+from ingest.sources.replay import FileRead
 from marketdata.errors import ValidationError
 from marketdata.timeframes import SCHEMAS
 from marketdata.timeparse import time_parse
 from ops.runtime import interpreter_tune
+
+OUT_READ_WHOLE = "read whole: {path} ({records} records)"
+OUT_STOPPED = "stopped: {path} (the run was stopped before its end)"
+ERR_FILE_FAILED = "failed: {reason}"
+ERR_FILES_FAILED = "{failed} of {total} files could not be read whole (each named above)"
+ERR_HISTORICAL_INCOMPLETE = "historical fetch incomplete: run the same command again to resume from the store"
+ERR_LIVE_GAVE_UP = "live feed gave up reconnecting; see the log for the last error"
+EXIT_CODES = (
+    "Exit status: 0 when every input was read whole (a run stopped by SIGTERM or Ctrl-C included, once what "
+    "it read is stored); 1 when any input could not be read whole (a missing, cut, corrupt, empty or non-DBN "
+    "file, a directory: each named on stderr with its reason, while what was read whole stays stored), a "
+    "historical fetch is incomplete, the live feed ended on an error, or the run failed (a refused or missing "
+    "API key, another ingester holding the feed, the database); 2 on bad arguments."
+)
 
 
 def _symbols(value: str) -> list[str]:
@@ -53,11 +68,15 @@ class Command(BaseCommand):
     # The system checks import every URL module (DRF, the admin...): a second of startup
     # an ingester does not need; `manage.py check` and the gateway still run them.
     requires_system_checks: list[str] = []
-    help = "Ingest Databento data (DBN files, historical API, live API) into the store, then publish it."
+    help = "Ingest Databento data (DBN files, historical API, live API) into the store, then publish it. " + EXIT_CODES
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="source", required=True)
-        replay = sub.add_parser("replay", help="replay DBN files (v1-v3, .dbn or .dbn.zst)")
+        replay = sub.add_parser(
+            "replay", help="replay DBN files (v1-v3, .dbn or .dbn.zst)",
+            description="Replay DBN files (v1-v3, .dbn or .dbn.zst); each file is reported read whole or failed. "
+            + EXIT_CODES,
+        )  # fmt: skip
         replay.add_argument("files", nargs="+", type=Path, metavar="FILE")
         pace = replay.add_mutually_exclusive_group()
         pace.add_argument("--speed", type=_speed, help="pace records by their timestamps, X times real time")
@@ -104,6 +123,21 @@ class Command(BaseCommand):
         self.stderr.write(f"records={stats.records} written={stats.written} rate={rate:,.0f}/s lag={lag}")
 
     def _replay(self, options: dict[str, Any]) -> None:
+        reads: dict[Path, FileRead] = {}
+        failed: set[Path] = set()
+
+        def on_file(read: FileRead) -> None:
+            if reads.get(read.path) == read:
+                return  # a looped pass that went as the last one: said already
+            reads[read.path] = read
+            if read.error:
+                failed.add(read.path)
+                self.stderr.write(ERR_FILE_FAILED.format(reason=read.error))
+            elif read.stopped:
+                self.stdout.write(OUT_STOPPED.format(path=read.path))
+            else:
+                self.stdout.write(OUT_READ_WHOLE.format(path=read.path, records=read.records))
+
         results = run_replay(
             paths=options["files"],
             speed=options["speed"],
@@ -111,9 +145,12 @@ class Command(BaseCommand):
             symbols=options["symbols"],
             publish=not options["no_publish"],
             progress=self._progress,
+            on_file=on_file,
         )
         for dataset, stats in results.items():
             self.stdout.write(f"{dataset}: {stats.summary()}")
+        if failed:
+            raise CommandError(ERR_FILES_FAILED.format(failed=len(failed), total=len(set(options["files"]))))
 
     def _historical(self, options: dict[str, Any]) -> None:
         from ingest.sources.historical import API_ERRORS, run_historical
@@ -127,7 +164,7 @@ class Command(BaseCommand):
             )  # fmt: skip
         self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
         if not stats.complete or any(stats.errors[cause] for cause in API_ERRORS):
-            raise CommandError("historical fetch incomplete: run the same command again to resume from the store")
+            raise CommandError(ERR_HISTORICAL_INCOMPLETE)
 
     def _live(self, options: dict[str, Any]) -> None:
         from ingest.sources.live import INTRADAY_REPLAY_NS, LiveAuthError, last_stored_ns, run_live
@@ -153,4 +190,4 @@ class Command(BaseCommand):
             raise CommandError(exc.message) from None
         self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
         if stats.errors["reconnects_exhausted"]:
-            raise CommandError("live feed gave up reconnecting; see the log for the last error")
+            raise CommandError(ERR_LIVE_GAVE_UP)
