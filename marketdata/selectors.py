@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -779,3 +779,12 @@ def symbol_ref(*, ticker: str) -> SymbolRef:
     if row is None:
         raise UnknownSymbolError(ERR_UNKNOWN_SYMBOL.format(value=ticker), field="symbol")
     return SymbolRef(*row)
+
+
+def symbol_refs(*, tickers: Collection[str]) -> dict[str, SymbolRef]:
+    """The symbols of these tickers that exist, in one query (the others are absent)."""
+    if not tickers:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id, ticker, dataset FROM marketdata_symbol WHERE ticker = ANY(%s)", [list(tickers)])
+        return {row[1]: SymbolRef(*row) for row in cursor.fetchall()}

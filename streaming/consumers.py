@@ -40,21 +40,38 @@ from django.http.request import split_domain_port, validate_host
 from redis.exceptions import RedisError
 
 from marketdata import access
+from marketdata.auth_throttle import aauth_blocked, aauth_failed
 from marketdata.errors import UnknownSymbolError, ValidationError
+from marketdata.grants import Grant
+from marketdata.tokens import token_hash
 from ops import metrics
+from ops.clientip import scope_client_ip
 from ops.middleware import websocket_bind
 
 from . import protocol
-from .hub import Hub, hub_get
+from .hub import Credential, Hub, hub_get
 from .protocol import ProtocolError, Request
 from .publish import message_frames
 from .server import TRANSPORT_EXTENSION
+from .slots import Slot
 from .snapshot import snapshot
 from .streams import Stream, group_name, stream_parse
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE = "unavailable"  # Redis or the database failed while serving a request; try again
+ERR_ORIGIN = "origin not allowed"
+ERR_NO_ENTITLEMENT = "not entitled to any dataset"
+ERR_CREDENTIALS_GONE = "credentials revoked or expired"
+ERR_USER_SOCKETS = "too many connections: at most {limit} sockets per user"
+ERR_IP_SOCKETS = "too many connections: at most {limit} sockets without credentials per client address"
+ERR_AUTH_THROTTLED = "too many failed authentications from this address: retry after {seconds} s"
+ERR_UNKNOWN_SYMBOL = "unknown symbol {ticker!r}"
+ERR_SUBSCRIBE_UNAVAILABLE = "could not subscribe; try again"
+ERR_INBOX_FULL = "more than {limit} messages waiting to be served: message ignored"
+INBOX_SIZE = 32  # client messages waiting for the request task
+OVER_RATE = object()  # in the inbox: a message refused by the rate limit
+RELEASE_ATTEMPTS = 100
 RESNAPSHOT_DEFAULT = 100  # items in a server-sent fresh snapshot for a stream subscribed without one
 CONGESTED_POLL_S = 0.01
 FLUSH_TURNS = 2
@@ -82,18 +99,57 @@ class Sub:
         self.timer: asyncio.TimerHandle | None = None
 
 
-def origin_allowed(origin: str | None) -> bool:
-    """Browsers send Origin; other clients need not. Allowed: WS_ALLOWED_ORIGINS, else ALLOWED_HOSTS."""
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_HTTP_SCHEME = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+
+
+def origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, the default port filled in; None if it is not one."""
+    try:
+        parts = urlsplit(origin.strip())
+        scheme, host, port = parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+    except ValueError:  # a port out of range or not a number
+        return None
+    if scheme not in _DEFAULT_PORTS or not host or parts.path not in ("", "/") or parts.query or parts.username:
+        return None
+    return _HTTP_SCHEME[scheme], host, port or _DEFAULT_PORTS[scheme]
+
+
+def own_origin(scope: dict[str, Any]) -> tuple[str, str, int] | None:
+    """The gateway's origin as the browser sees it: the request's scheme and its Host (if allowed)."""
+    host = _header(scope, b"host")
+    if not host:
+        return None
+    domain, _port = split_domain_port(host)
+    if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+        return None
+    scheme = "wss" if scope.get("scheme") == "wss" or _forwarded_https(scope) else "ws"
+    return origin_key(f"{scheme}://{host}")
+
+
+def _forwarded_https(scope: dict[str, Any]) -> bool:
+    """The proxy says the browser spoke TLS (only where SECURE_PROXY_SSL_HEADER trusts it)."""
+    trusted = settings.SECURE_PROXY_SSL_HEADER
+    if not trusted:
+        return False
+    header, value = trusted
+    name = header.removeprefix("HTTP_").lower().replace("_", "-").encode("latin-1")
+    sent = _header(scope, name)
+    return sent is not None and sent.split(",", 1)[0].strip() == value
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """Browsers send Origin; other clients need not. Scheme, host and port must match an allowed origin."""
+    origin = _header(scope, b"origin")
     if origin is None:
         return True
     allowed = settings.WS_ALLOWED_ORIGINS
-    if allowed:
-        return "*" in allowed or origin.rstrip("/") in allowed
-    netloc = urlsplit(origin).netloc
-    if not netloc:
+    if "*" in allowed:
+        return True
+    key = origin_key(origin)
+    if key is None:
         return False
-    domain, _port = split_domain_port(netloc)
-    return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    return key == own_origin(scope) or key in {origin_key(a) for a in allowed}
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -123,6 +179,9 @@ class StreamConsumer(AsyncConsumer):
     heartbeat_at: float
     auth_deadline: float | None
     sent: int
+    credential: Credential | None
+    slot: Slot | None
+    close_sent: bool
     log_ids: dict[str, str] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
@@ -140,7 +199,13 @@ class StreamConsumer(AsyncConsumer):
         self.credit = 0  # replayed frames in the queue, allowed beyond WS_SEND_QUEUE
         self.wake = asyncio.Event()
         self.flow = asyncio.Lock()  # frames of the layer loop vs. a subscribe completing
+        # Client messages wait here for the request task, in order; bounded, so a client
+        # cannot queue work faster than it is done (the rate limit keeps it short anyway).
+        self.inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=INBOX_SIZE)
         self.user: Any = None
+        self.credential = None  # what the access re-checks look up: ("token", hash) or ("session", key)
+        self.slot = None
+        self.ip = ""
         self.allowed: set[str] | None = set()
         self.authed = False
         self.auth_deadline = None
@@ -178,40 +243,74 @@ class StreamConsumer(AsyncConsumer):
         # connection (the channel layer's reader, the hub's timer) starts without them.
         unbound = contextvars.copy_context()
         self.log_ids = websocket_bind(scope)
-        if not origin_allowed(_header(scope, b"origin")):
-            await self._refuse(protocol.CLOSE_REFUSED, "origin not allowed")
+        if not origin_allowed(scope):
+            await self._refuse(protocol.CLOSE_REFUSED, ERR_ORIGIN)
             return
+        self.ip = scope_client_ip(scope)
         token = token_of(scope)
         if token is not None:
+            retry = await aauth_blocked(self.ip)
+            if retry is not None:
+                await self._refuse(protocol.CLOSE_RATE, ERR_AUTH_THROTTLED.format(seconds=retry))
+                return
             user = await database_sync_to_async(access.user_from_token)(token)
             if user is None:
+                await aauth_failed(self.ip)
                 await self._refuse(protocol.CLOSE_UNAUTHENTICATED, access.ERR_BAD_TOKEN)
                 return
-            await self._set_user(user)
+            await self._set_user(user, ("token", token_hash(token)))
         else:
             user = scope.get("user")
             if user is not None and user.is_authenticated:
-                await self._set_user(user)
+                await self._set_user(user, ("session", scope["session"].session_key))
             elif access.anonymous_allowed():
                 self.authed, self.allowed = True, None
         if self.authed and self.user is not None and self.allowed == set():
-            await self._refuse(protocol.CLOSE_REFUSED, "not entitled to any dataset")
+            await self._refuse(protocol.CLOSE_REFUSED, ERR_NO_ENTITLEMENT)
+            return
+        refused = await self._slot_take()
+        if refused:
+            await self._refuse(protocol.CLOSE_RATE, refused)
             return
         await self.base_send({"type": "websocket.accept"})
         self.accepted = True
         if not self.authed:
             self.auth_deadline = self.loop.time() + self.hub.limits.auth_deadline_s
         self.channel_name = await self.loop.create_task(self.channel_layer.new_channel(), context=unbound.copy())
-        self.tasks = [self.loop.create_task(self._sender()), self.loop.create_task(self._layer_loop())]
+        self.tasks = [
+            self.loop.create_task(self._sender()),
+            self.loop.create_task(self._layer_loop()),
+            self.loop.create_task(self._requests()),
+        ]
         self.heartbeat_at = self.loop.time() + settings.WS_HEARTBEAT_S
         unbound.run(self.hub.register, self)
         self.push(protocol.welcome(self.hub.limits, settings.WS_HEARTBEAT_S, authenticated=self.authed))
 
-    async def _set_user(self, user: Any) -> None:
+    async def _set_user(self, user: Any, credential: Credential) -> None:
         self.user = user
+        self.credential = credential
         self.allowed = await database_sync_to_async(access.datasets_allowed)(user)
         self.authed = True
         self.auth_deadline = None
+
+    async def _slot_take(self) -> str | None:
+        """Count this socket against its user (or its IP, without credentials); why not, if over."""
+        limits = self.hub.limits
+        if self.user is not None:
+            slot, limit = Slot("user", str(self.user.pk)), limits.max_connections_per_user
+            reason = ERR_USER_SOCKETS.format(limit=limit)
+        else:
+            slot, limit = Slot("ip", self.ip), limits.max_anon_connections_per_ip
+            reason = ERR_IP_SOCKETS.format(limit=limit)
+        if self.slot is not None and self.slot.key == slot.key:
+            return None
+        if not await self.hub.slots.take(slot, limit):
+            metrics.WS_CLIENT_ERRORS.labels("too_many_connections").inc()
+            return reason
+        previous, self.slot = self.slot, slot
+        if previous is not None:
+            await self.hub.slots.give_back(previous)
+        return None
 
     async def _refuse(self, code: int, reason: str) -> None:
         """Accept only to say why in a close code (a refused handshake is a bare HTTP 403)."""
@@ -237,30 +336,65 @@ class StreamConsumer(AsyncConsumer):
             return
         self.close_sent = True
         self._stop(code, reason)
-        for task in self.tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+        self._cancel_tasks()
         await self.base_send({"type": "websocket.close", "code": code, "reason": reason})
 
+    def _cancel_tasks(self) -> None:
+        """Cancel each task once: a second cancel would cut short the layer's own unsubscribe."""
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current and not task.done() and not task.cancelling():
+                task.cancel()
+
     async def _cleanup(self) -> None:
+        """Release what the connection took, however it ended: tasks, groups, its channel, its slot."""
         self.closed = True
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            # Ending anyway; cancelling the layer's receive is what unsubscribes the channel.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self.hub.unregister(self)
+        self._cancel_tasks()
+        interrupted = False
+        others = [task for task in self.tasks if task is not asyncio.current_task()]
+        try:
+            # Shielded: if this task is itself cancelled (server shutdown), the tasks still
+            # end their own way instead of being cancelled a second time.
+            await asyncio.shield(asyncio.gather(*others, return_exceptions=True))
+        except asyncio.CancelledError:
+            interrupted = True
+        for sub in self.subs.values():
+            if sub.timer is not None:
+                sub.timer.cancel()
+        metrics.WS_SUBSCRIPTIONS.dec(len(self.subs))
+        subs, self.subs = list(self.subs.values()), {}
         if self.channel_name:
-            for sub in self.subs.values():
-                if sub.timer is not None:
-                    sub.timer.cancel()
+            for sub in subs:
                 try:
                     await self.channel_layer.group_discard(sub.group, self.channel_name)
                 except (RedisError, OSError):
                     log.warning("group_discard failed", exc_info=True)
-        metrics.WS_SUBSCRIPTIONS.dec(len(self.subs))
-        self.subs.clear()
-        self.hub.unregister(self)
+            await channel_release(self.channel_layer, self.channel_name)
+        if self.slot is not None:
+            slot, self.slot = self.slot, None
+            await self.hub.slots.give_back(slot)
+        if interrupted:
+            raise asyncio.CancelledError
+
+    async def access_update(self, grant: Grant | None) -> None:
+        """What this connection's credentials grant now: close, end lost streams, or carry on."""
+        if self.close_sent or self.credential is None:
+            return
+        if grant is None or (self.user is not None and grant.user_id != self.user.pk):
+            await self.close(protocol.CLOSE_UNAUTHENTICATED, ERR_CREDENTIALS_GONE)
+            return
+        if grant.datasets == set():
+            await self.close(protocol.CLOSE_REFUSED, ERR_NO_ENTITLEMENT)
+            return
+        self.allowed = grant.datasets
+        if grant.datasets is None:
+            return
+        for name, sub in list(self.subs.items()):
+            if sub.dataset not in grant.datasets:
+                await self._end(name)
+                message = access.ERR_NOT_ENTITLED.format(dataset=sub.dataset)
+                self._error(protocol.NOT_ENTITLED, message, stream=name)
 
     # -- sending ----------------------------------------------------------------------
 
@@ -428,17 +562,38 @@ class StreamConsumer(AsyncConsumer):
         self.push(protocol.error(code, message, id=id, stream=stream))
 
     async def _client_message(self, raw: str | bytes | None) -> None:
+        """Count the message against the rate limit, then hand it to the request task."""
         now = self.loop.time()
         if now - self.window_start >= 1.0:
             self.window_start, self.window_count = now, 0
         self.window_count += 1
         limit = self.hub.limits.max_messages_per_s
-        if self.window_count > limit:
-            if self.window_count > limit * settings.WS_RATE_CLOSE_FACTOR:
-                await self.close(protocol.CLOSE_RATE, "client message rate far over the limit")
-            else:
-                self._error(protocol.RATE_LIMITED, f"more than {limit} messages in one second: message ignored")
+        if self.window_count > limit * settings.WS_RATE_CLOSE_FACTOR:
+            await self.close(protocol.CLOSE_RATE, "client message rate far over the limit")
             return
+        try:
+            # A message over the rate is answered in turn, after the messages before it.
+            self.inbox.put_nowait(raw if self.window_count <= limit else OVER_RATE)
+        except asyncio.QueueFull:
+            self._error(protocol.RATE_LIMITED, ERR_INBOX_FULL.format(limit=INBOX_SIZE))
+
+    async def _requests(self) -> None:
+        """Serve client messages in order; cancelled with the connection, so no work outlives it."""
+        while True:
+            raw = await self.inbox.get()
+            try:
+                await self._request(raw)
+            except Exception:  # a bug: say so and close, rather than go silent on an open socket
+                log.exception("client request failed")
+                await self.close(1011, "internal error")
+                return
+
+    async def _request(self, raw: object) -> None:
+        if raw is OVER_RATE:
+            limit = self.hub.limits.max_messages_per_s
+            self._error(protocol.RATE_LIMITED, f"more than {limit} messages in one second: message ignored")
+            return
+        assert raw is None or isinstance(raw, str | bytes)
         try:
             request = protocol.request_parse(raw, self.hub.limits)
         except ProtocolError as exc:
@@ -457,44 +612,69 @@ class StreamConsumer(AsyncConsumer):
 
     async def _auth(self, request: Request) -> None:
         assert request.token is not None
+        retry = await aauth_blocked(self.ip)
+        if retry is not None:
+            self._error(protocol.RATE_LIMITED, ERR_AUTH_THROTTLED.format(seconds=retry), id=request.id)
+            return
         try:
             user = await database_sync_to_async(access.user_from_token)(request.token)
         except DatabaseError:
             self._error(UNAVAILABLE, "could not check the token; try again", id=request.id)
             return
         if user is None:
+            await aauth_failed(self.ip)
             self._error(protocol.UNAUTHENTICATED, access.ERR_BAD_TOKEN, id=request.id)
             return
-        await self._set_user(user)
+        previous_user = self.user
+        await self._set_user(user, ("token", token_hash(request.token)))
         if self.allowed == set():
-            await self.close(protocol.CLOSE_REFUSED, "not entitled to any dataset")
+            await self.close(protocol.CLOSE_REFUSED, ERR_NO_ENTITLEMENT)
             return
+        refused = await self._slot_take()
+        if refused:
+            await self.close(protocol.CLOSE_RATE, refused)
+            return
+        if previous_user is not None and previous_user.pk != user.pk:
+            # Another user's token: what the first one was entitled to is not carried over.
+            for name, sub in list(self.subs.items()):
+                if self.allowed is not None and sub.dataset not in self.allowed:
+                    await self._end(name)
+                    self._error(protocol.NOT_ENTITLED, access.ERR_NOT_ENTITLED.format(dataset=sub.dataset), stream=name)
         self.push(protocol.authenticated(request.id))
 
     async def _subscribe(self, request: Request) -> None:
         id = request.id
+        parsed: list[tuple[str, Stream | ValidationError]] = []
         for name in request.streams:
             try:
-                stream = stream_parse(name)
+                parsed.append((name, stream_parse(name)))
             except ValidationError as exc:
-                self._error(protocol.INVALID_STREAM, str(exc), id=id, stream=name)
+                parsed.append((name, exc))
+        tickers = {stream.ticker for _, stream in parsed if isinstance(stream, Stream)}
+        try:
+            # One look-up for every symbol of the message, however many it names.
+            refs = await self.hub.symbols(tickers) if tickers else {}
+        except DatabaseError:
+            refs = None
+        for name, stream in parsed:
+            if not isinstance(stream, Stream):
+                self._error(protocol.INVALID_STREAM, str(stream), id=id, stream=name)
                 continue
             if name not in self.subs and len(self.subs) >= self.hub.limits.max_streams:
                 self._error(
                     protocol.TOO_MANY_STREAMS, f"at most {self.hub.limits.max_streams} streams", id=id, stream=name
                 )
                 continue
-            try:
-                ref = await self.hub.symbol(stream.ticker)
-            except UnknownSymbolError:
-                self._error(protocol.UNKNOWN_SYMBOL, f"unknown symbol {stream.ticker!r}", id=id, stream=name)
-                continue
-            except DatabaseError:
+            if refs is None:
                 self._error(UNAVAILABLE, "could not look the symbol up; try again", id=id, stream=name)
                 continue
-            if self.allowed is not None and ref.dataset not in self.allowed:
-                message = access.ERR_NOT_ENTITLED.format(dataset=ref.dataset)
-                self._error(protocol.NOT_ENTITLED, message, id=id, stream=name)
+            ref = refs.get(stream.ticker)
+            # A symbol of a dataset the client may not read is answered as one that does
+            # not exist: what a client is refused must not tell it what exists.
+            if ref is None or (self.allowed is not None and ref.dataset not in self.allowed):
+                self._error(
+                    protocol.UNKNOWN_SYMBOL, ERR_UNKNOWN_SYMBOL.format(ticker=stream.ticker), id=id, stream=name
+                )
                 continue
             resume = request.resume.get(name) if request.resume else None
             await self._open(stream, ref.dataset, request, resume)
@@ -525,16 +705,17 @@ class StreamConsumer(AsyncConsumer):
                 seq, items = await snapshot(self.hub.buffer, stream, n)
             state, state_message = await self.hub.feed_state(dataset)
         except (RedisError, OSError, DatabaseError, UnknownSymbolError) as exc:
+            # The client learns what to do; the log (not the client) gets what failed inside.
             log.warning("subscribe failed", extra={"stream": name}, exc_info=True)
             if self.subs.get(name) is sub:
-                del self.subs[name]
-                metrics.WS_SUBSCRIPTIONS.dec()
-                with contextlib.suppress(RedisError, OSError):
-                    await self.channel_layer.group_discard(sub.group, self.channel_name)
-            code = protocol.UNKNOWN_SYMBOL if isinstance(exc, UnknownSymbolError) else UNAVAILABLE
-            self._error(code, f"could not subscribe: {exc}", id=request.id, stream=name)
+                await self._end(name)
+            if isinstance(exc, UnknownSymbolError):
+                self._error(protocol.UNKNOWN_SYMBOL, ERR_UNKNOWN_SYMBOL.format(ticker=stream.ticker),
+                            id=request.id, stream=name)  # fmt: skip
+            else:
+                self._error(UNAVAILABLE, ERR_SUBSCRIBE_UNAVAILABLE, id=request.id, stream=name)
             return
-        if self.subs.get(name) is not sub:  # unsubscribed or subscribed again meanwhile
+        if self.subs.get(name) is not sub:  # unsubscribed, subscribed again or access lost meanwhile
             return
         async with self.flow:
             sub.seq = seq
@@ -551,6 +732,17 @@ class StreamConsumer(AsyncConsumer):
             for message in early:
                 await self._apply(sub, message["first"], message_frames(message), message.get("t"))
 
+    async def _end(self, name: str) -> None:
+        """Stop delivering a stream and leave its group."""
+        sub = self.subs.pop(name, None)
+        if sub is None:
+            return
+        if sub.timer is not None:
+            sub.timer.cancel()
+        metrics.WS_SUBSCRIPTIONS.dec()
+        with contextlib.suppress(RedisError, OSError):
+            await self.channel_layer.group_discard(sub.group, self.channel_name)
+
     async def _unsubscribe(self, request: Request) -> None:
         for name in request.streams:
             try:
@@ -558,10 +750,26 @@ class StreamConsumer(AsyncConsumer):
             except ValidationError as exc:
                 self._error(protocol.INVALID_STREAM, str(exc), id=request.id, stream=name)
                 continue
-            sub = self.subs.pop(name, None)
-            if sub is not None:
-                if sub.timer is not None:
-                    sub.timer.cancel()
-                metrics.WS_SUBSCRIPTIONS.dec()
-                await self.channel_layer.group_discard(sub.group, self.channel_name)
+            await self._end(name)
             self.push(protocol.unsubscribed(request.id, name))
+
+
+async def channel_release(layer: Any, channel: str) -> None:
+    """Unsubscribe a connection's own channel from Redis.
+
+    The pub/sub layer does it when a receive on the channel is cancelled, which is how the
+    layer loop ends; but it may have been cancelled elsewhere (in a gap fill), or its
+    receive may have returned a message first. While the layer still holds the channel,
+    take the same path again: a receive, cancelled.
+    """
+    held = getattr(layer, "channels", None)
+    for _ in range(RELEASE_ATTEMPTS):
+        if held is not None and channel not in held:
+            return
+        task = asyncio.get_running_loop().create_task(layer.receive(channel))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if held is None:
+            return
+    log.warning("channel not released", extra={"channel": channel})

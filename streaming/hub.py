@@ -6,7 +6,15 @@
 - Feed status per dataset (`live`, `replay`, `stale`), read from FeedStatus every
   WS_STATUS_POLL_S by one query per process, never per message; connections are told of
   each change for the streams they hold.
-- Symbols looked up for subscribe, kept for SYMBOL_TTL_S.
+- Symbols looked up for subscribe, all of a message's in one query, kept for
+  SYMBOL_TTL_S (and unknown ones for UNKNOWN_TTL_S, so a flood of made-up names costs a
+  query per message at most, not one per name).
+- Access: every connection's credentials checked again, all tokens of the process in one
+  query, at once when the access epoch in Redis changes (marketdata.access bumps it on
+  every change saved through the ORM or the admin) and every WS_ACCESS_RECHECK_S
+  otherwise; a connection whose credentials are gone is closed 4001, one with no
+  entitlement left 4003, and streams of datasets no longer granted end with not_entitled.
+- Connection slots (streaming.slots): their leases renewed every LEASE_RENEW_S.
 - Counters kept in plain ints on the hot path and added to the metrics once a second.
 """
 
@@ -17,19 +25,25 @@ import logging
 import time
 import weakref
 from datetime import UTC, datetime
+from importlib import import_module
 from typing import TYPE_CHECKING, Protocol
 
 import redis.asyncio as aioredis
+from channels.auth import get_user
 from channels.db import database_sync_to_async
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from marketdata import selectors
+from marketdata.cache import EPOCH_KEY
+from marketdata.grants import Grant, tokens_grants, user_grant
 from marketdata.models import FeedStatus
 from marketdata.wire import ts_text
 from ops import metrics
 
 from . import protocol
 from .buffer import Buffer
+from .slots import LEASE_RENEW_S, Slot, Slots
 
 if TYPE_CHECKING:
     from marketdata.selectors import SymbolRef
@@ -37,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYMBOL_TTL_S = 60.0
+UNKNOWN_TTL_S = 5.0
 REDIS_POOL_SIZE = 50
 REDIS_POOL_WAIT_S = 20.0
 TICK_S = 1.0
@@ -48,10 +63,19 @@ class Connection(Protocol):
     heartbeat_at: float
     auth_deadline: float | None
     sent: int
+    credential: Credential | None
+    slot: Slot | None
+    close_sent: bool
 
     def push(self, text: str) -> None: ...
     def feed_status_changed(self, dataset: str, state: str, message: str) -> None: ...
     async def close(self, code: int, reason: str) -> None: ...
+    async def access_update(self, grant: Grant | None) -> None: ...
+
+
+# What a connection authenticated with, to check again: ("token", token hash) or
+# ("session", session key).
+Credential = tuple[str, str]
 
 
 FeedRow = tuple[str, str, datetime | None]
@@ -101,7 +125,8 @@ class Hub:
         )  # fmt: skip
         self.redis = aioredis.Redis(connection_pool=pool)
         self.buffer = Buffer(self.redis)
-        self.symbols: dict[str, tuple[float, SymbolRef]] = {}
+        self.slots = Slots(self.redis)
+        self.known: dict[str, tuple[float, SymbolRef | None]] = {}
         self.states: dict[str, tuple[str, str]] | None = None
         self.limits = protocol.Limits(
             max_streams=settings.WS_MAX_STREAMS,
@@ -111,8 +136,13 @@ class Hub:
             max_snapshot=settings.WS_MAX_SNAPSHOT,
             max_throttle_ms=settings.WS_MAX_THROTTLE_MS,
             send_queue=settings.WS_SEND_QUEUE,
+            max_connections_per_user=settings.WS_MAX_CONNECTIONS_PER_USER,
+            max_anon_connections_per_ip=settings.WS_MAX_ANON_CONNECTIONS_PER_IP,
         )
         self._task: asyncio.Task | None = None
+        self._epoch: bytes | str | None = None
+        self._access_due = 0.0
+        self._renew_due = time.monotonic() + LEASE_RENEW_S
         self._status_due = 0.0
         self._status_lock = asyncio.Lock()
 
@@ -158,6 +188,40 @@ class Hub:
             await connection.close(protocol.CLOSE_UNAUTHENTICATED, "no credentials within the auth deadline")
         if now >= self._status_due:
             await self.refresh_states()
+        await self._access_tick(now)
+        if now >= self._renew_due:
+            self._renew_due = now + LEASE_RENEW_S
+            await self.slots.renew([c.slot for c in self.connections if c.slot is not None])
+
+    # -- access -----------------------------------------------------------------------
+
+    async def _access_tick(self, now: float) -> None:
+        try:
+            epoch = await self.redis.get(EPOCH_KEY)
+        except (RedisError, OSError):
+            epoch = self._epoch  # the timer below still re-checks
+        if epoch != self._epoch or now >= self._access_due:
+            self._epoch = epoch
+            await self.access_recheck()
+
+    async def access_recheck(self) -> None:
+        """Check every connection's credentials again and tell each what they grant now."""
+        self._access_due = time.monotonic() + settings.WS_ACCESS_RECHECK_S
+        held = [c for c in self.connections if c.credential is not None and not c.close_sent]
+        if not held:
+            return
+        hashes = {key for kind, key in (c.credential for c in held if c.credential) if kind == "token"}
+        tokens = await database_sync_to_async(tokens_grants)(hashes=hashes)
+        grants: dict[Credential, Grant | None] = {("token", h): tokens.get(h) for h in hashes}
+        for credential in {c.credential for c in held if c.credential and c.credential[0] == "session"}:
+            # Channels' own check (session present and unexpired, auth hash unchanged: a
+            # logout or a password change ends it), as when the connection opened.
+            engine = import_module(settings.SESSION_ENGINE)
+            user = await get_user({"session": engine.SessionStore(credential[1])})
+            grants[credential] = await database_sync_to_async(user_grant)(user)
+        for connection in held:
+            if connection.credential is not None:
+                await connection.access_update(grants.get(connection.credential))
 
     # -- feed status ------------------------------------------------------------------
 
@@ -185,17 +249,28 @@ class Hub:
 
     # -- symbols ----------------------------------------------------------------------
 
-    async def symbol(self, ticker: str) -> SymbolRef:
-        """The symbol of a ticker (UnknownSymbolError if there is none)."""
+    async def symbols(self, tickers: set[str]) -> dict[str, SymbolRef]:
+        """The symbols of these tickers that exist (the others are absent)."""
         now = time.monotonic()
-        hit = self.symbols.get(ticker)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        ref = await database_sync_to_async(selectors.symbol_ref)(ticker=ticker)
-        if len(self.symbols) > 100_000:
-            self.symbols.clear()
-        self.symbols[ticker] = (now + SYMBOL_TTL_S, ref)
-        return ref
+        out: dict[str, SymbolRef] = {}
+        missing: list[str] = []
+        for ticker in tickers:
+            hit = self.known.get(ticker)
+            if hit is not None and hit[0] > now:
+                if hit[1] is not None:
+                    out[ticker] = hit[1]
+            else:
+                missing.append(ticker)
+        if missing:
+            found = await database_sync_to_async(selectors.symbol_refs)(tickers=missing)
+            if len(self.known) > 100_000:
+                self.known.clear()
+            for ticker in missing:
+                ref = found.get(ticker)
+                self.known[ticker] = (now + (SYMBOL_TTL_S if ref is not None else UNKNOWN_TTL_S), ref)
+                if ref is not None:
+                    out[ticker] = ref
+        return out
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

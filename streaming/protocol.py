@@ -46,6 +46,12 @@ CLOSE_RATE = 4029
 
 STATUSES = ("live", "stale", "replay")
 
+# The largest seq a client may name: what JavaScript holds exactly (2^53 - 1). Seqs start
+# near epoch ms x 1,000 (about 2^51), so a real one is always below it, and the buffer
+# (Redis stream ids, 64 bits) is never asked past its range.
+MAX_SEQ = 2**53 - 1
+ERR_RESUME = "resume must map stream names to the last seq held (integers from 0 to 2^53 - 1)"
+
 
 class ProtocolError(Exception):
     """A client message the server cannot act on; answered with an error frame."""
@@ -82,6 +88,8 @@ class Limits:
     max_snapshot: int
     max_throttle_ms: int
     send_queue: int
+    max_connections_per_user: int
+    max_anon_connections_per_ip: int
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +100,8 @@ class Limits:
             "max_snapshot": self.max_snapshot,
             "max_throttle_ms": self.max_throttle_ms,
             "send_queue": self.send_queue,
+            "max_connections_per_user": self.max_connections_per_user,
+            "max_anon_connections_per_ip": self.max_anon_connections_per_ip,
         }
 
 
@@ -148,9 +158,9 @@ def request_parse(raw: str | bytes | None, limits: Limits) -> Request:
     resume = body.get("resume")
     if resume is not None:
         if not isinstance(resume, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in resume.values()
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEQ for v in resume.values()
         ):
-            raise ProtocolError(BAD_JSON, "resume must map stream names to the last seq held (integers >= 0)", id=id)
+            raise ProtocolError(BAD_JSON, ERR_RESUME, id=id)
         stray = [s for s in resume if s not in unique]
         if stray:
             raise ProtocolError(BAD_JSON, f"resume names {stray[0]!r}, which is not in streams", id=id)

@@ -229,8 +229,18 @@ WS_SEND_QUEUE = env.int("WS_SEND_QUEUE", default=2000)
 WS_TRANSPORT_HIGH_BYTES = env.int("WS_TRANSPORT_HIGH_BYTES", default=256 * 1024)
 # A resume further back than this many messages gets a fresh snapshot instead.
 WS_MAX_RESUME = env.int("WS_MAX_RESUME", default=10000)
-# Browser origins allowed to connect (scheme://host[:port]); empty: those of ALLOWED_HOSTS.
+# Browser origins allowed to connect besides the gateway's own (scheme://host[:port],
+# compared as scheme, host and port; "*" allows any). Empty: only the gateway's own origin
+# as the browser sees it (the Host header, with the scheme of the request).
 WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=[])
+# Concurrent sockets per user (whatever token or session it comes with), and per client IP
+# for sockets without credentials, counted across gateway processes; the next one: 4029.
+WS_MAX_CONNECTIONS_PER_USER = env.int("WS_MAX_CONNECTIONS_PER_USER", default=50)
+WS_MAX_ANON_CONNECTIONS_PER_IP = env.int("WS_MAX_ANON_CONNECTIONS_PER_IP", default=100)
+# Open sockets' credentials and entitlements are checked again at once when the access
+# epoch changes (an ORM save, an admin action) and at least this often otherwise (a
+# queryset update() or SQL, expiry), so a change reaches them within 5 s.
+WS_ACCESS_RECHECK_S = env.float("WS_ACCESS_RECHECK_S", default=3.0)
 # A stream is `stale` when no feed of its dataset has written for this long.
 WS_FEED_STALE_S = env.int("WS_FEED_STALE_S", default=120)
 WS_STATUS_POLL_S = env.float("WS_STATUS_POLL_S", default=2.0)

@@ -189,9 +189,13 @@ async def test_entitlements_per_dataset(make_user):
     await client.connect()
     await client.send({"op": "subscribe", "id": 3, "streams": [STREAM, "bars:1m:ESH4"]})
     error = await client.recv()
-    assert (error["type"], error["id"], error["code"], error["stream"]) == ("error", 3, "not_entitled", STREAM)
-    assert "XNAS.ITCH" in error["message"]
     assert (await client.recv_type("subscribed"))["stream"] == "bars:1m:ESH4"
+    # Refused exactly as a symbol that does not exist, so refusals tell nothing of what exists.
+    await client.send({"op": "subscribe", "id": 3, "streams": ["bars:1m:ZZZZ"]})
+    unknown = await client.recv_type("error")
+    assert error == {**unknown, "stream": STREAM, "message": unknown["message"].replace("ZZZZ", "AAPL")}
+    assert (error["type"], error["id"], error["code"]) == ("error", 3, "unknown_symbol")
+    assert "XNAS" not in error["message"]
     await client.close()
 
 
@@ -231,12 +235,27 @@ async def test_origins_outside_ws_allowed_origins_are_closed_4003(make_user):
 
 
 @override_settings(WS_ALLOWED_ORIGINS=[], ALLOWED_HOSTS=["good.example"])
-async def test_without_ws_allowed_origins_the_allowed_hosts_decide(symbols):
-    for origin, allowed in [("http://good.example:8000", True), ("http://evil.example", False), ("null", False)]:
-        client = Client(headers=[(b"origin", origin.encode())])
+async def test_without_ws_allowed_origins_only_the_gateways_own_origin_is_allowed(symbols):
+    # The gateway serves good.example:8000 over plain ws: another port or scheme on the
+    # same host is another origin (another service there could hijack a trader's socket).
+    host = [(b"host", b"good.example:8000")]
+    cases = [
+        ("http://good.example:8000", True),
+        ("http://GOOD.example:8000/", True),
+        ("http://good.example:3000", False),
+        ("https://good.example:8000", False),
+        ("http://good.example", False),
+        ("http://evil.example:8000", False),
+        ("null", False),
+    ]
+    for origin, allowed in cases:
+        client = Client(headers=[*host, (b"origin", origin.encode())])
         welcome = await client.connect()
         assert (welcome["type"] == "welcome") is allowed, origin
         if allowed:
             await client.close()
         else:
             assert welcome["code"] == protocol.CLOSE_REFUSED
+    # A Host the gateway does not serve makes no origin its own.
+    client = Client(headers=[(b"host", b"evil.example:8000"), (b"origin", b"http://evil.example:8000")])
+    assert (await client.connect())["code"] == protocol.CLOSE_REFUSED

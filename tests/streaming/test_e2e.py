@@ -631,7 +631,8 @@ async def test_entitlements_per_dataset_and_none_at_all_closed_4003(gateways, us
     client = await open_client("auth", f"?token={users.tokens['cme']}")
     await client.send({"op": "subscribe", "id": 3, "streams": [STREAM, "bars:1m:ESH4"]})
     error = await client.recv_type("error")
-    assert (error["id"], error["code"], error["stream"]) == (3, "not_entitled", STREAM)
+    # Answered as an unknown symbol: a refusal must not tell what exists.
+    assert (error["id"], error["code"], error["stream"]) == (3, "unknown_symbol", STREAM)
     assert (await client.recv_type("subscribed"))["stream"] == "bars:1m:ESH4"
 
     client = await open_client("auth", f"?token={users.tokens['nothing']}")

@@ -12,7 +12,8 @@ from streaming import protocol
 from streaming.protocol import OPS, Limits, ProtocolError, Request, request_parse
 
 LIMITS = Limits(max_streams=100, max_messages_per_s=20, max_frame_bytes=16384, auth_deadline_s=10,
-                max_snapshot=1000, max_throttle_ms=60000, send_queue=2000)  # fmt: skip
+                max_snapshot=1000, max_throttle_ms=60000, send_queue=2000, max_connections_per_user=50,
+                max_anon_connections_per_ip=100)  # fmt: skip
 CODES = {protocol.BAD_JSON, protocol.UNKNOWN_OP, protocol.INVALID_STREAM, protocol.TOO_MANY_STREAMS,
          protocol.FRAME_TOO_LARGE}  # fmt: skip
 
