@@ -19,6 +19,7 @@ from django.db.models import Model, Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
+from . import cache
 from .cache import LocalCache, epoch_bump, local_caches_clear
 from .errors import MarketDataError
 from .models import ApiToken, Entitlement, Symbol
@@ -78,6 +79,30 @@ class _Resolved:
 
 _resolved: LocalCache[str, _Resolved] = LocalCache()
 
+# A token the database refused (unknown, revoked, expired, its user inactive) is remembered
+# this long, so a client retrying a dead token or guessing costs no query after the first.
+# It never refuses a token made good later: an ORM save empties it in this process at once
+# (the signals below) and, through the cache epoch that is read before every look-up
+# (auth_throttle.auth_blocked), in every other process; a change made without the ORM
+# (update(), SQL) and no epoch bump holds off a token for at most this long.
+REFUSED_TTL_S = 60.0
+
+
+class _Refusals(LocalCache[str, bool]):
+    """A LocalCache of refused token hashes whose entries live REFUSED_TTL_S (off with the other local caches)."""
+
+    def put(self, key: str, value: bool, *, generation: int) -> None:
+        if float(getattr(settings, "API_LOCAL_CACHE_SECONDS", cache.LOCAL_TTL_S)) <= 0:
+            return
+        if generation != self._generation:
+            return
+        if len(self._items) >= self.maxsize:
+            self._items.clear()
+        self._items[key] = (cache._now() + REFUSED_TTL_S, value)
+
+
+_refused = _Refusals(maxsize=10_000)
+
 
 def user_from_token(token: str) -> Any | None:
     """The active user owning this API token, or None if it is unknown, revoked or expired."""
@@ -105,11 +130,15 @@ def user_from_token_cached(token: str) -> Any | None:
         and now - hit.last_used_at < LAST_USED_EVERY
     ):
         return hit.user
-    generation = _resolved.generation()
+    if _refused.get(key):
+        return None
+    generation, refused_generation = _resolved.generation(), _refused.generation()
     resolved = _token_resolve(token, now=now)
-    if resolved is not None:
-        _resolved.put(key, resolved, generation=generation)
-    return None if resolved is None else resolved.user
+    if resolved is None:
+        _refused.put(key, True, generation=refused_generation)
+        return None
+    _resolved.put(key, resolved, generation=generation)
+    return resolved.user
 
 
 def _token_resolve(token: str, now: datetime | None = None) -> _Resolved | None:

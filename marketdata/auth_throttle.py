@@ -73,7 +73,6 @@ def auth_wait(window: Window | None, count: Any) -> int | None:
     """Seconds to wait (Retry-After) if ``count`` failures reach the window's allowance, else None."""
     if window is None or count is None or int(count) < window.allowed:
         return None
-    metrics.API_THROTTLED.labels("auth").inc()
     return max(1, math.ceil(window.remaining))
 
 
@@ -131,7 +130,10 @@ async def aauth_failed(ip: str) -> None:
 
 def _decide(window: Window | None, values: list[Any]) -> int | None:
     cache.epoch_note(values[0])
-    return auth_wait(window, values[1] if window is not None else None)
+    wait = auth_wait(window, values[1] if window is not None else None)
+    if wait is not None:
+        metrics.API_THROTTLED.labels("auth").inc()
+    return wait
 
 
 _aclients: weakref.WeakKeyDictionary[AbstractEventLoop, dict[str, redis.asyncio.Redis]] = weakref.WeakKeyDictionary()

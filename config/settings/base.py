@@ -1,5 +1,6 @@
 """Settings shared by every environment; environment files override a few names."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -41,6 +42,7 @@ INSTALLED_APPS = [
     "streaming",
     "ingest",
     "ops",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -56,6 +58,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
 
 TEMPLATES = [
@@ -162,6 +165,52 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
 
+# CLIENT IP AND FAILED AUTHENTICATION
+# The client's address (ops/clientip.py; throttles, login lockout, socket caps): the socket
+# peer, unless a proxy in front sets CLIENT_IP_HEADER (e.g. "X-Forwarded-For"; empty trusts
+# no header); the client is CLIENT_IP_TRUSTED_PROXIES entries from its right. API_NUM_PROXIES
+# (the older name, DRF's NUM_PROXIES) still means X-Forwarded-For with that many proxies.
+_num_proxies = env.int("API_NUM_PROXIES", default=0)
+CLIENT_IP_HEADER = env("CLIENT_IP_HEADER", default="X-Forwarded-For" if _num_proxies else "")
+CLIENT_IP_TRUSTED_PROXIES = env.int("CLIENT_IP_TRUSTED_PROXIES", default=_num_proxies or 1)
+# Failed authentications (a bad API token on REST or WebSocket) per client IP, counted in
+# Redis across processes (marketdata/auth_throttle.py); over it: 429 with Retry-After, or
+# close 4029, before any database look-up. Empty: no limit.
+AUTH_FAILURES_PER_IP = env("AUTH_FAILURES_PER_IP", default="20/min")
+# Logins (/login/, /admin/login/): django-axes locks an IP and username pair out after
+# AXES_FAILURE_LIMIT wrong passwords for AXES_COOLOFF_TIME (429, the login page saying so),
+# counted in Redis through the "axes" cache (marketdata/login_lockout.py: fails open).
+AUTHENTICATION_BACKENDS = [
+    "marketdata.login_lockout.LoginLockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "marketdata.login_lockout.LoginAttempts"
+AXES_CACHE = "axes"
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["ip_address", "username"]]
+AXES_CLIENT_IP_CALLABLE = "ops.clientip.request_client_ip"
+AXES_LOCKOUT_CALLABLE = "marketdata.login_lockout.lockout_response"
+AXES_RESET_ON_SUCCESS = True
+AXES_ENABLE_ADMIN = False  # attempts live in Redis, not in axes' tables
+
+
+def caches(redis_url: str) -> dict:
+    """Django's caches: per process by default; login attempts in Redis (short timeouts: it fails open)."""
+    return {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "axes": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": redis_url,
+            "KEY_PREFIX": "md:axes",
+            "OPTIONS": {"socket_timeout": 0.25, "socket_connect_timeout": 0.25},
+        },
+    }
+
+
+CACHES = caches(REDIS_URL)
+
+
 # REST FRAMEWORK
 # The history API (marketdata/api). Throttle rates ("N/s", "N/min", "N/hour", "N/day"; empty
 # turns a scope off) are counted in Redis per principal (API token, else user) and per client
@@ -178,8 +227,7 @@ REST_FRAMEWORK = {
         "principal": env("API_THROTTLE_PRINCIPAL", default="6000/min"),
         "ip": env("API_THROTTLE_IP", default="12000/min"),
     },
-    # Proxies in front of the gateway whose X-Forwarded-For is trusted (0: the peer address).
-    "NUM_PROXIES": env.int("API_NUM_PROXIES", default=0),
+    # The client IP of the "ip" scope is ops.clientip's (CLIENT_IP_HEADER above), not NUM_PROXIES.
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "marketdata.api.exceptions.exception_handler",

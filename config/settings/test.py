@@ -1,7 +1,7 @@
 """Test settings: the real PostgreSQL and Redis, fast password hashing."""
 
 from .base import *  # noqa: F403
-from .base import DATABASES, channel_layers, env
+from .base import DATABASES, caches, channel_layers, env
 
 DEBUG = False
 SECRET_KEY = "test-INSECURE-placeholder-secret-key"  # noqa: S105 (tests only)
@@ -14,6 +14,8 @@ REDIS_URL = env("TEST_REDIS_URL", default="redis://127.0.0.1:6379/15")
 # of different checkouts (DATABASE_URL) on one Redis from hearing each other.
 CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="test." + DATABASES["default"]["NAME"])
 CHANNEL_LAYERS = channel_layers(REDIS_URL, CHANNELS_PREFIX)
+# Login attempts (django-axes) in the test Redis database too, which tests flush.
+CACHES = caches(REDIS_URL)
 # Seqs from 1, so tests can name them (tests/streaming/test_publish.py covers the epoch start).
 STREAM_SEQ_EPOCH = env.bool("STREAM_SEQ_EPOCH", default=False)
 # The publisher in a thread: a process start per ingest run would add seconds to each test.

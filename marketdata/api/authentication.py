@@ -6,11 +6,13 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.exceptions import AuthenticationFailed, Throttled
 from rest_framework.request import Request
 
 from marketdata.access import ERR_BAD_TOKEN, user_from_token_cached
+from marketdata.auth_throttle import auth_blocked, auth_failed
 from marketdata.tokens import token_hash
+from ops.clientip import request_client_ip
 
 KEYWORDS = (b"token", b"bearer")
 QUERY_PARAM = "token"
@@ -22,14 +24,24 @@ class TokenAuthentication(BaseAuthentication):
 
     A token that is given but unknown, revoked or expired is refused (401) rather than
     ignored, so a client with a dead token learns it instead of falling back to anonymous.
+    Each refusal counts against the client IP (marketdata.auth_throttle); an IP over
+    AUTH_FAILURES_PER_IP is answered 429 for any token, before the token is looked up.
     """
 
     def authenticate(self, request: Request) -> tuple[Any, str] | None:
-        token = self._token(request)
+        try:
+            token = self._token(request)
+        except AuthenticationFailed:
+            token = ""  # malformed: refused and counted below, as any bad token
         if token is None:
             return None
+        ip = request_client_ip(request)
+        wait = auth_blocked(ip)
+        if wait is not None:
+            raise Throttled(wait)
         user = user_from_token_cached(token)
         if user is None:
+            auth_failed(ip)
             raise AuthenticationFailed(ERR_BAD_TOKEN)
         # request.auth names the token (by hash) so throttling can count per token.
         return user, "token:" + token_hash(token)[:32]

@@ -14,12 +14,14 @@ knows, and the Redis round trip is asynchronous:
   worker thread.
 
 Anything else goes to Django unchanged: no token or one not known here, a bad parameter,
-an unknown symbol, a dataset not entitled, an epoch change, a rate limit, Redis down, an
-error. When the counters were already incremented, the view is told (``COUNTED_KEY``) so
-it does not count the request twice. The response carries the headers Django's middleware
-would add (security headers, CSP, X-Frame-Options, the request id) and the request is
-counted and timed by route like any other; the path is off when the middleware list is not
-the one it was written for or when tracing is on (the spans come from Django's middleware).
+an unknown symbol, a dataset not entitled, an epoch change, a rate limit, a client IP over
+its failed-authentication limit (read in the same round trip; Django answers the 429),
+Redis down, an error. When the counters were already incremented, the view is told
+(``COUNTED_KEY``) so it does not count the request twice. The response carries the
+headers Django's middleware would add (security headers, CSP, X-Frame-Options, the
+request id) and the request is counted and timed by route like any other; the path is
+off when the middleware list is not the one it was written for or when tracing is on
+(the spans come from Django's middleware).
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ from django.utils import timezone
 from config.csp import CSPMiddleware
 from marketdata import access, cache
 from marketdata.access import datasets_allowed
+from marketdata.auth_throttle import auth_wait, auth_window
 from marketdata.tokens import token_hash
 from ops import metrics, tracing
+from ops.clientip import request_client_ip
 from ops.middleware import request_context
 
 from . import serializers as s
@@ -79,6 +83,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # acts on login responses only
 ]
 
 
@@ -132,12 +137,14 @@ class OhlcvFastPath:
         found = self._prepare(scope)
         if found is None:
             return False
-        request, q, symbol, base_url, slot, throttle, checks = found
+        request, q, symbol, base_url, slot, throttle, checks, failures = found
         try:
             pipe = self._client().pipeline(transaction=False)
             for check in checks:
                 pipe.incr(check.key)
                 pipe.expire(check.key, check.period + 1)
+            if failures is not None:
+                pipe.get(failures.key)
             pipe.mget([cache.EPOCH_KEY, *(slot.keys if slot is not None else [])])
             out = await pipe.execute()
         except (redis.RedisError, OSError):
@@ -147,8 +154,9 @@ class OhlcvFastPath:
             self._redis_down_until = time.monotonic() + REDIS_DOWN_PAUSE_S
             return False
         counts, values = out[0 : 2 * len(checks) : 2], out[-1]
-        if cache.epoch_note(values[0]) or not throttle.decide(checks, counts):
-            # A token, entitlement or symbol changed somewhere, or a rate limit: Django decides, not counting again.
+        blocked = failures is not None and auth_wait(failures, out[2 * len(checks)]) is not None
+        if cache.epoch_note(values[0]) or blocked or not throttle.decide(checks, counts):
+            # A token, entitlement or symbol changed somewhere, or a limit: Django decides, not counting again.
             scope[cache.COUNTED_KEY] = counts
             return False
         context = request_context(_headers(scope))
@@ -267,9 +275,10 @@ class OhlcvFastPath:
             throttle = ApiRateThrottle()
             ident = SimpleNamespace(auth=auth, user=user, META=request.META, headers=request.headers)
             checks = throttle.plan(ident)  # type: ignore[arg-type]
+            failures = auth_window(request_client_ip(request))
         except Exception:  # a bad parameter, a host not allowed, ...: Django says what is wrong
             return None
-        return request, q, symbol, base_url, slot, throttle, checks
+        return request, q, symbol, base_url, slot, throttle, checks, failures
 
 
 def _headers(scope: Any) -> dict[str, str]:

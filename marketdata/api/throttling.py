@@ -5,7 +5,8 @@ default cache, and a list of thousands of entries per request at generous rates.
 scope is a fixed-window counter in Redis (one INCR, shared by every gateway process); a
 window may let through up to twice the rate across its edge, which is fine for a guard
 against runaway clients. When Redis is unreachable, requests are let through: the cache
-and the limits are optional, the answers are not.
+and the limits are optional, the answers are not. The client IP is ops.clientip's, the
+product's one rule (a proxy header only where CLIENT_IP_HEADER names one).
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle
 
+from marketdata.auth_throttle import rate_parse
 from marketdata.cache import client
 from ops import metrics
+from ops.clientip import request_client_ip
 
 KEY = "md:throttle:{scope}:{ident}:{window}"
-PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def rate_parse(rate: str) -> tuple[int, int]:
-    """'6000/min' -> (6000, 60): requests allowed per window of seconds (DRF's notation)."""
-    count, _, period = rate.partition("/")
-    return int(count), PERIODS[period.strip()[:1].lower()]
 
 
 class Check(NamedTuple):
@@ -59,6 +55,9 @@ class ApiRateThrottle(BaseThrottle):
         if user is not None and user.is_authenticated:
             return f"user:{user.pk}"
         return None
+
+    def get_ident(self, request: Request) -> str:
+        return request_client_ip(request)
 
     def plan(self, request: Request) -> list[Check]:
         """The counters this request increments (none when both rates are off)."""

@@ -9,12 +9,26 @@ counts only where a proxy header is configured; a bad token repeated costs no qu
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
+from typing import Any
 
+import orjson
 import pytest
-from django.test import override_settings
+from django.contrib.auth.models import User
+from django.db import connection
+from django.test import Client, override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
-from marketdata import auth_throttle
+from marketdata import access, auth_throttle
+from marketdata import cache as cache_module
+from marketdata.api.exceptions import ERR_RATE_LIMITED
 from marketdata.auth_throttle import aauth_blocked, aauth_failed, auth_blocked, auth_failed, rate_parse
+from marketdata.cache import EPOCH_KEY, local_caches_clear
+from marketdata.models import ApiToken, Entitlement
+from marketdata.services import api_token_create
+from marketdata.tokens import token_hash
 
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
 
@@ -79,3 +93,140 @@ def test_redis_down_fails_open():
         assert auth_blocked("198.51.100.5") is None
         assert asyncio.run(aauth_blocked("198.51.100.5")) is None
         asyncio.run(aauth_failed("198.51.100.5"))
+
+
+# REST: Django's path (DRF) and the event loop's fast path (config.asgi)
+
+BAD = "mdg_" + "x" * 43  # a well-formed token that no row holds
+URL = "/v1/ohlcv?symbol=AAPL"
+
+
+@pytest.fixture
+def entitled(db, make_symbol):
+    """A symbol, and a user entitled to its dataset with a good token."""
+    symbol = make_symbol("AAPL")
+    user = User.objects.create_user("trader")
+    Entitlement.objects.create(user=user, dataset=symbol.dataset)
+    return api_token_create(user=user, name="test")[1]
+
+
+def get(token: str, ip: str, **extra: Any) -> Any:
+    """GET /v1/ohlcv with a token from a client address, through Django's test client (the DRF path)."""
+    local_caches_clear()  # no process-local look-up decides; the negative cache has tests of its own
+    return Client().get(URL, HTTP_AUTHORIZATION=f"Token {token}", REMOTE_ADDR=ip, **extra)
+
+
+def assert_rate_limited(response: Any) -> None:
+    assert response.status_code == 429
+    assert 1 <= int(response["Retry-After"]) <= 60
+    error = orjson.loads(response.content)["error"]
+    assert error["code"] == "rate_limited"
+    assert error["message"] == ERR_RATE_LIMITED.format(wait=int(response["Retry-After"]))
+
+
+@override_settings(AUTH_FAILURES_PER_IP="3/min")
+def test_bad_tokens_from_one_ip_end_in_429_before_any_database_query(entitled):
+    for _ in range(3):
+        assert get(BAD, "198.51.100.10").status_code == 401
+    with CaptureQueriesContext(connection) as queries:
+        refused = get(BAD + "y", "198.51.100.10")  # another bad token: not a remembered refusal
+    assert_rate_limited(refused)
+    assert len(queries) == 0
+    # The IP is refused whatever token it sends, a good one included: no oracle while blocked.
+    assert_rate_limited(get(entitled, "198.51.100.10"))
+    # Another IP is not affected.
+    assert get(entitled, "198.51.100.11").status_code == 200
+    assert get(BAD, "198.51.100.11").status_code == 401
+
+
+@override_settings(AUTH_FAILURES_PER_IP="3/min")
+@pytest.mark.parametrize("how", ["revoked", "expired", "malformed", "query parameter"])
+def test_every_kind_of_bad_token_counts(entitled, how):
+    user = User.objects.get(username="trader")
+    row, token = api_token_create(user=user, name=how)
+    if how == "revoked":
+        ApiToken.objects.filter(pk=row.pk).update(revoked=True)
+    elif how == "expired":
+        ApiToken.objects.filter(pk=row.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    for _ in range(3):
+        if how == "malformed":
+            response = Client().get(URL, HTTP_AUTHORIZATION="Token a b", REMOTE_ADDR="198.51.100.12")
+        elif how == "query parameter":
+            response = Client().get(URL + "&token=" + BAD, REMOTE_ADDR="198.51.100.12")
+        else:
+            response = get(token, "198.51.100.12")
+        assert response.status_code == 401
+    assert_rate_limited(get(entitled, "198.51.100.12"))
+
+
+@override_settings(AUTH_FAILURES_PER_IP="3/min")
+def test_a_spoofed_forwarded_for_is_ignored_unless_a_proxy_header_is_configured(entitled):
+    # No proxy header configured: the peer is the client, whatever it writes.
+    for i in range(3):
+        assert get(BAD, "198.51.100.13", HTTP_X_FORWARDED_FOR=f"203.0.113.{i}").status_code == 401
+    assert_rate_limited(get(entitled, "198.51.100.13", HTTP_X_FORWARDED_FOR="203.0.113.99"))
+    with override_settings(CLIENT_IP_HEADER="X-Forwarded-For", CLIENT_IP_TRUSTED_PROXIES=1):
+        # Behind one proxy (the peer): the client is the proxy's entry, its own left entries ignored.
+        for i in range(3):
+            spoofed = f"203.0.113.{i}, 192.0.2.7"
+            assert get(BAD, "198.51.100.13", HTTP_X_FORWARDED_FOR=spoofed).status_code == 401
+        assert_rate_limited(get(entitled, "198.51.100.13", HTTP_X_FORWARDED_FOR="203.0.113.50, 192.0.2.7"))
+        # Another client behind the same proxy is not affected.
+        assert get(entitled, "198.51.100.13", HTTP_X_FORWARDED_FOR="192.0.2.8").status_code == 200
+
+
+# A bad token costs no database query twice (a per-process, bounded, short-lived refusal cache)
+
+
+def fresh_get(token: str, ip: str = "198.51.100.20") -> Any:
+    """GET /v1/ohlcv with a token, keeping what this process remembers (unlike get())."""
+    return Client().get(URL, HTTP_AUTHORIZATION=f"Token {token}", REMOTE_ADDR=ip)
+
+
+@pytest.fixture
+def no_limit(settings):
+    settings.AUTH_FAILURES_PER_IP = ""
+    local_caches_clear()
+
+
+def test_a_repeated_bad_token_costs_no_query(entitled, no_limit):
+    with CaptureQueriesContext(connection) as first:
+        assert fresh_get(BAD).status_code == 401
+    assert len(first) >= 1  # the look-up
+    with CaptureQueriesContext(connection) as second:
+        response = fresh_get(BAD, ip="198.51.100.21")
+    assert response.status_code == 401
+    assert orjson.loads(response.content)["error"]["code"] == "unauthenticated"
+    assert len(second) == 0, [q["sql"] for q in second.captured_queries]
+
+
+def test_a_token_created_after_its_refusal_is_accepted_at_once(entitled, no_limit):
+    assert fresh_get(BAD).status_code == 401
+    user = User.objects.get(username="trader")
+    # Saved through the ORM in this process: the signal empties the refusals.
+    ApiToken.objects.create(user=user, name="late", prefix=BAD[:12], key_hash=token_hash(BAD))
+    assert fresh_get(BAD).status_code == 200
+
+
+def test_a_token_created_by_another_process_is_accepted_after_its_epoch_bump(entitled, no_limit, redis_client):
+    late = BAD + "z"
+    assert fresh_get(late).status_code == 401
+    user = User.objects.get(username="trader")
+    # No signal here (bulk_create, as SQL or another process would); that process bumps the epoch.
+    ApiToken.objects.bulk_create([ApiToken(user=user, name="late", prefix=late[:12], key_hash=token_hash(late))])
+    assert fresh_get(late).status_code == 401  # still remembered: nothing said it changed
+    redis_client.set(EPOCH_KEY, "another process changed access")
+    assert fresh_get(late).status_code == 200
+
+
+def test_refusals_are_bounded_and_expire(entitled, no_limit, monkeypatch):
+    assert access._refused.maxsize <= 100_000
+    assert fresh_get(BAD).status_code == 401
+    with CaptureQueriesContext(connection) as remembered:
+        fresh_get(BAD)
+    assert len(remembered) == 0
+    now = time.monotonic()
+    monkeypatch.setattr(cache_module, "_now", lambda: now + access.REFUSED_TTL_S + 1)
+    with CaptureQueriesContext(connection) as expired:
+        assert fresh_get(BAD).status_code == 401
+    assert len(expired) >= 1
