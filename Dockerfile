@@ -2,7 +2,7 @@
 # The gateway and ingester image: one image, two commands (see compose.yaml and deploy/k8s/).
 #   docker build -t marketdata-gateway .
 #   docker run -e DJANGO_SECRET_KEY=... -e DJANGO_ALLOWED_HOSTS=... -e DATABASE_URL=... \
-#              -e REDIS_URL=... -p 8000:8000 marketdata-gateway
+#              -e REDIS_URL=... -e METRICS_TOKEN=... -p 8000:8000 marketdata-gateway
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -44,7 +44,9 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 
 COPY . .
 COPY --from=assets /vendor/ static/vendor/
-# Production settings refuse to load without a secret key and allowed hosts; these
+# collectstatic runs here, at build time, into /app/staticfiles (STATIC_ROOT): the
+# gateway refuses to start without its manifest (check ops.E001), so an image always has
+# it. Production settings refuse to load without a secret key and allowed hosts; these
 # dummies exist for this RUN line only and are not in the image's environment.
 RUN DJANGO_SECRET_KEY=build-only DJANGO_ALLOWED_HOSTS=x python manage.py collectstatic --noinput \
     && python -m compileall -q config marketdata ingest streaming ops
@@ -53,5 +55,7 @@ USER app
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/app/scripts/healthcheck.py"]
-# daphne plus slow-client detection (streaming/server.py); same arguments as daphne.
+# daphne plus slow-client detection (streaming/server.py); same arguments as daphne. Its
+# access log is the JSON log, tokens redacted (ops/logging.py). Runtime needs, beside the
+# docker run line above: METRICS_TOKEN or METRICS_PORT (README "Configuration").
 CMD ["python", "-m", "streaming.server", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]

@@ -8,6 +8,7 @@ ops.multiprocess): every gauge says how its per-process values combine
 
 from __future__ import annotations
 
+import os
 from threading import Thread
 from typing import Any
 
@@ -78,11 +79,45 @@ def render() -> bytes:
     return generate_latest(_registry())
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> tuple[Any, Thread]:  # noqa: S104 (scraped from outside the pod)
-    """Serve the metrics on a port of their own from a daemon thread (the ingester has no HTTP server)."""
-    from prometheus_client import start_http_server
+def serve(port: int, addr: str = "0.0.0.0", token: str | None = None) -> tuple[Any, Thread]:  # noqa: S104 (scraped from outside the pod)
+    """Serve the metrics on a port of their own from a daemon thread (the ingester has no HTTP server).
 
-    return start_http_server(port, addr=addr, registry=_registry())
+    With a token (default: the METRICS_TOKEN variable) a scrape must send ``Authorization:
+    Bearer <token>``, as for the gateway's /metrics: 401 without, 403 with another.
+    """
+    import hmac
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    if token is None:  # called before Django's settings load (manage.py): the variable they read
+        token = os.environ.get("METRICS_TOKEN", "")
+    expected = token.encode()
+    metrics_app = make_wsgi_app(_registry())
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if expected:
+            scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+            if scheme.lower() != "bearer" or not given.strip():
+                start_response("401 Unauthorized", [("WWW-Authenticate", 'Bearer realm="metrics"')])
+                return [b"metrics: an Authorization: Bearer <METRICS_TOKEN> header is required\n"]
+            if not hmac.compare_digest(given.strip().encode(), expected):
+                start_response("403 Forbidden", [("Content-Type", "text/plain")])
+                return [b"metrics: wrong token\n"]
+        return metrics_app(environ, start_response)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """No line per scrape on stderr."""
+
+    server = make_server(addr, port, app, Server, handler_class=QuietHandler)
+    thread = Thread(target=server.serve_forever, daemon=True, name="metrics-server")
+    thread.start()
+    return server, thread
 
 
 # INGEST

@@ -81,19 +81,22 @@ class RequestContextMiddleware(_SyncAndAsync):
 
 
 class MetricsMiddleware(_SyncAndAsync):
-    """Count requests and time them by route pattern (not raw path: bounded labels).
+    """Count requests and time them by route pattern (not raw path: bounded labels); serve /metrics.
 
     Async-capable like RequestContextMiddleware: a sync-only middleware under ASGI makes
     Django hop between the event loop and a thread several times per request (measured
     at ~3 ms a request, more than the rest of a cached /v1/ohlcv answer).
+
+    ``/metrics`` (and anything on METRICS_PORT) is answered here, before the host check
+    and the HTTPS redirect of the middleware below (``ops.views.metrics_port_answer``).
     """
 
     @staticmethod
-    def _observe(request: HttpRequest, response: HttpResponse, started: float) -> None:
+    def _observe(request: HttpRequest, response: HttpResponse, started: float, route: str | None = None) -> None:
         from . import metrics
 
         match = getattr(request, "resolver_match", None)
-        route = match.route if match is not None and match.route else "unmatched"
+        route = route or (match.route if match is not None and match.route else "unmatched")
         metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(route, request.method, f"{response.status_code // 100}xx").inc()
 
@@ -101,25 +104,29 @@ class MetricsMiddleware(_SyncAndAsync):
         if self.is_async:
             return self.__acall__(request)
         from .metrics import HTTP_IN_FLIGHT
+        from .views import metrics_port_answer
 
         started = time.perf_counter()
         HTTP_IN_FLIGHT.inc()
         try:
-            response = self.get_response(request)
+            answer = metrics_port_answer(request)
+            response = answer if answer is not None else self.get_response(request)
         finally:
             HTTP_IN_FLIGHT.dec()
         assert isinstance(response, HttpResponse)
-        self._observe(request, response, started)
+        self._observe(request, response, started, "metrics" if answer is not None else None)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         from .metrics import HTTP_IN_FLIGHT
+        from .views import metrics_port_answer
 
         started = time.perf_counter()
         HTTP_IN_FLIGHT.inc()
         try:
-            response = await self.get_response(request)  # type: ignore[misc]
+            answer = metrics_port_answer(request)
+            response = answer if answer is not None else await self.get_response(request)  # type: ignore[misc]
         finally:
             HTTP_IN_FLIGHT.dec()
-        self._observe(request, response, started)
+        self._observe(request, response, started, "metrics" if answer is not None else None)
         return response

@@ -180,3 +180,91 @@ def test_every_secret_and_config_reference_exists_and_placeholders_are_marked():
                     assert value["secretKeyRef"]["key"] in secret["stringData"], name
     for key, value in secret["stringData"].items():
         assert value == "" or "CHANGE-ME" in value, key
+
+
+# -- metrics access (METRICS_TOKEN) and the Prometheus that scrapes with it ------------------
+
+PROMETHEUS = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def _serves_metrics(container: dict[str, Any]) -> str | None:
+    """The name of the container's port that serves /metrics: the server's `http`, an ingester's `metrics`."""
+    if container["command"][:3] == ["python", "-m", "streaming.server"]:
+        return "http"
+    if "INGEST_METRICS_PORT" in _env(container):
+        return "metrics"
+    return None
+
+
+def test_every_metrics_endpoint_requires_the_token_from_the_secret():
+    secret = _one("Secret", "marketdata-secrets")
+    assert "CHANGE-ME" in secret["stringData"]["METRICS_TOKEN"]
+    serving = []
+    for resource in RESOURCES:
+        if resource["kind"] != "Deployment":
+            continue
+        for container in resource["spec"]["template"]["spec"]["containers"]:
+            port = _serves_metrics(container)
+            if port is None:
+                continue
+            serving.append(resource["metadata"]["labels"]["app.kubernetes.io/component"])
+            assert port in {p["name"] for p in container["ports"]}
+            token = _env(container)["METRICS_TOKEN"]
+            assert token == {"secretKeyRef": {"name": "marketdata-secrets", "key": "METRICS_TOKEN"}}
+    assert {"gateway", "admin", "ingester"} <= set(serving)
+    assert "METRICS_PUBLIC" not in _one("ConfigMap", "marketdata-config")["data"]  # never opened for all
+
+
+def test_prometheus_scrapes_every_metrics_port_with_the_bearer_token():
+    jobs = {job["job_name"]: job for job in PROMETHEUS["scrape_configs"]}
+    kept: dict[str, set[str]] = {}
+    for job in jobs.values():
+        assert job["metrics_path"] == "/metrics"
+        assert job["authorization"]["type"] == "Bearer"
+        assert job["authorization"]["credentials_file"].startswith("/etc/prometheus/secrets/")
+        assert "credentials" not in job["authorization"]  # never the token itself in the file
+        keep = {r["source_labels"][0]: r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+        assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "marketdata"
+        port = keep["__meta_kubernetes_pod_container_port_name"]
+        for component in keep["__meta_kubernetes_pod_label_app_kubernetes_io_component"].split("|"):
+            kept.setdefault(component, set()).add(port)
+    # Every pod that serves metrics is scraped, on the port that serves them.
+    for resource in RESOURCES:
+        if resource["kind"] == "Deployment":
+            component = resource["metadata"]["labels"]["app.kubernetes.io/component"]
+            for container in resource["spec"]["template"]["spec"]["containers"]:
+                port = _serves_metrics(container)
+                if port is not None:
+                    assert port in kept.get(component, set()), component
+
+
+def test_compose_requires_the_token_and_its_prometheus_sends_it():
+    services = COMPOSE["services"]
+    for name in ("gateway", "ingester"):
+        assert services[name]["environment"]["METRICS_TOKEN"].startswith("${METRICS_TOKEN:?")
+    assert COMPOSE["secrets"]["metrics_token"] == {"environment": "METRICS_TOKEN"}
+    prometheus = services["prometheus"]
+    assert prometheus["secrets"] == ["metrics_token"]
+    source, target = prometheus["volumes"][0].split(":")[:2]
+    assert target == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((ROOT / source).read_text())
+    targets = {}
+    for job in config["scrape_configs"]:
+        assert job["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics_token"}
+        targets[job["job_name"]] = job["static_configs"][0]["targets"]
+    assert targets["marketdata-gateway"] == ["gateway:8000"]
+    assert targets["marketdata-ingester"] == [f"ingester:{services['ingester']['environment']['INGEST_METRICS_PORT']}"]
+
+
+def test_compose_grafana_is_provisioned_with_prometheus_and_the_dashboard():
+    grafana = COMPOSE["services"]["grafana"]
+    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
+    provisioning = ROOT / next(s for s, t in mounts.items() if t == "/etc/grafana/provisioning")
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "marketdata.yml").read_text())["providers"]
+    dashboards = {t: s for s, t in mounts.items()}
+    assert f"{provider['options']['path']}/marketdata.json" in dashboards
+    assert json.loads((ROOT / dashboards[f"{provider['options']['path']}/marketdata.json"]).read_text())["panels"]

@@ -157,13 +157,36 @@ def test_check_deploy_reports_a_weakened_setting():
     assert "security.W008" in result.stderr  # no HTTPS redirect
 
 
+def test_production_refuses_to_start_without_the_static_manifest(tmp_path):
+    """Without collectstatic, /login/, /admin/login/ and /v1/docs would answer 500: the server refuses to start."""
+    from ops.checks import E_STATIC_MANIFEST, STATIC_MANIFEST_HINT
+
+    empty = tmp_path / "static"
+    empty.mkdir()
+    plain = {"DJANGO_ALLOWED_HOSTS": "localhost", "DJANGO_SECURE_SSL_REDIRECT": "false"}
+    env = production_env(**plain, DJANGO_STATIC_ROOT=str(empty))
+    with pytest.raises(AssertionError, match="did not start") as refused:
+        start_server(env, tmp_path / "gateway.log", ready="/login/")
+    assert E_STATIC_MANIFEST in str(refused.value)
+    assert STATIC_MANIFEST_HINT in str(refused.value)
+
+    result = _production(CHECK_DEPLOY, DJANGO_STATIC_ROOT=str(empty))
+    assert result.returncode != 0
+    assert f"({E_STATIC_MANIFEST}) The static files manifest {empty / 'staticfiles.json'} is missing" in result.stderr
+    # The command that makes the manifest is not refused by its absence.
+    collect = _production([sys.executable, "manage.py", "collectstatic", "--noinput", "--dry-run"],
+                          DJANGO_STATIC_ROOT=str(empty), METRICS_TOKEN="")  # fmt: skip
+    assert collect.returncode == 0, collect.stderr[-3000:]
+
+
 PROBES = """
+import os
 import django
 django.setup()
 from django.test import Client
 client = Client()
 for path in ("/healthz", "/readyz", "/metrics", "/", "/v1/symbols"):
-    response = client.get(path, HTTP_HOST="localhost")
+    response = client.get(path, HTTP_HOST="localhost", HTTP_AUTHORIZATION="Bearer " + os.environ["METRICS_TOKEN"])
     print(path, response.status_code, response.get("Location", "-"))
 secure = client.get("/healthz", HTTP_HOST="md.example.com", HTTP_X_FORWARDED_PROTO="https")
 print("hsts", secure.get("Strict-Transport-Security"))

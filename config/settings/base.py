@@ -306,6 +306,16 @@ MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS = 7
 # /readyz fails when a live feed has written nothing for this long (0: not checked).
 READYZ_FEED_MAX_AGE_S = env.int("READYZ_FEED_MAX_AGE_S", default=300)
 
+# METRICS ACCESS
+# Who may read /metrics (ops/views.py): with METRICS_TOKEN, requests carrying
+# `Authorization: Bearer <METRICS_TOKEN>` (the ingester's INGEST_METRICS_PORT too); with
+# METRICS_PORT, requests to that port of the server only (the server must listen there
+# too: `-e tcp:port=9100:interface=0.0.0.0`), and nothing else is served on it. Open to
+# anyone otherwise: production settings refuse that unless METRICS_PUBLIC is on (ops/checks.py).
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+METRICS_PORT = env.int("METRICS_PORT", default=None)
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=True)
+
 # LOGGING
 # One JSON event per line, from structlog and from the standard library alike, with the
 # request id and trace id bound by ops.middleware.

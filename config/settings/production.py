@@ -1,9 +1,11 @@
 """Production: secrets only from the environment; refuses unsafe configurations."""
 
+from pathlib import Path
+
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import BASE_DIR, MIDDLEWARE, env
 
 SECRET_KEY = env("DJANGO_SECRET_KEY")  # no default: a missing key fails at start
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
@@ -36,3 +38,14 @@ CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
+# Where collectstatic writes (the Dockerfile: at build time) and whitenoise serves from.
+STATIC_ROOT = Path(env("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+
+# METRICS ACCESS
+# /metrics needs METRICS_TOKEN or METRICS_PORT here, or METRICS_PUBLIC=true (ops.E002).
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)
+
+# STARTUP CHECKS
+# The server refuses to start when the static manifest is missing (ops.E001: pages would
+# answer 500) or /metrics is open (ops.E002); `manage.py check --deploy` reports the same.
+MIDDLEWARE = ["ops.checks.StartupChecks", *MIDDLEWARE]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +136,28 @@ def test_ingester_metrics_port_serves_the_registry():
         port = server.server_address[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             assert samples(response.read().decode())["ingest_queue_depth"] == 17
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_ingester_metrics_port_requires_the_metrics_token_when_set():
+    server, thread = metrics.serve(0, addr="127.0.0.1", token="s3cret-token")
+    port = server.server_address[1]
+
+    def get(headers: dict[str, str]) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (loopback)
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    try:
+        assert get({}) == 401
+        assert get({"Authorization": "Bearer s3cret-tokenx"}) == 403
+        assert get({"Authorization": "Bearer s3cret-token"}) == 200
     finally:
         server.shutdown()
         server.server_close()
