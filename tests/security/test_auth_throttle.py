@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from django.contrib.auth.models import User
+from django.core.signals import request_started
 from django.db import connection
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
@@ -230,3 +231,68 @@ def test_refusals_are_bounded_and_expire(entitled, no_limit, monkeypatch):
     with CaptureQueriesContext(connection) as expired:
         assert fresh_get(BAD).status_code == 401
     assert len(expired) >= 1
+
+
+# The gateway's ASGI application: the event loop's fast path answers a known token without Django
+
+
+async def gateway_get(token: str, ip: str) -> tuple[int, dict[str, str], bytes]:
+    """GET /v1/ohlcv through config.asgi's application, from a client address."""
+    from config.asgi import application
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/v1/ohlcv", "raw_path": b"/v1/ohlcv", "query_string": b"symbol=AAPL&tf=1m", "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Token {token}".encode())],
+        "client": (ip, 5000), "server": ("testserver", 80),
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await application(scope, receive, send)
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+class DjangoRequests:
+    """Counts requests that reach Django's request cycle (the fast path's answers never do)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, **kwargs: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> DjangoRequests:
+        request_started.connect(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        request_started.disconnect(self)
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(AUTH_FAILURES_PER_IP="3/min")
+def test_the_fast_path_refuses_a_blocked_ip_as_django_does(entitled):
+    from config.asgi import http_app
+
+    http_app._redis_down_until = 0.0
+    assert asyncio.run(gateway_get(entitled, "198.51.100.40"))[0] == 200  # Django; the token is known here now
+    with DjangoRequests() as django:
+        assert asyncio.run(gateway_get(entitled, "198.51.100.41"))[0] == 200
+    assert django.count == 0  # answered in the event loop
+    for _ in range(3):
+        assert asyncio.run(gateway_get(BAD, "198.51.100.41"))[0] == 401
+    with DjangoRequests() as django:
+        status, headers, body = asyncio.run(gateway_get(entitled, "198.51.100.41"))
+        other = asyncio.run(gateway_get(entitled, "198.51.100.42"))
+    assert status == 429
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert orjson.loads(body)["error"]["code"] == "rate_limited"
+    assert django.count == 1  # the fast path declined the blocked IP; the other IP was answered in the loop
+    assert other[0] == 200
