@@ -28,7 +28,7 @@ BAD = [
     ("/v1/ohlcv", "symbol=AAPL&end=2024-01-02 14:30:00", "end", "end has no UTC offset"),
     ("/v1/ohlcv", "symbol=AAPL&start=yesterday", "start", "start is not a time"),
     ("/v1/ohlcv", "symbol=AAPL&end=2024-13-45T00:00:00Z", "end", "end is not a time"),
-    ("/v1/ohlcv", "symbol=AAPL&start=99999999999999999999", "start", "start is not a time"),
+    ("/v1/ohlcv", "symbol=AAPL&start=99999999999999999999", "start", "start is out of range"),
     ("/v1/ohlcv", "symbol=AAPL&start=2024-01-02T15:00:00Z&end=2024-01-02T15:00:00Z", "start", "before end"),
     ("/v1/ohlcv", "symbol=AAPL&start=2024-01-03T00:00:00Z&end=2024-01-02T00:00:00Z", "start", "before end"),
     ("/v1/ohlcv", "symbol=AAPL&cursor=garbage!!", "cursor", "cursor"),
