@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ from .timeframes import (
     source_candidates,
     validate_timeframe,
 )
+from .timeparse import TIME_MAX, TIME_MIN
 from .wire import bar_json
 
 MAX_LIMIT = 10_000
@@ -86,15 +88,39 @@ def cursor_encode(ts: datetime) -> str:
     return base64.urlsafe_b64encode(f"v1:{micros}".encode()).decode().rstrip("=")
 
 
+def cursor_text(cursor: str) -> str:
+    """The text inside an opaque cursor; ValueError unless it is strict unpadded base64url of UTF-8."""
+    # urlsafe_b64decode skips characters outside the alphabet: "AAPL" and "AA\x01PL" would be one cursor.
+    if not _CURSOR_RE.fullmatch(cursor):
+        raise ValueError("not base64url")
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("not base64url of UTF-8") from None
+
+
+_CURSOR_RE = re.compile(r"[A-Za-z0-9_-]*")
+_BAR_CURSOR_RE = re.compile(r"v1:(-?[0-9]{1,20})")
+# The open times a cursor may carry: those of the times a client may give (marketdata.timeparse).
+_MICROS_MIN = (TIME_MIN - ORIGIN) // timedelta(microseconds=1)
+_MICROS_MAX = (TIME_MAX - ORIGIN) // timedelta(microseconds=1)
+
+
+def _cursor_ts(micros: str) -> datetime:
+    value = int(micros)
+    if not _MICROS_MIN <= value <= _MICROS_MAX:
+        raise ValueError("out of range")
+    return ORIGIN + timedelta(microseconds=value)
+
+
 def cursor_decode(cursor: str) -> datetime:
     """Inverse of cursor_encode; a foreign cursor is a ValidationError on ``cursor``."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, micros = raw.split(":")
-        if version != "v1":
-            raise ValueError(version)
-        return ORIGIN + timedelta(microseconds=int(micros))
-    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        match = _BAR_CURSOR_RE.fullmatch(cursor_text(cursor))
+        if match is None:
+            raise ValueError("not a bar cursor")
+        return _cursor_ts(match[1])
+    except ValueError:
         raise ValidationError(ERR_CURSOR, field="cursor") from None
 
 
@@ -518,6 +544,7 @@ def daily_summary(*, symbol_ids: Sequence[int], start: datetime, end: datetime) 
 # TRADES
 
 ERR_TRADE_CURSOR = "cursor is not a trades cursor this service issued"
+_TRADE_CURSOR_RE = re.compile(r"t1:(-?[0-9]{1,20}):(-?[0-9]{1,20}):(-?[0-9]{1,20}):(-?[0-9]{1,20})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,13 +582,16 @@ def trade_cursor_encode(trade: TradeOut) -> str:
 def trade_cursor_decode(cursor: str) -> TradeKey:
     """Inverse of trade_cursor_encode; anything else is a ValidationError on ``cursor``."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, micros, publisher, sequence, ordinal = raw.split(":")
-        if version != "t1":
-            raise ValueError(version)
-        return ORIGIN + timedelta(microseconds=int(micros)), int(publisher), int(sequence), int(ordinal)
-    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        match = _TRADE_CURSOR_RE.fullmatch(cursor_text(cursor))
+        if match is None:
+            raise ValueError("not a trades cursor")
+        key = _cursor_ts(match[1]), int(match[2]), int(match[3]), int(match[4])
+    except ValueError:
         raise ValidationError(ERR_TRADE_CURSOR, field="cursor") from None
+    # Each within its column (int, bigint, smallint): PostgreSQL refuses a key it cannot compare.
+    if not (-(2**31) <= key[1] < 2**31 and -(2**63) <= key[2] < 2**63 and -(2**15) <= key[3] < 2**15):
+        raise ValidationError(ERR_TRADE_CURSOR, field="cursor")
+    return key
 
 
 _TRADE_SELECT = """
