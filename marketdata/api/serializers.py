@@ -7,14 +7,18 @@ prices stay exact and a 1,000-bar page costs no per-field serializer work.
 from __future__ import annotations
 
 import base64
-import binascii
+import unicodedata
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketdata.errors import MarketDataError
+from marketdata.models import TICKER_MAX_LENGTH, dataset_validator, ticker_validator
 from marketdata.selectors import (
     DEFAULT_LIMIT,
     ERR_RANGE,
@@ -23,6 +27,7 @@ from marketdata.selectors import (
     LEADERBOARD_METRICS,
     MAX_LIMIT,
     cursor_decode,
+    cursor_text,
     trade_cursor_decode,
 )
 from marketdata.timeframes import ANOMALY_NAMES, SERVED_TIMEFRAMES
@@ -35,9 +40,72 @@ ERR_CHOICE = "{input!r} is not one of {choices}"
 ERR_SYMBOLS_EMPTY = "symbols names no symbol: give one or more tickers separated by commas"
 ERR_SYMBOLS_MANY = "symbols names more than {max} symbols"
 ERR_SYMBOL_CURSOR = "cursor is not a symbols cursor this service issued"
+ERR_CONTROL = "control characters are not allowed"
+ERR_TICKER = "{value!r} is not a ticker: printable ASCII, at most 70 characters, no leading or trailing space"
+ERR_DATASET = "{value!r} is not a dataset: it looks like XNAS.ITCH or GLBX.MDP3"
+ERR_UTF8 = "{field} is not UTF-8 text once percent-decoded"
+# Unicode categories no parameter may hold: controls (NUL, ESC, newlines), format characters
+# (bidi overrides, zero-width spaces), surrogates, private use and unassigned code points.
+NOT_TEXT = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 TIME_HELP = (
     "RFC 3339 with an offset or Z (2024-01-02T14:30:00Z), or epoch milliseconds. A time without offset is refused."
 )
+
+
+def query_utf8_check(query_string: str) -> None:
+    """Refuse a query string whose percent-decoded bytes are not UTF-8, naming the parameter.
+
+    Django decodes them with replacement characters, which would turn ``%FF`` into a
+    legitimate-looking U+FFFD; ``query_string`` is the raw one, as WSGI gives it (latin-1).
+    """
+    if query_string.isascii() and "%" not in query_string:
+        return
+    for pair in query_string.split("&"):
+        name, _, value = pair.partition("=")
+        try:
+            key = _percent_decoded(name)
+        except (UnicodeError, ValueError):
+            raise serializers.ValidationError(ERR_UTF8.format(field="a parameter name")) from None
+        try:
+            _percent_decoded(value)
+        except (UnicodeError, ValueError):
+            raise serializers.ValidationError({key: ERR_UTF8.format(field=key)}) from None
+
+
+def _percent_decoded(text: str) -> str:
+    return unquote_to_bytes(text.replace("+", " ").encode("latin-1")).decode("utf-8")
+
+
+def _is_text(value: str) -> bool:
+    return all(char == " " or unicodedata.category(char) not in NOT_TEXT for char in value)
+
+
+class TextParam(serializers.CharField):
+    """A text parameter: control and other invisible characters are refused, not trimmed or sent to the database."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, str) and not _is_text(data):
+            raise serializers.ValidationError(ERR_CONTROL)
+        return str(super().to_internal_value(data))
+
+
+def _shaped(validator: RegexValidator, value: str) -> bool:
+    try:
+        validator(value)
+    except DjangoValidationError:
+        return False
+    return True
+
+
+def is_ticker(value: str) -> bool:
+    """Whether ``value`` has a ticker's shape (marketdata.models): no such text can name a symbol otherwise."""
+    return len(value) <= TICKER_MAX_LENGTH and _shaped(ticker_validator, value)
+
+
+def ticker_check(value: str) -> None:
+    """A ValidationError naming ``value`` unless it has a ticker's shape."""
+    if not is_ticker(value):
+        raise serializers.ValidationError(ERR_TICKER.format(value=value[: TICKER_MAX_LENGTH + 1]))
 
 
 @extend_schema_field({"type": "string", "example": "2024-01-02T14:30:00Z"})
@@ -96,12 +164,12 @@ def _check_range(attrs: dict[str, Any]) -> dict[str, Any]:
 class OhlcvQuery(serializers.Serializer):
     """GET /v1/ohlcv."""
 
-    symbol = serializers.CharField(max_length=70, help_text="Ticker, e.g. AAPL.")
+    symbol = TextParam(max_length=TICKER_MAX_LENGTH, validators=[ticker_check], help_text="Ticker, e.g. AAPL.")
     tf = tf_field("1m", "Timeframe; 5m 15m 30m 4h (and any not stored) are resampled from the finest stored base.")
     start = TimeParamField(required=False, help_text="Inclusive (bar open time). " + TIME_HELP)
     end = TimeParamField(required=False, help_text="Exclusive (bar open time). " + TIME_HELP)
     limit = limit_field(DEFAULT_LIMIT, MAX_LIMIT)
-    cursor = serializers.CharField(
+    cursor = TextParam(
         required=False, max_length=200, help_text="Opaque; take it from `next`, which carries the other parameters."
     )
     anomalies = choice_field(
@@ -122,11 +190,11 @@ class OhlcvQuery(serializers.Serializer):
 class TradesQuery(serializers.Serializer):
     """GET /v1/trades."""
 
-    symbol = serializers.CharField(max_length=70, help_text="Ticker, e.g. AAPL.")
+    symbol = TextParam(max_length=TICKER_MAX_LENGTH, validators=[ticker_check], help_text="Ticker, e.g. AAPL.")
     start = TimeParamField(required=False, help_text="Inclusive (ts_event). " + TIME_HELP)
     end = TimeParamField(required=False, help_text="Exclusive (ts_event). " + TIME_HELP)
     limit = limit_field(DEFAULT_LIMIT, MAX_LIMIT)
-    cursor = serializers.CharField(
+    cursor = TextParam(
         required=False, max_length=200, help_text="Opaque; take it from `next`, which carries the other parameters."
     )
 
@@ -144,7 +212,7 @@ class TradesQuery(serializers.Serializer):
 class LatestQuery(serializers.Serializer):
     """GET /v1/latest."""
 
-    symbols = serializers.CharField(
+    symbols = TextParam(
         max_length=LATEST_MAX_SYMBOLS * 71, help_text=f"Tickers separated by commas, at most {LATEST_MAX_SYMBOLS}."
     )
     tf = tf_field("1m", "Timeframe of the bars.")
@@ -155,6 +223,8 @@ class LatestQuery(serializers.Serializer):
             raise serializers.ValidationError(ERR_SYMBOLS_EMPTY)
         if len(tickers) > LATEST_MAX_SYMBOLS:
             raise serializers.ValidationError(ERR_SYMBOLS_MANY.format(max=LATEST_MAX_SYMBOLS))
+        for ticker in tickers:
+            ticker_check(ticker)
         return tickers
 
 
@@ -174,25 +244,32 @@ def symbol_cursor_encode(ticker: str) -> str:
 
 
 def symbol_cursor_decode(cursor: str) -> str:
+    """The ticker a symbols cursor carries; anything else (a NUL, which PostgreSQL refuses, too) is an error."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raw = cursor_text(cursor)
+    except ValueError:
         raise serializers.ValidationError(ERR_SYMBOL_CURSOR) from None
-    if not raw.startswith("s1:"):
+    ticker = raw[3:]
+    if not raw.startswith("s1:") or not is_ticker(ticker):
         raise serializers.ValidationError(ERR_SYMBOL_CURSOR)
-    return raw[3:]
+    return ticker
 
 
 class SymbolsQuery(serializers.Serializer):
     """GET /v1/symbols."""
 
-    dataset = serializers.CharField(required=False, max_length=32, help_text="Only this dataset, e.g. XNAS.ITCH.")
+    dataset = TextParam(required=False, max_length=32, help_text="Only this dataset, e.g. XNAS.ITCH.")
     active = serializers.BooleanField(required=False, help_text="Only active (true) or inactive (false) symbols.")
-    search = serializers.CharField(
+    search = TextParam(
         required=False, max_length=100, help_text="Case-insensitive text in the ticker or the description."
     )
     limit = limit_field(DEFAULT_LIMIT, MAX_LIMIT)
-    cursor = serializers.CharField(required=False, max_length=200, help_text="Opaque; take it from `next`.")
+    cursor = TextParam(required=False, max_length=200, help_text="Opaque; take it from `next`.")
+
+    def validate_dataset(self, value: str) -> str:
+        if not _shaped(dataset_validator, value):
+            raise serializers.ValidationError(ERR_DATASET.format(value=value))
+        return value
 
     def validate_cursor(self, value: str) -> str:
         return symbol_cursor_decode(value)

@@ -29,7 +29,7 @@ from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
 from marketdata import cache
-from marketdata.access import dataset_check, datasets_allowed, datasets_check
+from marketdata.access import dataset_check, datasets_allowed
 from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
 from marketdata.models import Symbol
 from marketdata.selectors import (
@@ -57,10 +57,19 @@ COUNTED_KEY = cache.COUNTED_KEY
 ERRORS = {
     400: OpenApiResponse(s.ErrorResponse, description="A bad parameter (field names it)."),
     401: OpenApiResponse(s.ErrorResponse, description="No or bad credentials."),
-    403: OpenApiResponse(s.ErrorResponse, description="Not entitled to the symbol's dataset."),
+    403: OpenApiResponse(
+        s.ErrorResponse,
+        description=(
+            "Not entitled to the dataset named by `dataset`. A symbol of a dataset you are not entitled to "
+            "answers 404, as an unknown symbol does."
+        ),
+    ),
     429: OpenApiResponse(s.ErrorResponse, description="Rate limited; see Retry-After."),
 }
-ERRORS_404 = {**ERRORS, 404: OpenApiResponse(s.ErrorResponse, description="Unknown symbol.")}
+ERRORS_404 = {
+    **ERRORS,
+    404: OpenApiResponse(s.ErrorResponse, description="Unknown symbol, or one of a dataset you are not entitled to."),
+}
 
 
 def _text(value: str) -> str:
@@ -164,6 +173,16 @@ def _hot_cache() -> bool:
 _symbols: cache.LocalCache[str, SymbolRef] = cache.LocalCache()
 
 
+def _entitled(symbol: SymbolRef, allowed: set[str] | None, *, ticker: str, field: str) -> SymbolRef:
+    """``symbol`` if the caller may read its dataset, else the very error an unknown ticker gets.
+
+    A 403 naming the dataset would tell anyone which tickers exist (and where).
+    """
+    if allowed is not None and symbol.dataset not in allowed:
+        raise UnknownSymbolError(ERR_UNKNOWN_SYMBOL.format(value=ticker), field=field)
+    return symbol
+
+
 def _symbol(ticker: str) -> SymbolRef:
     """symbol_ref, remembered for a few seconds (symbol changes through the ORM end it at once)."""
     hit = _symbols.get(ticker)
@@ -242,6 +261,7 @@ class ApiView(APIView):
 
     def query(self, serializer_class: type[Serializer]) -> dict[str, Any]:
         """Validated query parameters; an empty value counts as absent (``?dataset=&search=``)."""
+        s.query_utf8_check(self.request.META.get("QUERY_STRING", ""))
         items = tuple(sorted((key, value) for key, value in self.request.query_params.items() if value != ""))
         return dict(_validated(serializer_class, items))
 
@@ -255,8 +275,9 @@ class OhlcvView(ApiView):
 
     def prepare(self, request: Request) -> list[str]:
         self.q = q = self.query(s.OhlcvQuery)
-        self.symbol = symbol = _symbol(q["symbol"])
-        dataset_check(datasets_allowed(request.user), symbol.dataset)
+        self.symbol = symbol = _entitled(
+            _symbol(q["symbol"]), datasets_allowed(request.user), ticker=q["symbol"], field="symbol"
+        )
         self.base_url = self.request.build_absolute_uri(self.request.path)
         self.slot = ohlcv_slot(q, symbol, self.base_url)
         return [] if self.slot is None else self.slot.keys
@@ -408,8 +429,9 @@ class TradesView(ApiView):
     )
     def get(self, request: Request) -> HttpResponse:
         q = self.query(s.TradesQuery)
-        symbol = symbol_ref(ticker=q["symbol"])
-        dataset_check(datasets_allowed(request.user), symbol.dataset)
+        symbol = _entitled(
+            symbol_ref(ticker=q["symbol"]), datasets_allowed(request.user), ticker=q["symbol"], field="symbol"
+        )
         end = q.get("end")
         page = trade_list(ticker=symbol.ticker, start=q.get("start"), end=end, limit=q["limit"], cursor=q.get("cursor"))
         next_url = "null"
@@ -427,7 +449,8 @@ class TradesView(ApiView):
         return HttpResponse(body.encode(), content_type=JSON)
 
 
-def _symbols_by_ticker(tickers: Iterable[str]) -> dict[str, SymbolRef]:
+def _symbols_by_ticker(tickers: Iterable[str], allowed: set[str] | None) -> dict[str, SymbolRef]:
+    """The symbols of ``tickers``; the first one unknown or not entitled (which look the same) raises."""
     wanted = list(tickers)
     found = {t: ref for t in wanted if (ref := _symbols.get(t)) is not None}
     if len(found) < len(wanted):
@@ -441,6 +464,7 @@ def _symbols_by_ticker(tickers: Iterable[str]) -> dict[str, SymbolRef]:
     for ticker in wanted:
         if ticker not in found:
             raise UnknownSymbolError(ERR_UNKNOWN_SYMBOL.format(value=ticker), field="symbols")
+        _entitled(found[ticker], allowed, ticker=ticker, field="symbols")
     return found
 
 
@@ -450,8 +474,7 @@ class LatestView(ApiView):
     def prepare(self, request: Request) -> list[str]:
         self.q = q = self.query(s.LatestQuery)
         tickers: list[str] = q["symbols"]
-        self.symbols = symbols = _symbols_by_ticker(tickers)
-        datasets_check(datasets_allowed(request.user), (symbols[t].dataset for t in tickers))
+        self.symbols = symbols = _symbols_by_ticker(tickers, datasets_allowed(request.user))
         self.slots: dict[str, CacheSlot] = {}
         if not _hot_cache():
             return []

@@ -105,22 +105,71 @@ def test_entitlements_allow_their_datasets_and_refuse_others(client, symbols, cl
     token = make_token(make_user(datasets=("XNAS.ITCH",)))
     auth = {"HTTP_AUTHORIZATION": f"Token {token}"}
     assert client.get("/v1/ohlcv?symbol=AAPL", **auth).status_code == 200
-    for url in ("/v1/ohlcv?symbol=ESH4", "/v1/trades?symbol=ESH4", "/v1/latest?symbols=AAPL,ESH4",
-                "/v1/symbols?dataset=GLBX.MDP3"):  # fmt: skip
+    for url in ("/v1/ohlcv?symbol=ESH4", "/v1/trades?symbol=ESH4", "/v1/latest?symbols=AAPL,ESH4"):
         response = client.get(url, **auth)
-        assert response.status_code == 403, url
+        assert response.status_code == 404, url
+        field = "symbols" if "latest" in url else "symbol"
         assert body(response) == {
-            "error": {"code": "not_entitled", "message": "not entitled to dataset 'GLBX.MDP3'", "field": None}
+            "error": {"code": "unknown_symbol", "message": "unknown symbol 'ESH4'", "field": field}
         }
+    response = client.get("/v1/symbols?dataset=GLBX.MDP3", **auth)
+    assert response.status_code == 403
+    assert body(response) == {
+        "error": {"code": "not_entitled", "message": "not entitled to dataset 'GLBX.MDP3'", "field": None}
+    }
     listed = body(client.get("/v1/symbols", **auth))["results"]
     assert [s["symbol"] for s in listed] == ["AAPL"]
     board = body(client.get("/v1/leaderboard?tf=1m", **auth))["results"]
     assert [r["symbol"] for r in board] == ["AAPL"]
 
 
+# Every request naming a symbol, with the parameters a chart sends.
+SYMBOL_URLS = [
+    "/v1/ohlcv?symbol={t}", "/v1/ohlcv?symbol={t}&tf=5m&start=2024-01-02T14:30:00Z&end=2024-01-02T15:30:00Z&limit=10",
+    "/v1/ohlcv?symbol={t}&tf=1d&anomalies=exclude", "/v1/trades?symbol={t}", "/v1/trades?symbol={t}&start=0&limit=5",
+    "/v1/latest?symbols={t}", "/v1/latest?symbols=AAPL,{t}&tf=1h", "/v1/latest?symbols={t},AAPL,ZZZZ",
+]  # fmt: skip
+
+
+def _answers(client, auth, ticker):
+    out = []
+    for url in SYMBOL_URLS:
+        response = client.get(url.format(t=ticker), **auth)
+        headers = {k: v for k, v in response.items() if k != "X-Request-ID"}
+        out.append((url, response.status_code, headers, response.content))
+    return out
+
+
+def test_a_symbol_not_entitled_answers_exactly_as_an_unknown_one(client, symbols, closed, make_user, make_token):
+    auth = {"HTTP_AUTHORIZATION": f"Token {make_token(make_user(datasets=('XNAS.ITCH',)))}"}
+    not_entitled = _answers(client, auth, "ESH4")
+    assert {status for _, status, _, _ in not_entitled} == {404}
+    es = symbols[1]
+    es.ticker = "ESH4-RENAMED"  # the very same ticker, now unknown (its bars protect it from deletion)
+    es.save()
+    assert _answers(client, auth, "ESH4") == not_entitled
+
+
+def test_symbols_of_datasets_not_entitled_are_never_listed(client, symbols, closed, make_user, make_token):
+    auth = {"HTTP_AUTHORIZATION": f"Token {make_token(make_user(datasets=('XNAS.ITCH',)))}"}
+    seen = set()
+    for query in ("", "search=ESH", "search=GLBX", "active=true", "limit=1", "cursor=czE6QQ", "dataset=XNAS.ITCH"):
+        response = client.get(f"/v1/symbols?{query}", **auth)
+        assert response.status_code == 200, query
+        seen |= {(s["symbol"], s["dataset"]) for s in body(response)["results"]}
+    assert seen == {("AAPL", "XNAS.ITCH")}
+    # Asking for a dataset by name tells nothing of what it holds: one answer for any not entitled.
+    refused = client.get("/v1/symbols?dataset=GLBX.MDP3", **auth)
+    made_up = client.get("/v1/symbols?dataset=NOPE.NONE", **auth)
+    assert refused.status_code == made_up.status_code == 403
+    assert body(refused)["error"]["message"].replace("GLBX.MDP3", "X") == body(made_up)["error"]["message"].replace(
+        "NOPE.NONE", "X"
+    )
+
+
 def test_a_user_without_entitlements_sees_nothing(client, symbols, closed, make_user, make_token):
     token = make_token(make_user())
-    assert client.get(f"/v1/ohlcv?symbol=AAPL&token={token}").status_code == 403
+    assert client.get(f"/v1/ohlcv?symbol=AAPL&token={token}").status_code == 404
     assert body(client.get(f"/v1/symbols?token={token}"))["results"] == []
     assert body(client.get(f"/v1/leaderboard?token={token}"))["results"] == []
 
@@ -135,7 +184,7 @@ def test_staff_see_every_dataset(client, symbols, closed, make_user, make_token)
 def test_a_session_works_like_a_token(client, symbols, closed, make_user):
     client.force_login(make_user(datasets=("GLBX.MDP3",)))
     assert client.get("/v1/ohlcv?symbol=ESH4").status_code == 200
-    assert client.get("/v1/ohlcv?symbol=AAPL").status_code == 403
+    assert client.get("/v1/ohlcv?symbol=AAPL").status_code == 404
 
 
 def test_a_cached_answer_is_still_refused_to_the_unentitled(client, symbols, closed, make_user, make_token):
@@ -143,7 +192,7 @@ def test_a_cached_answer_is_still_refused_to_the_unentitled(client, symbols, clo
     refused = make_token(make_user(datasets=("GLBX.MDP3",)))
     for _ in range(2):
         assert client.get(f"/v1/ohlcv?symbol=AAPL&token={allowed}").status_code == 200
-    assert client.get(f"/v1/ohlcv?symbol=AAPL&token={refused}").status_code == 403
+    assert client.get(f"/v1/ohlcv?symbol=AAPL&token={refused}").status_code == 404
 
 
 def _rates(settings, **rates):

@@ -57,7 +57,7 @@ def test_a_token_revoked_through_the_orm_is_refused_at_once(client, setup):
 def test_an_entitlement_removed_is_refused_at_once(client, setup):
     user, auth = setup
     Entitlement.objects.filter(user=user).delete()
-    assert client.get(URL, **auth).status_code == 403
+    assert client.get(URL, **auth).status_code == 404
 
 
 def test_another_process_s_change_is_seen_through_the_epoch(client, setup, redis_client: redis.Redis):
