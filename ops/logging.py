@@ -19,8 +19,9 @@ from . import tracing
 REDACTED = "[REDACTED]"
 # A query parameter whose name ends in "token" (token, access_token, api_token, ...).
 _QUERY_TOKEN_RE = re.compile(r"(?i)((?:^|[?&;\s])[\w.-]*token=)[^&;\s\"'#]*")
-# An Authorization value: the scheme is kept, the credentials go.
-_SCHEME_RE = re.compile(r"(?i)\b(bearer|token|basic)(\s+)[\w.~+/=-]{8,}")
+# An Authorization value: the scheme is kept, the credentials go (16 characters or more,
+# so that prose such as "token validation failed" is left alone).
+_SCHEME_RE = re.compile(r"(?i)\b(bearer|token|basic)(\s+)[\w.~+/=-]{16,}")
 # An API token anywhere (marketdata.tokens.TOKEN_PREFIX and 43 url-safe characters).
 _API_TOKEN_RE = re.compile(r"\bmdg_[\w-]{20,}")
 # Fields that are credentials whatever their value.

@@ -113,7 +113,9 @@ def test_no_secret_in_any_line_and_every_request_logged(gateway: Server) -> None
         ("GET /ws/v1/stream?token=abc HTTP/1.1", f"GET /ws/v1/stream?token={REDACTED} HTTP/1.1"),
         ("/x?access_token=a%20b&api_token=c;d", f"/x?access_token={REDACTED}&api_token={REDACTED};d"),
         ("/x?TOKEN=abc", f"/x?TOKEN={REDACTED}"),
-        ("Authorization: Bearer eyJ.abc.def", f"Authorization: Bearer {REDACTED}"),
+        ("Authorization: Bearer eyJhbGciOi.eyJzdWIiOiIx.c2lnbmF0dXJl", f"Authorization: Bearer {REDACTED}"),
+        ("Basic dXNlcjpwYXNzd29yZDEyMw==", f"Basic {REDACTED}"),
+        ("token validation failed", "token validation failed"),
         ("sent 'Token mdg_" + "a" * 43 + "'", f"sent 'Token {REDACTED}'"),
         ("a bare mdg_" + "B" * 43 + " token", f"a bare {REDACTED} token"),
         ("token expired", "token expired"),  # words are not secrets
