@@ -23,3 +23,9 @@ urlpatterns = [
     path("readyz", ops_views.readyz, name="readyz"),
     path("metrics", ops_views.metrics_view, name="metrics"),
 ]
+
+# Under /v1 Django's error pages answer in the API's JSON envelope (SPEC 9: never HTML).
+handler400 = "marketdata.api.exceptions.bad_request"
+handler403 = "marketdata.api.exceptions.permission_denied"
+handler404 = "marketdata.api.exceptions.page_not_found"
+handler500 = "marketdata.api.exceptions.server_error"
