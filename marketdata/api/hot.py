@@ -59,6 +59,7 @@ from ops.middleware import request_context
 
 from . import serializers as s
 from .authentication import KEYWORDS, QUERY_PARAM
+from .exceptions import internal_error_body
 from .throttling import ApiRateThrottle
 from .views import JSON, _cache_read, _symbols, _validated, ohlcv_answer, ohlcv_hit, ohlcv_slot
 
@@ -118,8 +119,19 @@ class OhlcvFastPath:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         mine = scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "GET" and self.enabled()
-        if not (mine and await self.serve(scope, send)):
-            await self.app(scope, receive, send)
+        if mine:
+            sent = _SendWatch(send)
+            try:
+                if await self.serve(scope, sent):
+                    return
+            except Exception:
+                if sent.started:
+                    raise
+                # A bug here answers as one in Django's path would: the envelope with the request id.
+                log.exception("ohlcv fast path failed")
+                await _internal_error(scope, send)
+                return
+        await self.app(scope, receive, send)
 
     def _client(self) -> redis.asyncio.Redis:
         loop = get_running_loop()
@@ -260,6 +272,7 @@ class OhlcvFastPath:
             if found is None:
                 return None
             user, auth = found
+            s.query_utf8_check(request.META.get("QUERY_STRING", ""))
             items = tuple(sorted((key, value) for key, value in request.GET.items() if value != ""))
             q = _validated(s.OhlcvQuery, items)
             symbol = _symbols.get(q["symbol"])
@@ -269,7 +282,7 @@ class OhlcvFastPath:
                 return None
             allowed = datasets_allowed(user)
             if allowed is not None and symbol.dataset not in allowed:
-                return None  # the view's 403
+                return None  # the view's 404, the unknown symbol's
             base_url = request.build_absolute_uri(request.path)
             slot = ohlcv_slot(q, symbol, base_url)
             throttle = ApiRateThrottle()
@@ -279,6 +292,34 @@ class OhlcvFastPath:
         except Exception:  # a bad parameter, a host not allowed, ...: Django says what is wrong
             return None
         return request, q, symbol, base_url, slot, throttle, checks, failures
+
+
+class _SendWatch:
+    """The ASGI send, noting whether the response has started (after which no other answer can be given)."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.started = True
+        await self.send(message)
+
+
+async def _internal_error(scope: Any, send: Any) -> None:
+    """Send the /v1 500 (marketdata.api.exceptions): the envelope and the request's id, nothing of the failure."""
+    bound = structlog.contextvars.get_contextvars()
+    rid = bound.get("request_id") if bound.get("path") == PATH else None
+    rid = rid or request_context(_headers(scope))["request_id"]
+    body = internal_error_body(rid)
+    headers = [
+        (b"content-type", JSON.encode()),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-request-id", rid.encode("latin-1")),
+    ]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    metrics.HTTP_REQUESTS.labels(ROUTE, "GET", "5xx").inc()
 
 
 def _headers(scope: Any) -> dict[str, str]:

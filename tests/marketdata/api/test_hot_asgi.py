@@ -176,9 +176,70 @@ def test_refusals_and_bad_parameters_are_djangos(setup, make_user, make_token):
     other = make_token(make_user(datasets=("GLBX.MDP3",)))
     call(http_app, QUERY, token=other)
     status, _, body = call(http_app, QUERY, token=other)
-    assert status == 403
-    assert orjson.loads(body)["error"]["code"] == "not_entitled"
+    assert status == 404
+    assert orjson.loads(body)["error"] == {
+        "code": "unknown_symbol",
+        "message": "unknown symbol 'AAPL'",
+        "field": "symbol",
+    }
     assert call(http_app, QUERY, token="not-a-token")[0] == 401
+
+
+EXTREME_QUERIES = [
+    "symbol=AAPL&end=9999-12-31T23:59:59Z", "symbol=AAPL&start=0001-01-01T00:00:00%2B01:00",
+    "symbol=AAPL&start=1970-01-01T00:00:00Z&end=2262-04-11T23:47:16Z&tf=4h", "symbol=AA%00PL", "symbol=AAPL%01",
+    "symbol=%FF", "symbol=AAPL&tf=1m&foo=%FF", "symbol=AAPL&limit=" + "9" * 40, "symbol=AAPL&limit=-1",
+    "symbol=AAPL&cursor=djE6MjUyNDU1NDQzMTk5OTk5OTk5", "symbol=AAPL&cursor=djE6MA%01",
+    "symbol=AAPL&start=" + "9" * 5000, "symbol=AAPL&tf=1m%00", "symbol=AAPL&anomalies=%C3%28", "symbol=" + "A" * 71,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("query", EXTREME_QUERIES)
+def test_extreme_parameters_answer_as_django_does(setup, query):
+    _, token = setup
+    call(django_http_app, QUERY, token=token)  # the token and the symbol are known to the fast path now
+    fast = call(http_app, query, token=token)
+    django = call(django_http_app, query, token=token)
+    assert fast[0] == django[0] < 500
+    assert fast[2] == django[2]
+    assert fast[1]["content-type"] == "application/json"
+
+
+def test_a_symbol_not_entitled_answers_as_an_unknown_one_on_both_paths(setup, make_symbol, make_user, make_token):
+    make_symbol("ESH4", dataset="GLBX.MDP3")
+    token = make_token(make_user(datasets=("XNAS.ITCH",)))
+    call(django_http_app, QUERY, token=token)
+    call(django_http_app, "symbol=ESH4", token=token)  # ESH4 is known to this process now
+    answers = {app: call(app, "symbol=ESH4&tf=1m", token=token) for app in (http_app, django_http_app)}
+    assert {a[0] for a in answers.values()} == {404}
+    assert (
+        answers[http_app][2]
+        == answers[django_http_app][2]
+        == call(django_http_app, "symbol=ESH5", token=token)[2].replace(b"ESH5", b"ESH4")
+    )
+
+
+def test_a_bug_in_the_fast_path_is_a_500_in_the_envelope_with_the_request_id(setup, monkeypatch):
+    from marketdata.api import hot
+
+    _, token = setup
+    for _ in range(2):
+        assert call(http_app, QUERY, token=token)[0] == 200  # cached; the next is a hit served by the fast path
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(hot, "_cache_read", broken)
+    with Started() as started:
+        status, headers, body = call(http_app, QUERY, token=token, headers=((b"x-request-id", b"chart-500"),))
+    assert started.count == 0
+    assert status == 500
+    assert headers["content-type"] == "application/json"
+    assert headers["x-request-id"] == "chart-500"
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "internal"
+    assert "chart-500" in error["message"]
+    assert b"secret" not in body
 
 
 def test_with_redis_down_the_answer_comes_from_the_database(setup, settings):
