@@ -59,7 +59,7 @@ async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return await sync_to_async(fn)(*args, **kwargs)
 
 
-def layer_channels(client: redis.Redis) -> set[bytes]:
+def layer_channels(client: redis.Redis) -> set[bytes | str]:
     """The pub/sub channels the gateway (this process) holds in Redis: its connections' and groups'."""
     return set(client.pubsub_channels(f"{settings.CHANNELS_PREFIX}*"))
 
@@ -68,7 +68,7 @@ def _tasks() -> set[asyncio.Task]:
     return {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
 
 
-async def settled(redis_client: redis.Redis, channels: set[bytes], tasks: int) -> None:
+async def settled(redis_client: redis.Redis, channels: set[bytes | str], tasks: int) -> None:
     """Wait (bounded) until Redis holds no more channels and the loop no more tasks than before."""
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
