@@ -25,13 +25,12 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from itertools import islice
 from pathlib import Path
 
 import databento
 import requests
 from databento.common.enums import HistoricalGateway
-from databento.common.error import BentoClientError, BentoError
+from databento.common.error import BentoClientError, BentoError, BentoHttpError
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Max
 
@@ -42,6 +41,7 @@ from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
 from ..pipeline import Mappings, run_feed
 from ..records import Stats
 from .keys import api_key_get
+from .replay import FileStart, decode_error, file_records
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ CHUNK_RECORDS = 4096  # records handed to the pipeline at once
 # Statuses worth asking again: the request timed out, or the client is being throttled.
 RETRY_STATUSES = frozenset({408, 429})
 # Error causes that mean the window was not fetched to its end.
-API_ERRORS = ("api_client_error", "api_unavailable")
+API_ERRORS = ("api_client_error", "api_unavailable", "api_unreadable")
 
 ERR_SCHEMA = "schema {value!r} is not ingested: expected one of " + " ".join(SCHEMAS)
 ERR_RANGE = "start {start} must be before end {end}"
@@ -58,6 +58,7 @@ ERR_SYMBOLS = "symbols must name at least one raw symbol, e.g. AAPL,MSFT"
 ERR_DATASET = "dataset must be a Databento dataset code such as XNAS.ITCH, got {value!r}"
 ERR_CHUNK = "chunk must be a positive duration, got {value}"
 ERR_API_REFUSED = "historical API refused {dataset} {schema} {lo}..{hi}: {error}"
+ERR_API_UNREADABLE = "historical API answer for {dataset} {schema} {lo}..{hi} not read whole: {reason}"
 ERR_API_GAVE_UP = "historical API failed {attempts} times for {dataset} {schema} {lo}..{hi}; last: {error}"
 
 
@@ -201,14 +202,26 @@ def _records(
         )  # fmt: skip
         if path is None:
             return
+        # Read as replay reads a file, not by DBNStore: a cut or damaged answer is an error
+        # (DBNStore only warns, and allocates whatever metadata length the header claims).
+        read = Stats()
         try:
-            store = databento.DBNStore.from_file(path)
-            yield Mappings({ticker: [dict(i) for i in spans] for ticker, spans in store.metadata.mappings.items()})
-            records = iter(store)
-            while chunk := list(islice(records, CHUNK_RECORDS)):  # in lists: runs of them go in as columns
-                yield chunk
+            for item in file_records(path, read):
+                if isinstance(item, FileStart):
+                    mappings = item.metadata.mappings
+                    yield Mappings({ticker: [dict(i) for i in spans] for ticker, spans in mappings.items()})
+                    continue
+                assert isinstance(item, list)  # without raw=True, the reader yields lists of records
+                for at in range(0, len(item), CHUNK_RECORDS):  # in lists: runs of them go in as columns
+                    yield item[at : at + CHUNK_RECORDS]
         finally:
             path.unlink(missing_ok=True)
+        if read.errors:
+            # The records before the damage are stored: a rerun resumes from them, as after a crash.
+            reason = read.last_error.removeprefix(f"{path}: ")
+            notes.error("api_unreadable", ERR_API_UNREADABLE.format(reason=reason, dataset=dataset, schema=schema,
+                                                                     lo=lo.isoformat(), hi=hi.isoformat()))  # fmt: skip
+            return
         notes.fetched_until = hi
 
 
@@ -232,8 +245,14 @@ def _fetch(
                 return None
             error: Exception = exc
         except (BentoError, requests.ConnectionError, requests.Timeout) as exc:
+            if _answer_unread(exc, path):
+                return path
             # BentoServerError (5xx), or the connection dropped while the body streamed.
             error = exc
+        except BaseException as exc:
+            if not _answer_unread(exc, path):
+                raise
+            return path
         path.unlink(missing_ok=True)
         if attempt == backoff.attempts:
             notes.error("api_unavailable", ERR_API_GAVE_UP.format(attempts=attempt, error=error, **where))
@@ -250,6 +269,23 @@ def _fetch(
         else:
             time.sleep(delay)
     return None
+
+
+def _answer_unread(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc`` is the client failing to read an answer it downloaded whole to ``path``.
+
+    The client (databento 0.88) opens what it downloaded with DBNStore before returning:
+    a cut or damaged answer fails there, with a BentoError that is neither an HTTP status
+    nor "Error streaming response", or with the decoder's own exceptions. Such an answer
+    would be the same again: it goes to the reader (file_records), which says what is wrong.
+    """
+    if not path.exists():
+        return False
+    if isinstance(exc, requests.RequestException | BentoHttpError):
+        return False
+    if isinstance(exc, BentoError):
+        return not str(exc).startswith("Error streaming response")
+    return isinstance(exc, Exception) or decode_error(exc)
 
 
 def _validated(

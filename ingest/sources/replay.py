@@ -156,7 +156,7 @@ def _metadata_error(path: Path, stream: BinaryIO, size: int | None) -> tuple[str
     return None
 
 
-def _decode_error(exc: BaseException) -> bool:
+def decode_error(exc: BaseException) -> bool:
     """A decoder failure caused by the bytes: DBNError, zstd's RuntimeError, or a Rust panic (pyo3's
     PanicException, a BaseException) on a record shorter than its type."""
     return isinstance(exc, dbn.DBNError | RuntimeError) or type(exc).__name__ == "PanicException"
@@ -243,7 +243,7 @@ class _RawReader:
                 try:
                     decoded = dbn.DBNDecoder(upgrade_policy=UPGRADE).write_and_decode(header)
                 except BaseException as exc:
-                    if not _decode_error(exc):
+                    if not decode_error(exc):
                         raise
                     raise _Fallback from exc
                 metadata = decoded[0] if decoded else None
@@ -304,7 +304,7 @@ def _decoded(path: Path, stats: Stats, skip: int, started: bool) -> Iterator[Fil
             try:
                 records = decoder.write_and_decode(chunk)
             except BaseException as exc:
-                if not _decode_error(exc):
+                if not decode_error(exc):
                     raise
                 yield from _salvage(path, offset, chunk, max(delivered, skip), started)
                 stats.error("corrupt_file", ERR_CORRUPT.format(path=path, error=exc))
@@ -346,7 +346,7 @@ def _salvage(
         try:
             records = decoder.write_and_decode(piece)
         except BaseException as exc:
-            if not _decode_error(exc):
+            if not decode_error(exc):
                 raise
             return
         if records and isinstance(records[0], dbn.Metadata):

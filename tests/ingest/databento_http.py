@@ -19,7 +19,8 @@ It speaks the wire format the official client (databento 0.88) uses for
 
 Only Databento's servers are stood in for: the records are real DBN, encoded with
 ``databento_dbn``, and the client is the real one. The server logs every request, and
-fails on demand (an HTTP status, or a connection closed halfway through the body).
+fails on demand (an HTTP status, a connection closed halfway through the body, or a whole
+answer whose DBN is cut or damaged).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import random
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -140,6 +141,7 @@ class Fault:
     status: int | None = None  # answer with this HTTP status and a JSON detail
     detail: str = "Internal server error"
     abort: bool = False  # or send part of the body, then drop the connection
+    body: Callable[[bytes], bytes] | None = None  # or a whole 200 answer of these bytes (cut, damaged DBN)
     on: int | None = None
     times: int = 1
 
@@ -252,6 +254,8 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadRequest as exc:
             self._error(request, 422, str(exc))
             return
+        if fault is not None and fault.body is not None:
+            body_bytes = fault.body(body_bytes)
         request.status, request.records = 200, count
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import databento_dbn as dbn
@@ -24,6 +27,9 @@ from django.conf import settings
 from ingest.sources import replay as source
 from marketdata.models import Bar, Symbol, Trade
 from tests.conftest import dbn_records
+from tests.ingest.databento_http import Catalogue, DatabentoHistoricalServer, daily_ids, minute_bars
+from tests.ingest.databento_live import LiveGateway
+from tests.ingest.dbnfile import NS, P
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -40,21 +46,25 @@ class Run:
     stderr: str
 
     def lines(self) -> list[str]:
-        """stderr's lines that are not JSON log records."""
-        return [line for line in self.stderr.splitlines() if line and not line.startswith("{")]
+        """stderr's lines that are neither JSON log records nor progress reports."""
+        return [line for line in self.stderr.splitlines() if line and not line.startswith(("{", "records="))]
 
 
-def ingest(*args: str | Path, env: dict[str, str] | None = None, memory_limit: int | None = None) -> Run:
-    """Run ``manage.py ingest ARGS`` on the test database and Redis; return how it ended."""
+def subprocess_env() -> dict[str, str]:
+    """This environment, pointed at the test database and the test Redis."""
     db = settings.DATABASES["default"]
-    environ = {
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         "TEST_REDIS_URL": settings.REDIS_URL,
         "CHANNELS_PREFIX": settings.CHANNELS_PREFIX,
-        **(env or {}),
     }
+
+
+def ingest(*args: str | Path, env: dict[str, str] | None = None, memory_limit: int | None = None) -> Run:
+    """Run ``manage.py ingest ARGS`` on the test database and Redis; return how it ended."""
+    environ = {**subprocess_env(), **(env or {})}
 
     def limit() -> None:
         if memory_limit is not None:
@@ -325,3 +335,159 @@ def test_a_dbn_metadata_only_file_is_read_whole(tmp_path):
 
     assert run.returncode == 0, run.stderr
     assert read_whole_line(path, 0) in run.stdout.splitlines()
+
+
+# -- historical: a downloaded chunk is a file too ----------------------------------------------------
+
+KEY = "db-Hist0ricalStandInKey000000001"
+TICKERS = ["AAPL", "MSFT"]
+DAYS = [date(2024, 1, 2), date(2024, 1, 3), date(2024, 1, 4)]
+BARS_A_DAY = 390 * len(TICKERS)
+
+
+@pytest.fixture
+def historical_server(tmp_path) -> Iterator[DatabentoHistoricalServer]:
+    catalogue = Catalogue("XNAS.ITCH")
+    daily_ids(catalogue, TICKERS, DAYS)
+    minute_bars(catalogue, TICKERS, DAYS)
+    with DatabentoHistoricalServer(key=KEY, catalogues=[catalogue], cert_dir=tmp_path) as server:
+        yield server
+
+
+def fetch(server: DatabentoHistoricalServer) -> Run:
+    return ingest(
+        "historical", "--dataset", "XNAS.ITCH", "--schema", "ohlcv-1m", "--symbols", ",".join(TICKERS),
+        "--start", "2024-01-02T00:00:00Z", "--end", "2024-01-05T00:00:00Z", "--gateway", server.gateway,
+        "--no-publish",
+        env={"DATABENTO_API_KEY": KEY, "REQUESTS_CA_BUNDLE": server.ca_file, "NO_PROXY": "127.0.0.1,localhost"},
+        memory_limit=MEMORY_LIMIT,
+    )  # fmt: skip
+
+
+def zstd_cut(body: bytes) -> bytes:
+    return body[: len(body) // 2]
+
+
+def dbn_cut(body: bytes) -> bytes:
+    data = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+    return zstandard.ZstdCompressor().compress(data[:-20])
+
+
+def dbn_damaged(body: bytes) -> bytes:
+    data = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(body))
+    first = metadata_end(data)
+    data[first + data[first] * 4 * 10] = 0  # the eleventh record's length
+    return zstandard.ZstdCompressor().compress(bytes(data))
+
+
+def huge_metadata(body: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(header(HUGE) + bytes(100_000))
+
+
+ERR_TAIL = "): run the same command again to resume from the store"
+
+
+def incomplete(reason: str) -> str:
+    from ingest.management.commands.ingest import ERR_HISTORICAL_INCOMPLETE
+
+    return "CommandError: " + ERR_HISTORICAL_INCOMPLETE.format(reason=reason)
+
+
+def test_a_whole_historical_fetch_exits_zero(historical_server):
+    run = fetch(historical_server)
+    assert run.returncode == 0, run.stderr
+    assert Bar.objects.count() == 3 * BARS_A_DAY
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (zstd_cut, "the zstd stream ends early"),
+        (dbn_cut, "file ends inside a record"),
+        (dbn_damaged, "not decodable as DBN"),
+        (huge_metadata, "more than a DBN file holds"),
+    ],
+    ids=["zstd_cut", "dbn_cut", "dbn_damaged", "huge_metadata"],
+)
+def test_a_historical_chunk_not_read_whole_fails_the_run_and_stops_at_it(historical_server, damage, what):
+    from ingest.sources.historical import ERR_API_UNREADABLE
+
+    historical_server.fail(body=damage, on=2)
+    second_day = {"dataset": "XNAS.ITCH", "schema": "ohlcv-1m", "lo": "2024-01-03T00:00:00+00:00",
+                  "hi": "2024-01-04T00:00:00+00:00"}  # fmt: skip
+    prefix = incomplete(ERR_API_UNREADABLE.format(reason="", **second_day))[: -len(ERR_TAIL)]
+
+    run = fetch(historical_server)
+
+    assert run.returncode == 1, (run.stdout, run.stderr[-3000:])
+    lines = run.lines()
+    assert len(lines) == 1, run.stderr[-3000:]
+    [line] = lines
+    assert line.startswith(prefix)
+    assert what in line
+    assert len(historical_server.get_ranges) == 2  # nothing fetched past the damage
+    first_day = Bar.objects.filter(ts__date=DAYS[0]).count()
+    assert first_day == BARS_A_DAY
+    assert not Bar.objects.filter(ts__date=DAYS[2]).exists()
+
+
+def test_a_refused_historical_request_exits_one(historical_server):
+    historical_server.fail(status=422, detail="symbols: too many")
+
+    run = fetch(historical_server)
+
+    assert run.returncode == 1
+    [line] = run.lines()
+    assert line.startswith(incomplete("historical API refused XNAS.ITCH ohlcv-1m ")[: -len(ERR_TAIL)])
+    assert line.endswith("symbols: too many" + ERR_TAIL)
+
+
+# -- live ------------------------------------------------------------------------------------------
+
+LIVE_KEY = "db-" + "A" * 24 + "good1"
+OTHER_KEY = "db-" + "B" * 24 + "good1"
+LIVE_SYMBOLS = {"AAPL": 7, "MSFT": 8}
+
+
+def live_bars(count: int) -> list[dbn.OHLCVMsg]:
+    t0 = time.time_ns() // NS * NS - 3 * 3600 * NS
+    t0 -= t0 % (60 * NS)
+    return [
+        dbn.OHLCVMsg(rtype=int(dbn.RType.OHLCV_1M), publisher_id=2, instrument_id=iid, ts_event=t0 + i * 60 * NS,
+                     open=100 * P, high=101 * P, low=99 * P, close=100 * P, volume=100)
+        for i in range(count) for iid in LIVE_SYMBOLS.values()
+    ]  # fmt: skip
+
+
+def live_args(gateway: LiveGateway) -> list[str]:
+    return ["live", "--dataset", "XNAS.ITCH", "--schema", "ohlcv-1m", "--symbols", ",".join(LIVE_SYMBOLS),
+            "--gateway", gateway.address, "--no-publish"]  # fmt: skip
+
+
+def test_a_live_key_the_gateway_refuses_exits_one():
+    with LiveGateway(keys=[LIVE_KEY], symbols=LIVE_SYMBOLS, records=live_bars(3)) as gateway:
+        run = ingest(*live_args(gateway), env={"DATABENTO_API_KEY": OTHER_KEY})
+
+    assert run.returncode == 1
+    [line] = run.lines()
+    assert line.startswith("CommandError: ")
+    assert "rejected the API key" in line
+    assert not Bar.objects.exists()
+
+
+def test_a_live_run_stopped_by_sigterm_exits_zero_with_what_it_received_stored():
+    records = live_bars(5)
+    with LiveGateway(keys=[LIVE_KEY], symbols=LIVE_SYMBOLS, records=records, heartbeat_s=0.2) as gateway:
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "ingest", *live_args(gateway)], cwd=ROOT,
+            env={**subprocess_env(), "DATABENTO_API_KEY": LIVE_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while Bar.objects.count() < len(records) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 0, err[-3000:]
+    assert Bar.objects.count() == len(records)

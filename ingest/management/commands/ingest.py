@@ -26,7 +26,10 @@ OUT_READ_WHOLE = "read whole: {path} ({records} records)"
 OUT_STOPPED = "stopped: {path} (the run was stopped before its end)"
 ERR_FILE_FAILED = "failed: {reason}"
 ERR_FILES_FAILED = "{failed} of {total} files could not be read whole (each named above)"
-ERR_HISTORICAL_INCOMPLETE = "historical fetch incomplete: run the same command again to resume from the store"
+ERR_HISTORICAL_INCOMPLETE = (
+    "historical fetch incomplete ({reason}): run the same command again to resume from the store"
+)
+STOPPED_EARLY = "stopped before the end of the window"
 ERR_LIVE_GAVE_UP = "live feed gave up reconnecting; see the log for the last error"
 EXIT_CODES = (
     "Exit status: 0 when every input was read whole (a run stopped by SIGTERM or Ctrl-C included, once what "
@@ -163,8 +166,10 @@ class Command(BaseCommand):
                 publish=not options["no_publish"], progress=self._progress, stopping=stopping,
             )  # fmt: skip
         self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
-        if not stats.complete or any(stats.errors[cause] for cause in API_ERRORS):
-            raise CommandError(ERR_HISTORICAL_INCOMPLETE)
+        if any(stats.errors[cause] for cause in API_ERRORS):
+            raise CommandError(ERR_HISTORICAL_INCOMPLETE.format(reason=stats.last_error))
+        if not stats.complete:
+            raise CommandError(ERR_HISTORICAL_INCOMPLETE.format(reason=STOPPED_EARLY))
 
     def _live(self, options: dict[str, Any]) -> None:
         from ingest.sources.live import INTRADAY_REPLAY_NS, LiveAuthError, last_stored_ns, run_live
