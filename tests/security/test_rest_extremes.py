@@ -204,6 +204,13 @@ def test_an_unknown_v1_path_is_a_404_in_the_envelope(client, auth):
         assert envelope_of(response)["code"] == "not_found"
 
 
+def test_a_host_not_allowed_is_a_400_in_the_envelope(client, auth, settings):
+    settings.ALLOWED_HOSTS = ["testserver"]  # as production lists its own
+    response = client.get("/v1/ohlcv?symbol=AAPL", HTTP_HOST="evil.example", **auth)  # builds its base url
+    assert response.status_code == 400
+    assert envelope_of(response)["code"] == "invalid"
+
+
 # UNEXPECTED ERRORS
 
 
