@@ -2,7 +2,8 @@
 
 django-axes counts wrong passwords per (client IP, username) in Redis; at AXES_FAILURE_LIMIT
 the pair is locked for AXES_COOLOFF_TIME: 429 with Retry-After and the login page saying
-so, the right password refused too. Another IP, or another username, is not affected.
+so, the right password refused too. Another IP, or another username, is not affected. An
+IP trying many usernames is stopped at AUTH_FAILURES_PER_IP, as bad API tokens are.
 """
 
 from __future__ import annotations
@@ -111,6 +112,20 @@ def test_behind_a_configured_proxy_the_forwarded_client_is_locked_not_the_proxy(
     assert_locked(login("/login/", "trader", PASSWORD, "10.0.0.2", HTTP_X_FORWARDED_FOR="203.0.113.40"))
     # Another client behind the same proxy logs in.
     assert login("/login/", "trader", PASSWORD, "10.0.0.2", HTTP_X_FORWARDED_FOR="203.0.113.41").status_code == 302
+
+
+def test_one_ip_trying_many_usernames_is_stopped_at_its_failed_authentication_limit(trader, settings):
+    settings.AUTH_FAILURES_PER_IP = "4/min"
+    for i in range(4):
+        User.objects.create_user(f"user{i}", password=PASSWORD)
+        assert login("/login/", f"user{i}", "wrong", "198.51.100.50").status_code == 200
+    browser = Client()
+    response = login("/login/", "trader", PASSWORD, "198.51.100.50", browser)
+    assert response.status_code == 429
+    assert 1 <= int(response["Retry-After"]) <= 60  # the IP's window, not the pair's cool-off
+    assert LOCKED_TEXT in response.content
+    assert SESSION_KEY not in browser.session
+    assert login("/login/", "trader", PASSWORD, "198.51.100.51").status_code == 302
 
 
 def test_with_redis_down_logins_still_work(trader, settings):
