@@ -10,7 +10,8 @@ socket's drain in ``send``) the extension is absent and not needed.
 
 It also sets two of daphne's defaults for bursts of connections (CONNECT_TIMEOUT_S,
 LISTEN_BACKLOG); arguments given on the command line win; and it drops Twisted's own
-access line (``quiet_twisted_access_log``). Run it exactly like daphne:
+access line (``quiet_twisted_access_log``); and it sends the reason of a close in the
+close frame (``close_reasons_sent``), which daphne drops. Run it exactly like daphne:
 ``python -m streaming.server -b 0.0.0.0 -p 8000 config.asgi:application``.
 """
 
@@ -53,6 +54,26 @@ def _no_access_line(self: Any, request: Any) -> None:
     """Twisted's HTTPFactory.log, writing nothing."""
 
 
+def close_reasons_sent() -> None:
+    """Send the reason of a ``websocket.close`` in the close frame (daphne drops it; ASGI allows it).
+
+    A client closed 4029 or 4003 learns why (which limit, which refusal) instead of a bare code.
+    """
+    from daphne.ws_protocol import WebSocketProtocol
+
+    handle_reply = WebSocketProtocol.handle_reply
+
+    def with_reason(self: Any, message: dict[str, Any]) -> None:
+        reason = message.get("reason")
+        if message.get("type") == "websocket.close" and reason and self.state != self.STATE_CONNECTING:
+            # A close frame's payload is at most 125 bytes: the code's 2, then the reason.
+            self.sendClose(code=message.get("code") or 1000, reason=reason.encode()[:123].decode("utf-8", "ignore"))
+            return
+        handle_reply(self, message)
+
+    WebSocketProtocol.handle_reply = with_reason
+
+
 def main() -> None:
     from ops import multiprocess
 
@@ -79,6 +100,7 @@ def main() -> None:
     build_endpoints = daphne.cli.build_endpoint_description_strings
     daphne.cli.build_endpoint_description_strings = endpoints
     quiet_twisted_access_log()
+    close_reasons_sent()
     sys.argv[1:] = with_defaults(sys.argv[1:])
     GatewayCommandLine.entrypoint()
 

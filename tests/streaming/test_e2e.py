@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -518,6 +519,9 @@ async def test_a_client_that_stops_reading_is_closed_4008_and_another_is_unaffec
     code = await slow.close_code(wait=30)
     assert code in (protocol.CLOSE_SLOW_CONSUMER, None)
     await wait_metric(gateway, "ws_connections", 1)  # the fast one; the slow one's resources are released
+    # Its pub/sub subscription too: of the connections' own channels, only the fast one's is left.
+    held = redis.Redis.from_url(settings.REDIS_URL).pubsub_channels(f"{settings.CHANNELS_PREFIX}specific.*")
+    assert len(held) == 1, held
 
     def ms(xs: list[float]) -> str:
         return f"median {statistics.median(xs) * 1000:.1f} ms, max {max(xs) * 1000:.1f} ms"
