@@ -126,9 +126,14 @@ def _internal_error(exc: Exception, request: Any) -> Response:
     set_rollback()
     rid = request_id(request) if request is not None else uuid.uuid4().hex
     path = request.path if request is not None else "?"
-    request_log.error("Internal Server Error: %s", path, exc_info=exc, extra={"status_code": 500, "request": request})
+    django_request = getattr(request, "_request", request)  # what Django's own log line carries
+    request_log.error(
+        "Internal Server Error: %s", path, exc_info=exc, extra={"status_code": 500, "request": django_request}
+    )
     response = Response(envelope("internal", ERR_INTERNAL.format(request_id=rid)), status=500)
     response["X-Request-ID"] = rid
+    # Django's handler would log the 500 again, without the traceback (django.utils.log.log_response).
+    response._has_been_logged = True  # type: ignore[attr-defined]
     return response
 
 

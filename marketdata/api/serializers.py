@@ -356,7 +356,10 @@ class SymbolsResponse(serializers.Serializer):
 
 class ErrorBody(serializers.Serializer):
     code = serializers.CharField(
-        help_text="invalid, unknown_symbol, unauthenticated, not_entitled, permission_denied, rate_limited, ..."
+        help_text=(
+            "invalid, unknown_symbol, unauthenticated, not_entitled, permission_denied, rate_limited, not_found, "
+            "internal (500; the message quotes the request id), ..."
+        )
     )
     message = serializers.CharField()
     field = serializers.CharField(allow_null=True, help_text="The parameter at fault, when there is one.")

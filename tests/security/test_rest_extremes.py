@@ -251,6 +251,16 @@ def test_a_bug_in_a_view_is_a_500_in_the_envelope_with_the_request_id(auth, sett
     _assert_internal_error(response, "req-500-view")
 
 
+def test_a_bug_is_logged_with_its_traceback_as_django_logs_one(auth, monkeypatch, caplog):
+    monkeypatch.setattr("marketdata.api.views.trade_list", _explode)
+    with caplog.at_level("ERROR", logger="django.request"):
+        Client(raise_request_exception=False).get("/v1/trades?symbol=AAPL", **auth)
+    (record,) = [r for r in caplog.records if r.name == "django.request"]
+    assert record.getMessage() == "Internal Server Error: /v1/trades"
+    assert record.exc_info is not None
+    assert record.exc_info[0] is Broken
+
+
 class ExplodingMiddleware:
     """A middleware with a bug: fails every request before the view."""
 
