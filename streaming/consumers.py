@@ -74,6 +74,7 @@ OVER_RATE = object()  # in the inbox: a message refused by the rate limit
 RELEASE_ATTEMPTS = 100
 RESNAPSHOT_DEFAULT = 100  # items in a server-sent fresh snapshot for a stream subscribed without one
 CONGESTED_POLL_S = 0.01
+BACKLOG_FACTOR = 10  # queued messages, in WS_SEND_QUEUE, beyond which even a reading client is closed 4008
 FLUSH_TURNS = 2
 
 
@@ -253,7 +254,7 @@ class StreamConsumer(AsyncConsumer):
             if retry is not None:
                 await self._refuse(protocol.CLOSE_RATE, ERR_AUTH_THROTTLED.format(seconds=retry))
                 return
-            user = await database_sync_to_async(access.user_from_token)(token)
+            user = await database_sync_to_async(access.user_from_token_cached)(token)
             if user is None:
                 await aauth_failed(self.ip)
                 await self._refuse(protocol.CLOSE_UNAUTHENTICATED, access.ERR_BAD_TOKEN)
@@ -413,7 +414,7 @@ class StreamConsumer(AsyncConsumer):
         # published batch may itself hold more (the ingester writes up to 5,000 trades a
         # batch): it is queued whole, so a client that keeps up is never closed for the
         # size of a batch, and the queue stays within WS_SEND_QUEUE plus one batch.
-        if not replay and len(out) > self.hub.limits.send_queue + self.credit:
+        if not replay and len(out) > self.hub.limits.send_queue + self.credit and self._client_behind(len(out)):
             self.closed_slow()
             return
         out.extend(frames)
@@ -423,6 +424,19 @@ class StreamConsumer(AsyncConsumer):
         if replay:
             self.credit += len(frames)
         self.wake.set()
+
+    def _client_behind(self, queued: int) -> bool:
+        """Whether a long queue is the client's doing: its socket is full, so it is not reading.
+
+        A client that reads at once can still find its queue long for a moment: a burst of
+        large published batches (a replay at 10,000 messages a second) arrives faster than
+        this process writes them, and that backlog is the server's, not the client's.
+        Only past BACKLOG_FACTOR times the limit is the queue too long whoever is behind.
+        """
+        if self.buffered is None:  # the server awaits each send, so a long queue is a slow reader
+            return True
+        limit = self.hub.limits.send_queue + self.credit
+        return self.buffered() > settings.WS_TRANSPORT_HIGH_BYTES or queued > limit * BACKLOG_FACTOR
 
     def closed_slow(self) -> None:
         """The client does not keep up: close 4008 (from sync code, so the close frame goes as a task)."""
@@ -617,7 +631,7 @@ class StreamConsumer(AsyncConsumer):
             self._error(protocol.RATE_LIMITED, ERR_AUTH_THROTTLED.format(seconds=retry), id=request.id)
             return
         try:
-            user = await database_sync_to_async(access.user_from_token)(request.token)
+            user = await database_sync_to_async(access.user_from_token_cached)(request.token)
         except DatabaseError:
             self._error(UNAVAILABLE, "could not check the token; try again", id=request.id)
             return

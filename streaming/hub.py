@@ -35,7 +35,7 @@ from django.conf import settings
 from redis.exceptions import RedisError
 
 from marketdata import selectors
-from marketdata.cache import EPOCH_KEY
+from marketdata.cache import EPOCH_KEY, epoch_note
 from marketdata.grants import Grant, tokens_grants, user_grant
 from marketdata.models import FeedStatus
 from marketdata.wire import ts_text
@@ -201,6 +201,9 @@ class Hub:
         except (RedisError, OSError):
             epoch = self._epoch  # the timer below still re-checks
         if epoch != self._epoch or now >= self._access_due:
+            if epoch != self._epoch and isinstance(epoch, bytes):
+                epoch_note(epoch)  # this process's token and symbol look-ups are forgotten too
+                self.known.clear()
             self._epoch = epoch
             await self.access_recheck()
 

@@ -337,3 +337,44 @@ async def test_a_subscribe_naming_a_hundred_unknown_symbols_ends_with_its_connec
     errors = [await client.recv() for _ in range(100)]
     assert {e["code"] for e in errors} == {protocol.UNKNOWN_SYMBOL}
     await client.close()
+
+
+def slow_writes(app: Any, seconds: float) -> Any:
+    """The ASGI app behind a server that takes ``seconds`` to write each frame (a busy process)."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        async def slow_send(message: dict[str, Any]) -> None:
+            if message["type"] == "websocket.send":
+                await asyncio.sleep(seconds)
+            await send(message)
+
+        return await app(scope, receive, slow_send)
+
+    return wrapped
+
+
+@override_settings(WS_SEND_QUEUE=100)
+async def test_a_client_that_keeps_up_is_not_closed_for_a_burst_the_server_writes_slowly(symbols, redis_client):
+    # The client's socket is always drained (buffered 0), but the server takes 2 ms a
+    # frame: six batches of 100 published back to back queue up 600 messages, six times
+    # WS_SEND_QUEUE. That backlog is the server's; the client gets every message.
+    from channels.testing import WebsocketCommunicator
+
+    from config.asgi import application
+
+    client = Client()
+    client.comm = WebsocketCommunicator(slow_writes(application, 0.002), "/ws/v1/stream")
+    client.comm.scope["extensions"] = {"marketdata.transport": {"buffered": lambda: 0}}
+    await client.connect()
+    await client.send({"op": "subscribe", "id": 1, "streams": [AAPL]})
+    await client.recv_type("subscribed", skip=("status",))
+    for n in range(6):
+        publish(AAPL, [bar_data(n * 100 + j) for j in range(100)])
+    seqs: list[int] = []
+    while len(seqs) < 600:
+        message = await client.recv(wait=10)
+        assert message["type"] != "__closed__", message
+        if message["type"] == "bar":
+            seqs.append(message["seq"])
+    assert seqs == list(range(1, 601))
+    await client.close()
