@@ -315,11 +315,16 @@ def get(url: str, timeout: float = 5) -> bytes:
 # at 200 users with the project's default of 60). Django recommends pooling for ASGI.
 GATEWAY_SETTINGS = """
 from config.settings.production import *  # noqa: F403
-from config.settings.production import DATABASES
+from config.settings.production import DATABASES, STORAGES
 
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
 DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 4, "max_size": 16, "timeout": 10}
+# What production's start-up checks ask of a deployment, which a benchmark on loopback does
+# not have: /metrics is read by this script without a token, and no page is served, so the
+# static files need no collectstatic manifest.
+METRICS_PUBLIC = True
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 """
 
 
