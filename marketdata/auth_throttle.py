@@ -11,7 +11,9 @@ to tokens, users or entitlements made in another process then empties this proce
 token look-ups, the remembered refusals included, before the look-up that follows.
 
 When Redis is unreachable the check lets requests through (logged, at most every
-WARN_EVERY_S): the limit is a guard, the answers are not optional.
+WARN_EVERY_S): the limit is a guard, the answers are not optional. For DOWN_PAUSE_S after
+a failure these functions do not try that Redis again, so an outage costs a request one
+connect timeout (the view's own round trip), not two.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = structlog.get_logger(__name__)
 KEY = "md:authfail:{ip}:{window}"
 PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 WARN_EVERY_S = 10.0
+DOWN_PAUSE_S = 1.0
 ERR_RATE = "rate {rate!r}: give '<count>/<s|min|hour|day>' (e.g. '20/min'), or '' for no limit"
 
 
@@ -78,6 +81,8 @@ def auth_wait(window: Window | None, count: Any) -> int | None:
 
 def auth_blocked(ip: str) -> int | None:
     """Seconds this IP must wait before authenticating again, or None if it may (also when Redis is down)."""
+    if _paused():
+        return None
     window = auth_window(ip)
     keys = [cache.EPOCH_KEY] + ([window.key] if window is not None else [])
     try:
@@ -91,7 +96,7 @@ def auth_blocked(ip: str) -> int | None:
 def auth_failed(ip: str) -> None:
     """Count one failed authentication from this IP."""
     window = auth_window(ip)
-    if window is None:
+    if window is None or _paused():
         return
     try:
         pipe = cache.client().pipeline(transaction=False)
@@ -104,6 +109,8 @@ def auth_failed(ip: str) -> None:
 
 async def aauth_blocked(ip: str) -> int | None:
     """auth_blocked, with the event loop's asyncio Redis client."""
+    if _paused():
+        return None
     window = auth_window(ip)
     keys = [cache.EPOCH_KEY] + ([window.key] if window is not None else [])
     try:
@@ -117,7 +124,7 @@ async def aauth_blocked(ip: str) -> int | None:
 async def aauth_failed(ip: str) -> None:
     """auth_failed, with the event loop's asyncio Redis client."""
     window = auth_window(ip)
-    if window is None:
+    if window is None or _paused():
         return
     try:
         pipe = _aclient().pipeline(transaction=False)
@@ -151,13 +158,20 @@ def _aclient() -> redis.asyncio.Redis:
 
 _warned_at = 0.0
 _warn_lock = threading.Lock()
+_down_until: dict[str, float] = {}  # per Redis URL
 
 
-def redis_down(exc: BaseException) -> None:
-    """Count a Redis failure of these limits; log it at most every WARN_EVERY_S."""
+def _paused() -> bool:
+    return time.monotonic() < _down_until.get(settings.REDIS_URL, 0.0)
+
+
+def redis_down(exc: BaseException, *, pause: bool = True) -> None:
+    """Count a Redis failure of these limits (paused for DOWN_PAUSE_S if ``pause``); log at most every WARN_EVERY_S."""
     global _warned_at
     metrics.CACHE_ERRORS.labels("auth_throttle").inc()
     now = time.monotonic()
+    if pause:
+        _down_until[settings.REDIS_URL] = now + DOWN_PAUSE_S
     with _warn_lock:
         if now - _warned_at < WARN_EVERY_S:
             return

@@ -53,20 +53,23 @@ class LoginLockoutBackend(AxesStandaloneBackend):
 
 
 class LoginAttempts(AxesCacheHandler):
-    """Axes' cache handler that lets logins through (logged) when Redis is unreachable, rather than answer 500."""
+    """Axes' cache handler that lets logins through (logged) when Redis is unreachable, rather than answer 500.
+
+    Its cache is axes' own client: its failures do not pause the failed-authentication limit's.
+    """
 
     def get_failures(self, request: Any, credentials: dict[str, Any] | None = None) -> int:
         try:
             return super().get_failures(request, credentials)
         except redis.RedisError as exc:
-            redis_down(exc)
+            redis_down(exc, pause=False)
             return 0
 
     def user_login_failed(self, sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
         try:
             super().user_login_failed(sender, credentials, request, **kwargs)
         except redis.RedisError as exc:
-            redis_down(exc)
+            redis_down(exc, pause=False)
         if request is not None:
             auth_failed(request.axes_ip_address)
 
@@ -74,7 +77,7 @@ class LoginAttempts(AxesCacheHandler):
         try:
             super().user_logged_in(sender, request, user, **kwargs)
         except redis.RedisError as exc:
-            redis_down(exc)
+            redis_down(exc, pause=False)
 
 
 def lockout_response(

@@ -30,6 +30,7 @@ from marketdata.cache import EPOCH_KEY, local_caches_clear
 from marketdata.models import ApiToken, Entitlement
 from marketdata.services import api_token_create
 from marketdata.tokens import token_hash
+from ops import metrics
 
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
 
@@ -89,11 +90,24 @@ def test_redis_down_fails_open():
     auth_failed("198.51.100.5")
     assert auth_blocked("198.51.100.5") is not None
     auth_throttle._warned_at = 0.0
+    errors = metrics.CACHE_ERRORS.labels("auth_throttle")
     with override_settings(REDIS_URL=CLOSED_PORT_REDIS):
-        auth_failed("198.51.100.5")  # no exception
+        auth_throttle._down_until.clear()
+        before = errors._value.get()
+        assert auth_blocked("198.51.100.5") is None  # no exception
+        assert errors._value.get() == before + 1
+        # Paused: the next calls do not wait on that Redis again.
+        auth_failed("198.51.100.5")
         assert auth_blocked("198.51.100.5") is None
         assert asyncio.run(aauth_blocked("198.51.100.5")) is None
         asyncio.run(aauth_failed("198.51.100.5"))
+        assert errors._value.get() == before + 1
+        # After the pause: tried (and refused) again.
+        auth_throttle._down_until.clear()
+        assert asyncio.run(aauth_blocked("198.51.100.5")) is None
+        assert errors._value.get() == before + 2
+    # The working Redis was never paused: the IP is still blocked there.
+    assert auth_blocked("198.51.100.5") is not None
 
 
 # REST: Django's path (DRF) and the event loop's fast path (config.asgi)

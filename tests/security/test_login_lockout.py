@@ -134,3 +134,7 @@ def test_with_redis_down_logins_still_work(trader, settings):
     with override_settings(CACHES=caches, AXES_HANDLER=settings.AXES_HANDLER):
         assert login("/login/", "trader", "wrong", "198.51.100.38").status_code == 200
         assert login("/login/", "trader", PASSWORD, "198.51.100.38").status_code == 302
+    # The axes cache's outage did not switch off the per-IP limit, whose Redis is up.
+    settings.AUTH_FAILURES_PER_IP = "1/min"
+    assert login("/login/", "trader", "wrong", "198.51.100.39").status_code == 200
+    assert login("/login/", "trader", PASSWORD, "198.51.100.39").status_code == 429
