@@ -32,11 +32,12 @@ ERR_HISTORICAL_INCOMPLETE = (
 STOPPED_EARLY = "stopped before the end of the window"
 ERR_LIVE_GAVE_UP = "live feed gave up reconnecting; see the log for the last error"
 EXIT_CODES = (
-    "Exit status: 0 when every input was read whole (a run stopped by SIGTERM or Ctrl-C included, once what "
-    "it read is stored); 1 when any input could not be read whole (a missing, cut, corrupt, empty or non-DBN "
-    "file, a directory: each named on stderr with its reason, while what was read whole stays stored), a "
-    "historical fetch is incomplete, the live feed ended on an error, or the run failed (a refused or missing "
-    "API key, another ingester holding the feed, the database); 2 on bad arguments."
+    "Exit status: 0 when every input was read whole (a replay or live run stopped by SIGTERM or Ctrl-C "
+    "included, once what it read is stored); 1 when any input could not be read whole (a missing, cut, "
+    "corrupt, empty or non-DBN file, a directory: each named on stderr with its reason, while what was read "
+    "whole stays stored), a historical fetch is incomplete (stopped early included), the live feed ended on "
+    "an error, or the run failed (a refused or missing API key, another ingester holding the feed, the "
+    "database); 2 on bad arguments."
 )
 
 
@@ -126,20 +127,20 @@ class Command(BaseCommand):
         self.stderr.write(f"records={stats.records} written={stats.written} rate={rate:,.0f}/s lag={lag}")
 
     def _replay(self, options: dict[str, Any]) -> None:
-        reads: dict[Path, FileRead] = {}
+        said: dict[Path, str] = {}
         failed: set[Path] = set()
 
         def on_file(read: FileRead) -> None:
-            if reads.get(read.path) == read:
-                return  # a looped pass that went as the last one: said already
-            reads[read.path] = read
             if read.error:
                 failed.add(read.path)
-                self.stderr.write(ERR_FILE_FAILED.format(reason=read.error))
+                line, out = ERR_FILE_FAILED.format(reason=read.error), self.stderr
             elif read.stopped:
-                self.stdout.write(OUT_STOPPED.format(path=read.path))
+                line, out = OUT_STOPPED.format(path=read.path), self.stdout
             else:
-                self.stdout.write(OUT_READ_WHOLE.format(path=read.path, records=read.records))
+                line, out = OUT_READ_WHOLE.format(path=read.path, records=read.records), self.stdout
+            if said.get(read.path) != line:  # a looped pass that went as the last one is not said again
+                said[read.path] = line
+                out.write(line)
 
         results = run_replay(
             paths=options["files"],
