@@ -906,6 +906,7 @@ def _replay(
         while not stopping.is_set():
             passes += 1
             shift_ns: int | None = None if loop else 0
+            pass_records = 0
             for path in paths:
                 pipeline: Pipeline | None = None
                 file_stats = Stats()
@@ -965,7 +966,9 @@ def _replay(
                 if on_file is not None:
                     # Every error file_records counts is the file's own: it was not read whole.
                     on_file(FileRead(path, delivered, file_stats.last_error, stopping.is_set()))
-            if not loop or (max_loops is not None and passes >= max_loops):
+                pass_records += delivered
+            # A pass that read no record (every file missing or unreadable) would spin, not loop.
+            if not loop or not pass_records or (max_loops is not None and passes >= max_loops):
                 break
             if pacer is not None:
                 pacer.reset()

@@ -303,6 +303,16 @@ def test_a_looped_replay_says_each_file_once_and_a_stop_does_not_hide_a_failure(
     assert out.splitlines().count(read_whole_line(ohlcv, 4)) == 1
 
 
+def test_a_looped_replay_of_nothing_readable_ends_at_once(tmp_path, samples):
+    bad, reason = missing(tmp_path, samples)
+
+    run = ingest("replay", bad, "--loop", "--no-publish")  # no stop needed: it ends by itself
+
+    assert run.returncode == 1
+    assert run.lines() == [failed_line(reason), failed_total(1, 1)]
+    assert run.stderr.count('"cause": "missing_file"') == 1
+
+
 @pytest.mark.parametrize("zstd", [False, True], ids=["plain", "zstd"])
 def test_a_huge_metadata_length_is_refused_before_any_allocation(tmp_path, samples, zstd):
     payload = header(HUGE) + bytes(200_000)
