@@ -350,6 +350,17 @@ def test_a_file_of_records_dbn_does_not_read_fails_after_its_metadata(tmp_path, 
     assert run.lines()[0].startswith(failed_line(source.ERR_CORRUPT.format(path=bad, error="")))
 
 
+def test_a_database_it_cannot_reach_fails_the_run(samples):
+    ohlcv, _ = good_files(samples)
+    db = settings.DATABASES["default"]
+    nowhere = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}_does_not_exist"
+
+    run = ingest("replay", ohlcv, "--no-publish", env={"DATABASE_URL": nowhere})
+
+    assert run.returncode == 1
+    assert "does not exist" in run.stderr.splitlines()[-1]
+
+
 def test_help_documents_the_exit_codes():
     run = ingest("--help")
     assert run.returncode == 0
