@@ -119,6 +119,28 @@ def user_from_token_cached(token: str) -> Any | None:
     on each use. The user object is shared by the requests that use it: read it, never
     change it.
     """
+    remembered = user_from_token_remembered(token)
+    if remembered is not NOT_REMEMBERED:
+        return remembered
+    key = token_hash(token)
+    generation, refused_generation = _resolved.generation(), _refused.generation()
+    resolved = _token_resolve(token, now=timezone.now())
+    if resolved is None:
+        _refused.put(key, True, generation=refused_generation)
+        return None
+    _resolved.put(key, resolved, generation=generation)
+    return resolved.user
+
+
+NOT_REMEMBERED = object()  # user_from_token_remembered: this process must ask the database
+
+
+def user_from_token_remembered(token: str) -> Any:
+    """What user_from_token_cached answers without a query: the user, None (refused), or NOT_REMEMBERED.
+
+    The event loop of the WebSocket gateway asks this first, so a token it knows costs no
+    hop to the database thread, where a flood of other clients' look-ups may be waiting.
+    """
     if not token or len(token) > TOKEN_MAX_LENGTH:
         return None
     key = token_hash(token)
@@ -132,13 +154,7 @@ def user_from_token_cached(token: str) -> Any | None:
         return hit.user
     if _refused.get(key):
         return None
-    generation, refused_generation = _resolved.generation(), _refused.generation()
-    resolved = _token_resolve(token, now=now)
-    if resolved is None:
-        _refused.put(key, True, generation=refused_generation)
-        return None
-    _resolved.put(key, resolved, generation=generation)
-    return resolved.user
+    return NOT_REMEMBERED
 
 
 def _token_resolve(token: str, now: datetime | None = None) -> _Resolved | None:
@@ -201,6 +217,13 @@ def datasets_allowed(user: Any | None) -> set[str] | None:
         # Kept on the user object, which lives for one request or one connection.
         user._marketdata_datasets = cached
     return cached
+
+
+def datasets_known(user: Any | None) -> bool:
+    """Whether datasets_allowed(user) answers without a query (its entitlements came with the user)."""
+    if user is None or not user.is_authenticated or not user.is_active or user.is_staff or user.is_superuser:
+        return True
+    return getattr(user, "_marketdata_datasets", None) is not None
 
 
 def dataset_check(allowed: set[str] | None, dataset: str) -> None:

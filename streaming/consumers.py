@@ -254,7 +254,7 @@ class StreamConsumer(AsyncConsumer):
             if retry is not None:
                 await self._refuse(protocol.CLOSE_RATE, ERR_AUTH_THROTTLED.format(seconds=retry))
                 return
-            user = await database_sync_to_async(access.user_from_token_cached)(token)
+            user = await self._token_user(token)
             if user is None:
                 await aauth_failed(self.ip)
                 await self._refuse(protocol.CLOSE_UNAUTHENTICATED, access.ERR_BAD_TOKEN)
@@ -287,10 +287,24 @@ class StreamConsumer(AsyncConsumer):
         unbound.run(self.hub.register, self)
         self.push(protocol.welcome(self.hub.limits, settings.WS_HEARTBEAT_S, authenticated=self.authed))
 
+    async def _token_user(self, token: str) -> Any:
+        """The token's user (None: refused), from what this process remembers before asking the database.
+
+        A remembered token costs no hop to the database thread, behind which a flood of
+        other clients' look-ups may wait.
+        """
+        user = access.user_from_token_remembered(token)
+        if user is access.NOT_REMEMBERED:
+            user = await database_sync_to_async(access.user_from_token_cached)(token)
+        return user
+
     async def _set_user(self, user: Any, credential: Credential) -> None:
         self.user = user
         self.credential = credential
-        self.allowed = await database_sync_to_async(access.datasets_allowed)(user)
+        if access.datasets_known(user):
+            self.allowed = access.datasets_allowed(user)
+        else:
+            self.allowed = await database_sync_to_async(access.datasets_allowed)(user)
         self.authed = True
         self.auth_deadline = None
 
@@ -631,7 +645,7 @@ class StreamConsumer(AsyncConsumer):
             self._error(protocol.RATE_LIMITED, ERR_AUTH_THROTTLED.format(seconds=retry), id=request.id)
             return
         try:
-            user = await database_sync_to_async(access.user_from_token_cached)(request.token)
+            user = await self._token_user(request.token)
         except DatabaseError:
             self._error(UNAVAILABLE, "could not check the token; try again", id=request.id)
             return
