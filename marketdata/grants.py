@@ -1,4 +1,4 @@
-"""What the credentials of open connections still grant: many tokens in one query.
+"""What the credentials of open connections still grant: many tokens, or sessions, at once.
 
 The WebSocket gateway checks its connections again whenever access may have changed
 (marketdata.access bumps the access epoch; the gateway also re-checks on a timer, for
@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime
+from importlib import import_module
 from typing import Any
 
-from django.contrib.auth import get_user_model
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+from django.contrib.sessions.models import Session
+from django.core.exceptions import ValidationError
 from django.db import connection
 from django.utils import timezone
+from django.utils.crypto import constant_time_compare
 
 from .access import _token_query, datasets_allowed
+from .models import Entitlement
 
 _TOKENS_SQL = """
 SELECT t.key_hash, t.expires_at, {fields},
@@ -64,3 +70,46 @@ def user_grant(user: object) -> Grant | None:
     if user is None or not getattr(user, "is_authenticated", False) or not getattr(user, "is_active", False):
         return None
     return Grant(user.pk, datasets_allowed(user), None)  # type: ignore[attr-defined]
+
+
+def sessions_grants(*, keys: Collection[str], now: datetime | None = None) -> dict[str, Grant] | None:
+    """Each session key still logged in to an active user, and what it grants (None: sessions not in the database).
+
+    Three queries for any number of sessions (the sessions, their users, the users'
+    entitlements), where a look-up per session (Channels' ``get_user``) costs three each.
+    The session's rules are get_user's: its row unexpired, its backend one of
+    AUTHENTICATION_BACKENDS, and its auth hash the user's current one (a password change
+    ends it). A test holds the two equal.
+    """
+    if settings.SESSION_ENGINE != "django.contrib.sessions.backends.db":
+        return None
+    if not keys:
+        return {}
+    now = now or timezone.now()
+    store = import_module(settings.SESSION_ENGINE).SessionStore()
+    claims: dict[str, tuple[Any, str]] = {}
+    for key, data in Session.objects.filter(session_key__in=list(keys), expire_date__gt=now).values_list(
+        "session_key", "session_data"
+    ):
+        decoded = store.decode(data)
+        if decoded.get(BACKEND_SESSION_KEY) not in settings.AUTHENTICATION_BACKENDS:
+            continue
+        try:
+            user_id = get_user_model()._meta.pk.to_python(decoded[SESSION_KEY])
+        except (KeyError, ValidationError):
+            continue
+        claims[key] = (user_id, decoded.get(HASH_SESSION_KEY) or "")
+    users = {u.pk: u for u in get_user_model()._default_manager.filter(pk__in={c[0] for c in claims.values()})}
+    datasets: dict[Any, set[str]] = {pk: set() for pk in users}
+    for user_id, dataset in Entitlement.objects.filter(user_id__in=list(users)).values_list("user_id", "dataset"):
+        datasets[user_id].add(dataset)
+    out: dict[str, Grant] = {}
+    for key, (user_id, session_hash) in claims.items():
+        user: Any = users.get(user_id)
+        if user is None or not user.is_active:
+            continue
+        if not (session_hash and constant_time_compare(session_hash, user.get_session_auth_hash())):
+            continue
+        user._marketdata_datasets = datasets[user.pk]
+        out[key] = Grant(user.pk, datasets_allowed(user), None)
+    return out

@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from marketdata import selectors
 from marketdata.cache import EPOCH_KEY, epoch_note
-from marketdata.grants import Grant, tokens_grants, user_grant
+from marketdata.grants import Grant, sessions_grants, tokens_grants, user_grant
 from marketdata.models import FeedStatus
 from marketdata.wire import ts_text
 from ops import metrics
@@ -216,12 +216,16 @@ class Hub:
         hashes = {key for kind, key in (c.credential for c in held if c.credential) if kind == "token"}
         tokens = await database_sync_to_async(tokens_grants)(hashes=hashes)
         grants: dict[Credential, Grant | None] = {("token", h): tokens.get(h) for h in hashes}
-        for credential in {c.credential for c in held if c.credential and c.credential[0] == "session"}:
-            # Channels' own check (session present and unexpired, auth hash unchanged: a
-            # logout or a password change ends it), as when the connection opened.
-            engine = import_module(settings.SESSION_ENGINE)
-            user = await get_user({"session": engine.SessionStore(credential[1])})
-            grants[credential] = await database_sync_to_async(user_grant)(user)
+        keys = {key for kind, key in (c.credential for c in held if c.credential) if kind == "session"}
+        sessions = await database_sync_to_async(sessions_grants)(keys=keys) if keys else {}
+        if sessions is None:  # sessions not in the database: Channels' own check, one by one
+            sessions = {}
+            for key in keys:
+                engine = import_module(settings.SESSION_ENGINE)
+                grant = await database_sync_to_async(user_grant)(await get_user({"session": engine.SessionStore(key)}))
+                if grant is not None:
+                    sessions[key] = grant
+        grants.update({("session", key): sessions.get(key) for key in keys})
         for connection in held:
             if connection.credential is not None:
                 await connection.access_update(grants.get(connection.credential))

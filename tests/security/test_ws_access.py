@@ -242,3 +242,51 @@ async def test_untouched_credentials_keep_streaming_across_rechecks(symbols):
             assert message["type"] in ("heartbeat", "status"), message
     await still_streams(client, AAPL, 0)
     await client.close()
+
+
+def _grant_by_get_user(key: str) -> tuple[int, set[str] | None] | None:
+    """What Channels' get_user (the check a connection opens with) and user_grant say of a session."""
+    from asgiref.sync import async_to_sync
+    from channels.auth import get_user
+    from django.contrib.sessions.backends.db import SessionStore
+
+    from marketdata.grants import user_grant
+
+    grant = user_grant(async_to_sync(get_user)({"session": SessionStore(key)}))
+    return None if grant is None else (grant.user_id, grant.datasets)
+
+
+def test_sessions_checked_in_bulk_answer_as_get_user_does(symbols):
+    from marketdata.grants import sessions_grants
+
+    def session(user: Any) -> str:
+        return browser_of(user).cookies[settings.SESSION_COOKIE_NAME].value
+
+    keys = {
+        "entitled": session(make_user("XNAS.ITCH", "GLBX.MDP3")),
+        "nothing": session(make_user()),
+        "staff": session(make_user(is_staff=True)),
+    }
+    logged_out = make_user("XNAS.ITCH")
+    browser = browser_of(logged_out)
+    keys["logged out"] = browser.cookies[settings.SESSION_COOKIE_NAME].value
+    browser.post("/logout/")
+    changed = make_user("XNAS.ITCH")
+    keys["password changed"] = session(changed)
+    changed.set_password("another-long-password-3")
+    changed.save()
+    inactive = make_user("XNAS.ITCH")
+    keys["inactive"] = session(inactive)
+    get_user_model().objects.filter(pk=inactive.pk).update(is_active=False)
+    keys["expired"] = session(make_user("XNAS.ITCH"))
+    Session.objects.filter(session_key=keys["expired"]).update(expire_date=timezone.now() - timedelta(seconds=1))
+    keys["unknown"] = "x" * 32
+
+    bulk = sessions_grants(keys=set(keys.values()))
+    assert bulk is not None
+    seen = {name: (None if key not in bulk else (bulk[key].user_id, bulk[key].datasets)) for name, key in keys.items()}
+    assert seen == {name: _grant_by_get_user(key) for name, key in keys.items()}
+    # and the cases differ as a trader would expect
+    assert [name for name, grant in seen.items() if grant is not None] == ["entitled", "nothing", "staff"]
+    assert seen["entitled"][1] == {"XNAS.ITCH", "GLBX.MDP3"}  # type: ignore[index]
+    assert seen["staff"][1] is None  # type: ignore[index]
