@@ -21,6 +21,9 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({usable} usable), {cpu_model()}, Python {platform.python_version()}"
 
 
+LOOPBACK_ANON_SOCKETS = "1000000"
+
+
 def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
     """The environment of a benchmark's child processes: its own database and Redis database
     on the servers DATABASE_URL and REDIS_URL name, local settings with DEBUG off (as
@@ -37,5 +40,8 @@ def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
         "REDIS_URL": f"{redis}/{redis_db}",
         "DJANGO_DEBUG": "false",
         "LOG_LEVEL": "WARNING",
+        # Every simulated client comes from one loopback address: the production cap on
+        # anonymous sockets per client address would refuse all but the first 100.
+        "WS_MAX_ANON_CONNECTIONS_PER_IP": LOOPBACK_ANON_SOCKETS,
         **extra,
     }

@@ -61,6 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import LOOPBACK_ANON_SOCKETS  # noqa: E402
+
 BENCH_DB = "marketdata_bench_fanout"
 BENCH_REDIS_DB = 13
 # Redis pub/sub channels are global to the Redis server whatever the database: a prefix of
@@ -184,6 +186,8 @@ def setup(n_symbols: int) -> tuple[dict[str, str], list[str]]:
         "DJANGO_SETTINGS_MODULE": "config.settings.local",
         "DJANGO_DEBUG": "false",
         "STREAMING_ALLOW_ANONYMOUS": "true",
+        # 10,000 anonymous clients from one loopback address (see bench.bench_env).
+        "WS_MAX_ANON_CONNECTIONS_PER_IP": LOOPBACK_ANON_SOCKETS,
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "LOG_LEVEL": "WARNING",
