@@ -29,6 +29,7 @@ import redis
 import redis.asyncio
 import structlog
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from ops import metrics
 
@@ -59,6 +60,24 @@ def rate_parse(rate: str) -> tuple[int, int]:
         return int(count), PERIODS[period.strip()[:1].lower()]
     except (KeyError, ValueError):
         raise ValueError(ERR_RATE.format(rate=rate)) from None
+
+
+def rates_check() -> None:
+    """Refuse to start (ImproperlyConfigured) on a rate the limits could not read, naming its setting.
+
+    Read at each request instead, a mistyped rate would answer every request 500.
+    """
+    from rest_framework.settings import api_settings
+
+    rates: dict[str, object] = {"AUTH_FAILURES_PER_IP": getattr(settings, "AUTH_FAILURES_PER_IP", "")}
+    for scope, rate in (api_settings.DEFAULT_THROTTLE_RATES or {}).items():
+        rates[f"REST_FRAMEWORK['DEFAULT_THROTTLE_RATES'][{scope!r}]"] = rate
+    for name, value in rates.items():
+        if value and str(value).strip():
+            try:
+                rate_parse(str(value))
+            except ValueError as exc:
+                raise ImproperlyConfigured(f"{name}: {exc}") from None
 
 
 def auth_window(ip: str, now: float | None = None) -> Window | None:

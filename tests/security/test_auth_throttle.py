@@ -310,3 +310,25 @@ def test_the_fast_path_refuses_a_blocked_ip_as_django_does(entitled):
     assert orjson.loads(body)["error"]["code"] == "rate_limited"
     assert django.count == 1  # the fast path declined the blocked IP; the other IP was answered in the loop
     assert other[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("variable", "named"),
+    [("AUTH_FAILURES_PER_IP", "AUTH_FAILURES_PER_IP"), ("API_THROTTLE_IP", "DEFAULT_THROTTLE_RATES']['ip']")],
+)
+def test_a_mistyped_rate_stops_the_process_at_start_naming_its_setting(variable, named):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent.parent
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", variable: "20 per minute"}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("django.core.exceptions.ImproperlyConfigured:"), done.stderr[-2000:]
+    assert named in last
+    assert "'20 per minute'" in last
