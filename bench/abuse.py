@@ -390,6 +390,19 @@ def ws_connect(port: int, source: str, token: str | None, open_timeout: float) -
     )  # fmt: skip
 
 
+async def connect_by(deadline: float, port: int, source: str, token: str | None, tally: Tally) -> Any:
+    """An abusive socket opened before the phase's deadline, or None (its outcome counted)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        tally.outcomes["not tried: phase time limit"] += 1
+        return None
+    try:
+        return await ws_connect(port, source, token, min(30.0, remaining))
+    except Exception as exc:
+        tally.outcomes[why(exc)] += 1
+        return None
+
+
 def why(exc: BaseException) -> str:
     """What refused or ended a socket or request, as counted."""
     from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -607,14 +620,8 @@ async def flood_wave(port: int, size: int, source: str, token: str | None, strea
     async def one() -> None:
         try:
             async with gate:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    tally.outcomes["not tried: phase time limit"] += 1
-                    return
-                try:
-                    ws = await ws_connect(port, source, token, min(30.0, remaining))
-                except Exception as exc:
-                    tally.outcomes[why(exc)] += 1
+                ws = await connect_by(deadline, port, source, token, tally)
+                if ws is None:
                     return
                 sockets.append(ws)
                 try:
@@ -725,14 +732,8 @@ async def unknown_subscribes(port: int, n: int, source: str, token: str, args: a
 
     async def one(i: int) -> None:
         async with gate:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                tally.outcomes["not tried: phase time limit"] += 1
-                return
-            try:
-                ws = await ws_connect(port, source, token, min(30.0, remaining))
-            except Exception as exc:
-                tally.outcomes[why(exc)] += 1
+            ws = await connect_by(deadline, port, source, token, tally)
+            if ws is None:
                 return
             try:
                 tally.frame(await asyncio.wait_for(ws.recv(), 15))  # welcome, or a close

@@ -2,9 +2,9 @@
 
 The WebSocket gateway checks its connections again whenever access may have changed
 (marketdata.access bumps the access epoch; the gateway also re-checks on a timer, for
-changes that send no signal). One query answers for every token the process holds, so
-the cost is per distinct token, never per connection or per message. The rules are
-marketdata.access's: the same SQL conditions as a token lookup and ``datasets_allowed``.
+changes that send no signal). One query answers for every token the process holds (the
+very look-up of marketdata.access, ``tokens_read``), three for every session, so nothing
+is paid per connection or per message; what a user may read is ``datasets_allowed``.
 """
 
 from __future__ import annotations
@@ -12,64 +12,39 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 from importlib import import_module
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.contrib.sessions.models import Session
 from django.core.exceptions import ValidationError
-from django.db import connection
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
-from .access import _token_query, datasets_allowed
+from .access import datasets_allowed, tokens_read
 from .models import Entitlement
 
-_TOKENS_SQL = """
-SELECT t.key_hash, t.expires_at, {fields},
-       ARRAY(SELECT e.dataset FROM marketdata_entitlement e WHERE e.user_id = u.id)
-FROM marketdata_apitoken t JOIN {users} u ON u.id = t.user_id
-WHERE t.key_hash = ANY(%s) AND NOT t.revoked AND (t.expires_at IS NULL OR t.expires_at > %s)
-"""
 
+class Grant(NamedTuple):
+    """What one credential grants now: its user, and the datasets (None: all)."""
 
-class Grant:
-    """What one credential grants now: its user id, datasets (None: all) and expiry."""
-
-    __slots__ = ("datasets", "expires_at", "user_id")
-
-    def __init__(self, user_id: int, datasets: set[str] | None, expires_at: datetime | None) -> None:
-        self.user_id = user_id
-        self.datasets = datasets
-        self.expires_at = expires_at
+    user_id: int
+    datasets: set[str] | None
 
 
 def tokens_grants(*, hashes: Collection[str], now: datetime | None = None) -> dict[str, Grant]:
     """Each token hash that still authenticates an active user, with what it grants; the others are absent."""
     if not hashes:
         return {}
-    now = now or timezone.now()
-    _, fields = _token_query()
-    meta = get_user_model()._meta
-    sql = _TOKENS_SQL.format(fields=", ".join(f"u.{f}" for f in fields), users=meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [list(hashes), now])
-        rows = cursor.fetchall()
-    out: dict[str, Grant] = {}
-    for key_hash, expires_at, *user_values, datasets in rows:
-        user: Any = get_user_model().from_db(connection.alias, fields, user_values)
-        if not user.is_active:
-            continue
-        user._marketdata_datasets = set(datasets)
-        out[key_hash] = Grant(user.pk, datasets_allowed(user), expires_at)
-    return out
+    rows = tokens_read(hashes=list(hashes), now=now or timezone.now())
+    return {key: Grant(row.user.pk, datasets_allowed(row.user)) for key, row in rows.items()}
 
 
 def user_grant(user: object) -> Grant | None:
     """What a session's user grants now (None: no longer authenticated)."""
     if user is None or not getattr(user, "is_authenticated", False) or not getattr(user, "is_active", False):
         return None
-    return Grant(user.pk, datasets_allowed(user), None)  # type: ignore[attr-defined]
+    return Grant(user.pk, datasets_allowed(user))  # type: ignore[attr-defined]
 
 
 def sessions_grants(*, keys: Collection[str], now: datetime | None = None) -> dict[str, Grant] | None:
@@ -111,5 +86,5 @@ def sessions_grants(*, keys: Collection[str], now: datetime | None = None) -> di
         if not (session_hash and constant_time_compare(session_hash, user.get_session_auth_hash())):
             continue
         user._marketdata_datasets = datasets[user.pk]
-        out[key] = Grant(user.pk, datasets_allowed(user), None)
+        out[key] = Grant(user.pk, datasets_allowed(user))
     return out

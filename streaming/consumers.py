@@ -403,13 +403,16 @@ class StreamConsumer(AsyncConsumer):
             await self.close(protocol.CLOSE_REFUSED, ERR_NO_ENTITLEMENT)
             return
         self.allowed = grant.datasets
-        if grant.datasets is None:
+        await self._end_not_entitled()
+
+    async def _end_not_entitled(self) -> None:
+        """End each stream of a dataset the connection may no longer read, saying so."""
+        if self.allowed is None:
             return
         for name, sub in list(self.subs.items()):
-            if sub.dataset not in grant.datasets:
+            if sub.dataset not in self.allowed:
                 await self._end(name)
-                message = access.ERR_NOT_ENTITLED.format(dataset=sub.dataset)
-                self._error(protocol.NOT_ENTITLED, message, stream=name)
+                self._error(protocol.NOT_ENTITLED, access.ERR_NOT_ENTITLED.format(dataset=sub.dataset), stream=name)
 
     # -- sending ----------------------------------------------------------------------
 
@@ -653,7 +656,6 @@ class StreamConsumer(AsyncConsumer):
             await aauth_failed(self.ip)
             self._error(protocol.UNAUTHENTICATED, access.ERR_BAD_TOKEN, id=request.id)
             return
-        previous_user = self.user
         await self._set_user(user, ("token", token_hash(request.token)))
         if self.allowed == set():
             await self.close(protocol.CLOSE_REFUSED, ERR_NO_ENTITLEMENT)
@@ -662,12 +664,8 @@ class StreamConsumer(AsyncConsumer):
         if refused:
             await self.close(protocol.CLOSE_RATE, refused)
             return
-        if previous_user is not None and previous_user.pk != user.pk:
-            # Another user's token: what the first one was entitled to is not carried over.
-            for name, sub in list(self.subs.items()):
-                if self.allowed is not None and sub.dataset not in self.allowed:
-                    await self._end(name)
-                    self._error(protocol.NOT_ENTITLED, access.ERR_NOT_ENTITLED.format(dataset=sub.dataset), stream=name)
+        # Another user's token: what the first one was entitled to is not carried over.
+        await self._end_not_entitled()
         self.push(protocol.authenticated(request.id))
 
     async def _subscribe(self, request: Request) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 import pytest
 from django.contrib.auth.models import User
-from django.core.signals import request_started
 from django.db import connection
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
@@ -31,6 +30,7 @@ from marketdata.models import ApiToken, Entitlement
 from marketdata.services import api_token_create
 from marketdata.tokens import token_hash
 from ops import metrics
+from tests.marketdata.api.test_hot_asgi import Started
 
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
 
@@ -273,23 +273,6 @@ async def gateway_get(token: str, ip: str) -> tuple[int, dict[str, str], bytes]:
     return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
 
 
-class DjangoRequests:
-    """Counts requests that reach Django's request cycle (the fast path's answers never do)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, **kwargs: Any) -> None:
-        self.count += 1
-
-    def __enter__(self) -> DjangoRequests:
-        request_started.connect(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        request_started.disconnect(self)
-
-
 @pytest.mark.django_db(transaction=True)
 @override_settings(AUTH_FAILURES_PER_IP="3/min")
 def test_the_fast_path_refuses_a_blocked_ip_as_django_does(entitled):
@@ -297,12 +280,12 @@ def test_the_fast_path_refuses_a_blocked_ip_as_django_does(entitled):
 
     http_app._redis_down_until = 0.0
     assert asyncio.run(gateway_get(entitled, "198.51.100.40"))[0] == 200  # Django; the token is known here now
-    with DjangoRequests() as django:
+    with Started() as django:
         assert asyncio.run(gateway_get(entitled, "198.51.100.41"))[0] == 200
     assert django.count == 0  # answered in the event loop
     for _ in range(3):
         assert asyncio.run(gateway_get(BAD, "198.51.100.41"))[0] == 401
-    with DjangoRequests() as django:
+    with Started() as django:
         status, headers, body = asyncio.run(gateway_get(entitled, "198.51.100.41"))
         other = asyncio.run(gateway_get(entitled, "198.51.100.42"))
     assert status == 429

@@ -183,32 +183,26 @@ async def test_losing_one_entitlement_ends_its_streams_and_keeps_the_rest(symbol
     await client.close()
 
 
+def _logout(browser: DjangoClient, user: Any) -> None:
+    session = browser.cookies[settings.SESSION_COOKIE_NAME].value
+    browser.post("/logout/")
+    assert not Session.objects.filter(session_key=session).exists()
+
+
+def _password_change(browser: DjangoClient, user: Any) -> None:
+    user.set_password("another-long-password-2")
+    user.save()
+
+
 @PRODUCTION_LIKE
-async def test_a_session_socket_is_closed_4001_on_logout(symbols):
+@pytest.mark.parametrize("change", [_logout, _password_change])
+async def test_a_session_socket_is_closed_4001_when_its_session_ends(symbols, change):
     user = await _sync(make_user, "XNAS.ITCH")
     browser = await _sync(browser_of, user)
     session = browser.cookies[settings.SESSION_COOKIE_NAME].value
     client = Client(headers=[(b"cookie", f"{settings.SESSION_COOKIE_NAME}={session}".encode())])
     await open_streaming(client, AAPL)
-    await _sync(browser.post, "/logout/")
-    assert not await _sync(lambda: Session.objects.filter(session_key=session).exists())
-    code, _ = await close_code_within(client, WITHIN_S)
-    assert code == protocol.CLOSE_UNAUTHENTICATED
-    await client.close()
-
-
-@PRODUCTION_LIKE
-async def test_a_session_socket_is_closed_4001_when_the_password_changes(symbols):
-    user = await _sync(make_user, "XNAS.ITCH")
-    session = (await _sync(browser_of, user)).cookies[settings.SESSION_COOKIE_NAME].value
-    client = Client(headers=[(b"cookie", f"{settings.SESSION_COOKIE_NAME}={session}".encode())])
-    await open_streaming(client, AAPL)
-
-    def change_password() -> None:
-        user.set_password("another-long-password-2")
-        user.save()
-
-    await _sync(change_password)
+    await _sync(change, browser, user)
     code, _ = await close_code_within(client, WITHIN_S)
     assert code == protocol.CLOSE_UNAUTHENTICATED
     await client.close()
