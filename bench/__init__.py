@@ -21,7 +21,10 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({usable} usable), {cpu_model()}, Python {platform.python_version()}"
 
 
-LOOPBACK_ANON_SOCKETS = "1000000"
+# Every simulated client of a load bench comes from one loopback address: the production
+# per-address limits (the cap on anonymous sockets, the requests and handshakes served at
+# once, ops/admission.py) would refuse or queue all but a few of them.
+LOOPBACK_LIMITS = {"WS_MAX_ANON_CONNECTIONS_PER_IP": "1000000", "ADMISSION_IN_FLIGHT_PER_IP": "1000000"}
 
 
 def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
@@ -40,8 +43,6 @@ def bench_env(database: str, redis_db: int, **extra: str) -> dict[str, str]:
         "REDIS_URL": f"{redis}/{redis_db}",
         "DJANGO_DEBUG": "false",
         "LOG_LEVEL": "WARNING",
-        # Every simulated client comes from one loopback address: the production cap on
-        # anonymous sockets per client address would refuse all but the first 100.
-        "WS_MAX_ANON_CONNECTIONS_PER_IP": LOOPBACK_ANON_SOCKETS,
+        **LOOPBACK_LIMITS,
         **extra,
     }

@@ -3,12 +3,13 @@
 Run from the repository root::
 
     .venv/bin/python bench/abuse.py [--quick] [--anon 2000] [--sockets 2000] [--bad 1000]
-        [--unknown 200] [--hold 12] [--samples 20] [--concurrency 100] [--budget 240]
+        [--unknown 200] [--hold 12] [--samples 20] [--concurrency 100] [--in-flight 4] [--budget 240]
 
 One gateway process (``python -m streaming.server``: daphne, on a loopback port) under
 production-like access settings: local settings with DEBUG off,
 ``STREAMING_ALLOW_ANONYMOUS=0``, ``WS_MAX_CONNECTIONS_PER_USER=50`` and
-``WS_MAX_ANON_CONNECTIONS_PER_IP=100`` (SPEC section 9), in a database of its own
+``WS_MAX_ANON_CONNECTIONS_PER_IP=100`` (SPEC section 9), ``ADMISSION_IN_FLIGHT_PER_IP`` as
+deployed (4; ``--in-flight 0`` turns admission off, the run to compare with), in a database of its own
 (``marketdata_bench_abuse``, created and migrated) and Redis database 10 (flushed; the
 channel prefix ``benchabuse`` is the bench's own). Two users, ``bench_abuse_good`` and
 ``bench_abuse_abuser``, each with a fresh API token and an entitlement to XNAS.ITCH, whose
@@ -90,6 +91,7 @@ PATH = "/ws/v1/stream"
 CAP_USER, CAP_ANON_IP = 50, 100
 UNKNOWN_IN_FLIGHT = 10  # (d) clients at once: under the per-user cap, so a 4029 there is a leak
 TARGET_RATIO = 2.0
+IN_FLIGHT = 4  # ADMISSION_IN_FLIGHT_PER_IP's default (config/settings/base.py)
 PROBE_SOURCE = "127.0.0.2"
 PHASE_SOURCES = {"a": "127.0.0.11", "b": "127.0.0.12", "c": "127.0.0.13", "d": "127.0.0.14"}
 PROBE_GAP_S, PROBE_TIMEOUT_S = 0.2, 10.0
@@ -110,6 +112,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="quiet baseline samples (default 20; --quick 10)")
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes or requests in flight (default 100)")
     parser.add_argument(
+        "--in-flight", type=int, default=IN_FLIGHT, help=f"ADMISSION_IN_FLIGHT_PER_IP (default {IN_FLIGHT}; 0: off)"
+    )
+    parser.add_argument(
         "--budget", type=float, help="start no phase after this many s of the run (default 240; --quick 90)"
     )
     parser.add_argument("--phase-limit", type=float, help="time limit of one phase's abuse, s (default 60; --quick 15)")
@@ -126,6 +131,8 @@ def parse_args() -> argparse.Namespace:
     args.hold_b = 1.0 if quick else 5.0
     if not all(0 <= n <= 20_000 for n in (args.anon, args.sockets, args.bad)) or not 0 <= args.unknown <= 2_000:
         parser.error("--anon, --sockets and --bad must be within 0..20,000, --unknown within 0..2,000")
+    if not 0 <= args.in_flight <= 1_000_000:
+        parser.error("--in-flight must be within 0..1,000,000")
     if not 0 <= args.hold <= 60 or not 1 <= args.samples <= 200 or not 1 <= args.concurrency <= 1_000:
         parser.error("--hold must be within 0..60 s, --samples within 1..200, --concurrency within 1..1,000")
     if not 5 <= args.phase_limit <= 120 or not 1 <= args.settle <= 60 or not 30 <= args.budget <= 600:
@@ -156,7 +163,7 @@ def loopback_sources() -> tuple[str, dict[str, str]]:
     return PROBE_SOURCE, dict(PHASE_SOURCES)
 
 
-def gateway_env() -> dict[str, str]:
+def gateway_env(in_flight: int) -> dict[str, str]:
     return bench_env(
         BENCH_DB,
         BENCH_REDIS_DB,
@@ -164,6 +171,7 @@ def gateway_env() -> dict[str, str]:
         STREAMING_ALLOW_ANONYMOUS="0",
         WS_MAX_CONNECTIONS_PER_USER=str(CAP_USER),
         WS_MAX_ANON_CONNECTIONS_PER_IP=str(CAP_ANON_IP),
+        ADMISSION_IN_FLIGHT_PER_IP=str(in_flight),
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )
@@ -907,7 +915,7 @@ def main() -> None:
     args = parse_args()
     nofile = raise_nofile()
     probe_source, sources = loopback_sources()
-    env = gateway_env()
+    env = gateway_env(args.in_flight)
     started = time.monotonic()
     tokens = setup(env)
     import redis
@@ -922,7 +930,8 @@ def main() -> None:
         try:
             print(f"gateway: python -m streaming.server (daphne) on 127.0.0.1:{gateway.port}, pid {gateway.pid};"
                   f" {env['DJANGO_SETTINGS_MODULE']}, DEBUG off, STREAMING_ALLOW_ANONYMOUS=0,"
-                  f" WS_MAX_CONNECTIONS_PER_USER={CAP_USER}, WS_MAX_ANON_CONNECTIONS_PER_IP={CAP_ANON_IP};"
+                  f" WS_MAX_CONNECTIONS_PER_USER={CAP_USER}, WS_MAX_ANON_CONNECTIONS_PER_IP={CAP_ANON_IP},"
+                  f" ADMISSION_IN_FLIGHT_PER_IP={args.in_flight};"
                   f" database {BENCH_DB}, Redis db {BENCH_REDIS_DB}")  # fmt: skip
             print(f"well-behaved client: a process of its own, from {probe_source}, its own user's token; connect,"
                   f" subscribe {PROBE_STREAM} with a {SNAPSHOT}-bar snapshot, until `subscribed`; one after another,"

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import LOOPBACK_ANON_SOCKETS  # noqa: E402
+from bench import LOOPBACK_LIMITS  # noqa: E402
 
 BENCH_DB = "marketdata_bench_fanout"
 BENCH_REDIS_DB = 13
@@ -186,8 +186,8 @@ def setup(n_symbols: int) -> tuple[dict[str, str], list[str]]:
         "DJANGO_SETTINGS_MODULE": "config.settings.local",
         "DJANGO_DEBUG": "false",
         "STREAMING_ALLOW_ANONYMOUS": "true",
-        # 10,000 anonymous clients from one loopback address (see bench.bench_env).
-        "WS_MAX_ANON_CONNECTIONS_PER_IP": LOOPBACK_ANON_SOCKETS,
+        # 10,000 anonymous clients from one loopback address (see bench.LOOPBACK_LIMITS).
+        **LOOPBACK_LIMITS,
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "LOG_LEVEL": "WARNING",

@@ -117,16 +117,21 @@ http_app = OhlcvFastPath(django_http_app)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from ops.admission import Admission  # noqa: E402
 from streaming.auth import SessionUserMiddleware  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
 
 interpreter_tune()  # everything long-lived is loaded by now
 
-application = ProtocolTypeRouter(
-    {
-        "http": http_app,
-        # The session and user, read once per connection (not Channels' AuthMiddlewareStack,
-        # which checks the session on every frame sent: see streaming/auth.py).
-        "websocket": SessionUserMiddleware(URLRouter(websocket_urlpatterns)),
-    }
+# Per client address, a bounded number of requests and handshakes served at once; the rest
+# wait their turn (ops/admission.py), so one flooding client queues behind itself.
+application = Admission(
+    ProtocolTypeRouter(
+        {
+            "http": http_app,
+            # The session and user, read once per connection (not Channels' AuthMiddlewareStack,
+            # which checks the session on every frame sent: see streaming/auth.py).
+            "websocket": SessionUserMiddleware(URLRouter(websocket_urlpatterns)),
+        }
+    )
 )

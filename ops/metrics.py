@@ -155,6 +155,20 @@ CACHE_ERRORS = Counter(
     "cache_errors_total", "Hot-cache operations that failed (Redis down).", ["op"], registry=REGISTRY
 )
 
+# ADMISSION (ops/admission.py)
+ADMISSION_WAITED = Counter(
+    "admission_waited_total",
+    "HTTP requests and WebSocket handshakes that waited for their client address's turn.",
+    ["kind"],
+    registry=REGISTRY,
+)
+ADMISSION_REFUSED = Counter(
+    "admission_refused_total",
+    "HTTP requests (429) and WebSockets (4029) refused: their client address had too many waiting.",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 # API
 API_THROTTLED = Counter(
     "api_throttled_total", "History API requests refused with 429, by throttle scope.", ["scope"], registry=REGISTRY

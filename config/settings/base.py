@@ -177,6 +177,13 @@ CLIENT_IP_TRUSTED_PROXIES = env.int("CLIENT_IP_TRUSTED_PROXIES", default=_num_pr
 # Redis across processes (marketdata/auth_throttle.py); over it: 429 with Retry-After, or
 # close 4029, before any database look-up. Empty: no limit.
 AUTH_FAILURES_PER_IP = env("AUTH_FAILURES_PER_IP", default="20/min")
+# Fair admission (ops/admission.py): per client IP, at most ADMISSION_IN_FLIGHT_PER_IP HTTP
+# requests or WebSocket handshakes are served at once in a gateway process; up to
+# ADMISSION_QUEUE_PER_IP more wait their turn, and over that: 429 with Retry-After, or close
+# 4029. One flooding address then queues behind itself, not in front of everyone else.
+# 0 in flight: no admission control.
+ADMISSION_IN_FLIGHT_PER_IP = env.int("ADMISSION_IN_FLIGHT_PER_IP", default=4)
+ADMISSION_QUEUE_PER_IP = env.int("ADMISSION_QUEUE_PER_IP", default=256)
 # Logins (/login/, /admin/login/): django-axes locks an IP and username pair out after
 # AXES_FAILURE_LIMIT wrong passwords for AXES_COOLOFF_TIME (429, the login page saying so),
 # counted in Redis through the "axes" cache (marketdata/login_lockout.py: fails open).
