@@ -174,7 +174,18 @@ def token_of(scope: dict[str, Any]) -> str | None:
 
 
 class StreamConsumer(AsyncConsumer):
-    """One client connection (see the module docstring)."""
+    """One client connection (see the module docstring).
+
+    It overrides Channels' ``__call__`` and runs its own receive loop. Channels' loop
+    (``await_many_dispatch``) reads the client and the channel layer one message at a time
+    and runs ``aclose_old_connections`` (a hop to the database thread) before each: here
+    the layer's messages are batches read by a task of their own, frames leave through a
+    sender task with a bounded queue (4008 when a client stops reading), client messages
+    go through a bounded inbox to a request task, and every task is cancelled and every
+    resource given back in one place (``_cleanup``) however the connection ends. What
+    Channels' consumer does that this one still needs (the channel name, group membership
+    through the layer) it asks the layer for directly. See docs/WEBSOCKET.md.
+    """
 
     hub: Hub
     heartbeat_at: float
