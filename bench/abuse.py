@@ -979,6 +979,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` or kill: the gateway is stopped too
     try:
         main()
     except KeyboardInterrupt:
