@@ -52,8 +52,9 @@ from marketdata.models import FeedStatus
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_checked, bars_upsert, trades_checked, trades_insert
 from ops import metrics, tracing
 
-from .publishing import PUT_WAIT_S, STOP, TRANSIENT, ProcessHost, ThreadHost, retry, trades_out
+from .publishing import PUT_WAIT_S, STOP, ProcessHost, ThreadHost, trades_out
 from .records import Normaliser, RawRecords, Stats
+from .retry import TRANSIENT, retry_until_success
 from .symbology import Resolver
 
 if TYPE_CHECKING:
@@ -742,8 +743,8 @@ class Pipeline:
         return result, retried
 
     def _retry(self, what: str, call: Callable[[], T]) -> tuple[T, bool]:
-        """``call()`` until PostgreSQL lets it succeed (see publishing.retry); True when it was retried."""
-        return retry(what, call, closing=lambda: self.queue.closed, warn=self._warn)
+        """``call()`` until PostgreSQL lets it succeed (see retry.retry_until_success); True when it was retried."""
+        return retry_until_success(what, call, closing=lambda: self.queue.closed, warn=self._warn)
 
     def _feed_status(self) -> None:
         stats = self.stats

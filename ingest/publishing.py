@@ -32,13 +32,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import psycopg
-import redis
 import structlog
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
+from django.db import connections
 
 from marketdata.columns import BarColumns, TradeColumns, concat, groups
 from marketdata.wire import bar_datas, time_texts, trade_data
@@ -47,15 +45,10 @@ from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
 
 from .publisher_child import child_main, ignore_stop_signals
+from .retry import retry_until_success
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
-# Failures of a reachable-again server, not of the batch: worth retrying the same batch.
-TRANSIENT = (OperationalError, InterfaceError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
-RETRY_FIRST_S = 0.05  # the first wait after a failed write or publish, doubling up to RETRY_MAX_S
-RETRY_MAX_S = 1.0
-SHUTDOWN_RETRY_S = 30.0  # once the run is closing, a server still down fails the run after this long
 # Committed batches waiting to be published. The writer commits batch N+1 while batch N is
 # derived and published; when publishing stalls (Redis down) this fills and the writer
 # waits, then the queue of rows, then the source.
@@ -86,31 +79,6 @@ class PublisherFailedError(RuntimeError):
     """The publisher (thread or process) stopped on an error; the run fails with it."""
 
 
-def retry(
-    what: str, call: Callable[[], T], *, closing: Callable[[], bool], warn: Callable[[str], None]
-) -> tuple[T, bool]:
-    """``call()`` until PostgreSQL and Redis let it succeed; True when it failed at least once.
-
-    Meanwhile the queues fill and the source waits (back-pressure). Once the run is
-    closing, a failure lasting SHUTDOWN_RETRY_S is raised: a stop must end.
-    """
-    delay, failed_since = RETRY_FIRST_S, None
-    while True:
-        try:
-            return call(), failed_since is not None
-        except TRANSIENT as exc:
-            now = time.monotonic()
-            failed_since = failed_since if failed_since is not None else now
-            if closing() and now - failed_since > SHUTDOWN_RETRY_S:
-                raise
-            warn(f"retried_{what}")
-            log.warning("ingest step failed; retrying", step=what, error=str(exc), retry_in_s=delay)
-            if isinstance(exc, DatabaseError | psycopg.Error):
-                connection.close()  # a broken connection goes back to the pool, which replaces it
-            time.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-
-
 class PublishWork:
     """Derives and publishes committed batches, in commit order; one per run, host-confined."""
 
@@ -131,14 +99,18 @@ class PublishWork:
         self.tickers.update(tickers)
         groups: Groups = {}
         if bars:
-            groups = retry("derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn)[0]
+            groups = retry_until_success(
+                "derive", lambda: self.bar_messages(bars), closing=self.closing, warn=self.warn
+            )[0]
         if trades:
             groups.update(self.trade_messages(trades))  # trade streams and bar streams never share a name
         if groups:
             self._published += 1
             batch_id = f"{self.run_id}:{self._published}"
             publish = self.publisher.publish_groups
-            retry("publish", lambda: publish(groups, batch_id=batch_id), closing=self.closing, warn=self.warn)
+            retry_until_success(
+                "publish", lambda: publish(groups, batch_id=batch_id), closing=self.closing, warn=self.warn
+            )
 
     def bar_messages(self, parts: list[BarColumns]) -> dict[tuple[str, str], list[str]]:
         """Every written bar (final), then the derived and forming bars of coarser timeframes.
