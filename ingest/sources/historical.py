@@ -40,6 +40,7 @@ from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
 
 from ..pipeline import Mappings, run_feed
 from ..records import Stats
+from ..retry import Backoff
 from .keys import api_key_get
 from .replay import FileStart, decode_error, file_records
 
@@ -49,6 +50,8 @@ SOURCE = "historical"
 CHUNK_RECORDS = 4096  # records handed to the pipeline at once
 # Statuses worth asking again: the request timed out, or the client is being throttled.
 RETRY_STATUSES = frozenset({408, 429})
+API_ATTEMPTS = 6  # requests for one window in all before the run stops at it
+API_BACKOFF = Backoff(base_s=1.0, cap_s=60.0)  # between them: 1 s, 2 s, 4 s, ... up to 60 s
 # Error causes that mean the window was not fetched to its end.
 API_ERRORS = ("api_client_error", "api_unavailable", "api_unreadable")
 
@@ -60,19 +63,6 @@ ERR_CHUNK = "chunk must be a positive duration, got {value}"
 ERR_API_REFUSED = "historical API refused {dataset} {schema} {lo}..{hi}: {error}"
 ERR_API_UNREADABLE = "historical API answer for {dataset} {schema} {lo}..{hi} not read whole: {reason}"
 ERR_API_GAVE_UP = "historical API failed {attempts} times for {dataset} {schema} {lo}..{hi}; last: {error}"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Capped exponential backoff: ``attempts`` tries in all, waiting base, 2*base, ... up to cap."""
-
-    attempts: int = 6
-    base_s: float = 1.0
-    cap_s: float = 60.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return min(self.cap_s, self.base_s * 2 ** (attempt - 1))
 
 
 @dataclass
@@ -107,7 +97,8 @@ def run_historical(
     publish: bool = True,
     progress: Callable[[Stats, float], None] | None = None,
     stopping: threading.Event | None = None,
-    backoff: Backoff = Backoff(),  # frozen: one shared default is safe
+    backoff: Backoff = API_BACKOFF,
+    attempts: int = API_ATTEMPTS,
 ) -> HistoricalStats:
     """Fetch [start, end) of ``schema`` for ``symbols`` in chunks and ingest it, resuming from the store.
 
@@ -133,7 +124,7 @@ def run_historical(
     with tempfile.TemporaryDirectory(prefix="ingest-historical-") as spool:
         records = _records(
             client, dataset=dataset, schema=schema, symbols=symbols, windows=chunk_windows(start, first, end, chunk),
-            notes=notes, stopping=stopping, backoff=backoff, spool=Path(spool),
+            notes=notes, stopping=stopping, backoff=backoff, attempts=attempts, spool=Path(spool),
         )  # fmt: skip
         try:
             stats = run_feed(
@@ -190,7 +181,7 @@ def chunk_windows(
 def _records(
     client: databento.Historical, *, dataset: str, schema: str, symbols: list[str],
     windows: Iterator[tuple[datetime, datetime]], notes: HistoricalStats, stopping: threading.Event | None,
-    backoff: Backoff, spool: Path,
+    backoff: Backoff, attempts: int, spool: Path,
 ) -> Generator[object, None, None]:  # fmt: skip
     """Each window's Mappings, then its records; ends early on an API error or a stop request."""
     for lo, hi in windows:
@@ -198,7 +189,7 @@ def _records(
             return
         path = _fetch(
             client, dataset=dataset, schema=schema, symbols=symbols, lo=lo, hi=hi, notes=notes, stopping=stopping,
-            backoff=backoff, spool=spool,
+            backoff=backoff, attempts=attempts, spool=spool,
         )  # fmt: skip
         if path is None:
             return
@@ -227,11 +218,11 @@ def _records(
 
 def _fetch(
     client: databento.Historical, *, dataset: str, schema: str, symbols: list[str], lo: datetime, hi: datetime,
-    notes: HistoricalStats, stopping: threading.Event | None, backoff: Backoff, spool: Path,
+    notes: HistoricalStats, stopping: threading.Event | None, backoff: Backoff, attempts: int, spool: Path,
 ) -> Path | None:  # fmt: skip
     """Download one window to a file in ``spool``, retrying what is transient; None when it gave up."""
     where = {"dataset": dataset, "schema": schema, "lo": lo.isoformat(), "hi": hi.isoformat()}
-    for attempt in range(1, backoff.attempts + 1):
+    for attempt in range(1, attempts + 1):
         path = spool / f"{int(lo.timestamp() * 1e6)}-{attempt}.dbn.zst"
         notes.requests += 1
         try:
@@ -254,10 +245,10 @@ def _fetch(
                 raise
             return path
         path.unlink(missing_ok=True)
-        if attempt == backoff.attempts:
+        if attempt == attempts:
             notes.error("api_unavailable", ERR_API_GAVE_UP.format(attempts=attempt, error=error, **where))
             return None
-        delay = backoff.delay(attempt)
+        delay = backoff.delay(attempt - 1)
         notes.warnings["api_retry"] += 1
         log.warning(
             "historical %s %s %s..%s: attempt %d failed (%s); retrying in %.1fs",

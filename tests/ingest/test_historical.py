@@ -11,8 +11,9 @@ import databento_dbn as dbn
 import pytest
 
 from ingest.pipeline import Mappings
+from ingest.retry import Backoff
 from ingest.sources import historical
-from ingest.sources.historical import Backoff, HistoricalStats, run_historical
+from ingest.sources.historical import HistoricalStats, run_historical
 from ingest.sources.keys import ApiKeyError
 from marketdata.errors import ValidationError
 from marketdata.models import Bar, Symbol, Trade
@@ -28,7 +29,8 @@ DAYS = [date(2024, 1, 2), date(2024, 1, 3), date(2024, 1, 4)]
 START = datetime(2024, 1, 2, tzinfo=UTC)
 END = datetime(2024, 1, 5, tzinfo=UTC)
 DAY = timedelta(days=1)
-FAST = Backoff(attempts=3, base_s=0.01, cap_s=0.05)
+FAST = Backoff(base_s=0.01, cap_s=0.05)
+ATTEMPTS = 3
 BARS_A_DAY = 390 * len(TICKERS)  # the regular session, 14:30-21:00 UTC
 TRADES_A_DAY = 200 * len(TICKERS)
 
@@ -59,7 +61,9 @@ def fetch(server: DatabentoHistoricalServer, schema: str = "ohlcv-1m", **kwargs:
     defaults: dict[str, Any] = {
         "dataset": DATASET, "symbols": TICKERS, "start": START, "end": END, "key": KEY, "chunk": DAY,
     }  # fmt: skip
-    return run_historical(**(defaults | kwargs), schema=schema, gateway=server.gateway, publish=False, backoff=FAST)
+    return run_historical(
+        **(defaults | kwargs), schema=schema, gateway=server.gateway, publish=False, backoff=FAST, attempts=ATTEMPTS
+    )
 
 
 def us(ns: int) -> datetime:
