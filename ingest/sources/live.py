@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import random
 import threading
 import time
 from collections import Counter, deque
@@ -65,6 +64,7 @@ from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
 from ops import metrics
 
 from ..records import Stats
+from ..retry import Backoff
 from ..symbology import NS_PER_S, date_or_dt_ns, ns_datetime
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,9 @@ def parse_gateway(value: str | None) -> tuple[str | None, int]:
     return host, int(port_text)
 
 
-def backoff_delay(attempt: int, backoff_max: float, *, rng: random.Random | None = None) -> float:
-    """Seconds before reconnect ``attempt`` (0-based): capped exponential with equal jitter."""
-    cap = min(backoff_max, BACKOFF_BASE_S * 2 ** min(attempt, 32))
-    return (rng or random).uniform(cap / 2, cap)  # jitter, not cryptography
+def reconnect_backoff(backoff_max: float) -> Backoff:
+    """The waits before reconnects: BACKOFF_BASE_S doubling up to ``backoff_max``, with equal jitter."""
+    return Backoff(base_s=BACKOFF_BASE_S, cap_s=backoff_max, jitter=True)
 
 
 def last_stored_ns(*, schema: str, symbols: list[str]) -> int | None:
@@ -239,7 +238,7 @@ class LiveFeed:
         self.host, self.port = parse_gateway(gateway)
         self.gateway = f"{self.host or dataset.lower().replace('.', '-') + '.lsg.databento.com'}:{self.port}"
         self.stopping = stopping
-        self.backoff_max = backoff_max
+        self.backoff = reconnect_backoff(backoff_max)
         self.watchdog_s = watchdog_s
         self.max_reconnects = max_reconnects
         self.heartbeat_s = int(min(max(watchdog_s / 3, HEARTBEAT_MIN_S), HEARTBEAT_MAX_S))
@@ -276,7 +275,7 @@ class LiveFeed:
                 if self.max_reconnects is not None and attempts >= self.max_reconnects:
                     self.stats.error("reconnects_exhausted", ERR_EXHAUSTED.format(count=attempts, gateway=self.gateway))
                     return
-                delay = backoff_delay(failures, self.backoff_max)
+                delay = self.backoff.delay(failures)
                 log.info("live: reconnecting", extra={"gateway": self.gateway, "delay_s": round(delay, 3)})
                 if self.stopping.wait(delay):
                     return

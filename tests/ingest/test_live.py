@@ -21,7 +21,7 @@ from ingest import pipeline
 from ingest.pipeline import FeedLock
 from ingest.records import BAR_RTYPES, Stats
 from ingest.sources import live
-from ingest.sources.live import LiveAuthError, backoff_delay, parse_gateway, run_live
+from ingest.sources.live import LiveAuthError, parse_gateway, reconnect_backoff, run_live
 from marketdata.errors import ValidationError
 from marketdata.models import Bar, FeedStatus, InstrumentMapping, Symbol, Trade
 from ops import metrics
@@ -322,12 +322,13 @@ def test_reconnects_back_off_and_give_up_after_max_reconnects():
 
 def test_backoff_is_exponential_jittered_and_capped():
     rng = random.Random(7)
+    backoff = reconnect_backoff(30.0)
     for attempt in range(12):
         cap = min(30.0, 0.5 * 2**attempt)
-        delays = [backoff_delay(attempt, 30.0, rng=rng) for _ in range(50)]
+        delays = [backoff.delay(attempt, rng=rng) for _ in range(50)]
         assert all(cap / 2 <= d <= cap for d in delays)
         assert len(set(delays)) > 1
-    assert backoff_delay(100, 30.0) <= 30.0
+    assert backoff.delay(100) <= 30.0
 
 
 # -- stop, auth, limits -----------------------------------------------------------------------------
