@@ -1,7 +1,8 @@
 """The WebSocket gateway: protocol v1 at /ws/v1/stream (SPEC section 5, docs/WEBSOCKET.md).
 
-One StreamConsumer per connection, three tasks:
-- the ASGI receive loop (client messages: subscribe, unsubscribe, ping, auth);
+One StreamConsumer per connection, three tasks beside the ASGI receive loop (which
+checks the handshake, streaming.handshake, and hands client messages to the inbox):
+- the request task (streaming.client_requests: subscribe, unsubscribe, ping, auth);
 - the channel-layer loop: the pub/sub layer hands it each published batch of a stream
   this connection joined; it drops seqs already sent, fills a gap from the replay
   buffer (or sends a fresh snapshot when the buffer no longer reaches back), conflates
@@ -29,19 +30,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from channels.consumer import AsyncConsumer
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError
-from django.http.request import split_domain_port, validate_host
 from redis.exceptions import RedisError
 
 from marketdata import access
 from marketdata.auth_throttle import aauth_blocked, aauth_failed
-from marketdata.errors import UnknownSymbolError, ValidationError
 from marketdata.grants import Grant
 from marketdata.tokens import token_hash
 from ops import metrics
@@ -49,131 +47,27 @@ from ops.clientip import scope_client_ip
 from ops.middleware import websocket_bind
 
 from . import protocol
+from .client_requests import ERR_AUTH_THROTTLED, ERR_NO_ENTITLEMENT, INBOX_SIZE, RESNAPSHOT_DEFAULT, ClientRequests, Sub
+from .handshake import origin_allowed, token_of
 from .hub import Credential, Hub, hub_get
-from .protocol import ProtocolError, Request
 from .publish import message_frames
 from .server import TRANSPORT_EXTENSION
 from .slots import Slot
 from .snapshot import snapshot
-from .streams import Stream, group_name, stream_parse
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE = "unavailable"  # Redis or the database failed while serving a request; try again
 ERR_ORIGIN = "origin not allowed"
-ERR_NO_ENTITLEMENT = "not entitled to any dataset"
 ERR_CREDENTIALS_GONE = "credentials revoked or expired"
 ERR_USER_SOCKETS = "too many connections: at most {limit} sockets per user"
 ERR_IP_SOCKETS = "too many connections: at most {limit} sockets without credentials per client address"
-ERR_AUTH_THROTTLED = "too many failed authentications from this address: retry after {seconds} s"
-ERR_UNKNOWN_SYMBOL = "unknown symbol {ticker!r}"
-ERR_SUBSCRIBE_UNAVAILABLE = "could not subscribe; try again"
-ERR_INBOX_FULL = "more than {limit} messages waiting to be served: message ignored"
-INBOX_SIZE = 32  # client messages waiting for the request task
-OVER_RATE = object()  # in the inbox: a message refused by the rate limit
 RELEASE_ATTEMPTS = 100
-RESNAPSHOT_DEFAULT = 100  # items in a server-sent fresh snapshot for a stream subscribed without one
 CONGESTED_POLL_S = 0.01
 BACKLOG_FACTOR = 10  # queued messages, in WS_SEND_QUEUE, beyond which even a reading client is closed 4008
 FLUSH_TURNS = 2
 
 
-class Sub:
-    """One stream of one connection."""
-
-    __slots__ = ("dataset", "early", "group", "name", "next_at", "pending", "pending_t", "ready", "seq",
-                 "snapshot_n", "stream", "throttle_s", "timer")  # fmt: skip
-
-    def __init__(self, stream: Stream, dataset: str, throttle_ms: int, snapshot_n: int) -> None:
-        self.stream = stream
-        self.name = stream.name
-        self.group = group_name(stream.name)
-        self.dataset = dataset
-        self.seq = 0  # the last seq given to the client (or conflated away)
-        self.ready = False  # False until the snapshot is queued; frames wait in ``early``
-        self.early: list[dict[str, Any]] = []
-        self.throttle_s = throttle_ms / 1000
-        self.snapshot_n = snapshot_n
-        self.pending: str | None = None  # the latest frame waiting for its throttle interval
-        self.pending_t: int | None = None
-        self.next_at = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-_HTTP_SCHEME = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
-
-
-def origin_key(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an origin, the default port filled in; None if it is not one."""
-    try:
-        parts = urlsplit(origin.strip())
-        scheme, host, port = parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
-    except ValueError:  # a port out of range or not a number
-        return None
-    if scheme not in _DEFAULT_PORTS or not host or parts.path not in ("", "/") or parts.query or parts.username:
-        return None
-    return _HTTP_SCHEME[scheme], host, port or _DEFAULT_PORTS[scheme]
-
-
-def own_origin(scope: dict[str, Any]) -> tuple[str, str, int] | None:
-    """The gateway's origin as the browser sees it: the request's scheme and its Host (if allowed)."""
-    host = _header(scope, b"host")
-    if not host:
-        return None
-    domain, _port = split_domain_port(host)
-    if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
-        return None
-    scheme = "wss" if scope.get("scheme") == "wss" or _forwarded_https(scope) else "ws"
-    return origin_key(f"{scheme}://{host}")
-
-
-def _forwarded_https(scope: dict[str, Any]) -> bool:
-    """The proxy says the browser spoke TLS (only where SECURE_PROXY_SSL_HEADER trusts it)."""
-    trusted = settings.SECURE_PROXY_SSL_HEADER
-    if not trusted:
-        return False
-    header, value = trusted
-    name = header.removeprefix("HTTP_").lower().replace("_", "-").encode("latin-1")
-    sent = _header(scope, name)
-    return sent is not None and sent.split(",", 1)[0].strip() == value
-
-
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """Browsers send Origin; other clients need not. Scheme, host and port must match an allowed origin."""
-    origin = _header(scope, b"origin")
-    if origin is None:
-        return True
-    allowed = settings.WS_ALLOWED_ORIGINS
-    if "*" in allowed:
-        return True
-    key = origin_key(origin)
-    if key is None:
-        return False
-    return key == own_origin(scope) or key in {origin_key(a) for a in allowed}
-
-
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
-def token_of(scope: dict[str, Any]) -> str | None:
-    """An API token from ?token= or Authorization: Token (or Bearer) ..."""
-    query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
-    if query.get("token"):
-        return query["token"][0]
-    header = _header(scope, b"authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() in ("token", "bearer") and value.strip():
-            return value.strip()
-    return None
-
-
-class StreamConsumer(AsyncConsumer):
+class StreamConsumer(ClientRequests, AsyncConsumer):
     """One client connection (see the module docstring).
 
     It overrides Channels' ``__call__`` and runs its own receive loop. Channels' loop
@@ -185,6 +79,11 @@ class StreamConsumer(AsyncConsumer):
     resource given back in one place (``_cleanup``) however the connection ends. What
     Channels' consumer does that this one still needs (the channel name, group membership
     through the layer) it asks the layer for directly. See docs/WEBSOCKET.md.
+
+    It is longer than a class should be because it is one connection's state, which its
+    tasks share on the delivery path (layer loop -> send queue -> sender): attributes of
+    one object, with no hop between objects per published frame. Serving client messages
+    is apart (ClientRequests, the base above).
     """
 
     hub: Hub
@@ -597,177 +496,7 @@ class StreamConsumer(AsyncConsumer):
             if sub.ready and sub.dataset == dataset:
                 self.push(protocol.status(sub.name, state, message))
 
-    # -- client messages --------------------------------------------------------------
-
-    def _error(self, code: str, message: str, *, id: Any = None, stream: str | None = None) -> None:
-        metrics.WS_CLIENT_ERRORS.labels(code).inc()
-        self.push(protocol.error(code, message, id=id, stream=stream))
-
-    async def _client_message(self, raw: str | bytes | None) -> None:
-        """Count the message against the rate limit, then hand it to the request task."""
-        now = self.loop.time()
-        if now - self.window_start >= 1.0:
-            self.window_start, self.window_count = now, 0
-        self.window_count += 1
-        limit = self.hub.limits.max_messages_per_s
-        if self.window_count > limit * settings.WS_RATE_CLOSE_FACTOR:
-            await self.close(protocol.CLOSE_RATE, "client message rate far over the limit")
-            return
-        try:
-            # A message over the rate is answered in turn, after the messages before it.
-            self.inbox.put_nowait(raw if self.window_count <= limit else OVER_RATE)
-        except asyncio.QueueFull:
-            self._error(protocol.RATE_LIMITED, ERR_INBOX_FULL.format(limit=INBOX_SIZE))
-
-    async def _requests(self) -> None:
-        """Serve client messages in order; cancelled with the connection, so no work outlives it."""
-        while True:
-            raw = await self.inbox.get()
-            try:
-                await self._request(raw)
-            except Exception:  # a bug: say so and close, rather than go silent on an open socket
-                log.exception("client request failed")
-                await self.close(1011, "internal error")
-                return
-
-    async def _request(self, raw: object) -> None:
-        if raw is OVER_RATE:
-            limit = self.hub.limits.max_messages_per_s
-            self._error(protocol.RATE_LIMITED, f"more than {limit} messages in one second: message ignored")
-            return
-        assert raw is None or isinstance(raw, str | bytes)
-        try:
-            request = protocol.request_parse(raw, self.hub.limits)
-        except ProtocolError as exc:
-            self._error(exc.code, exc.message, id=exc.id, stream=exc.stream)
-            return
-        if request.op == "ping":
-            self.push(protocol.pong(request.id))
-        elif request.op == "auth":
-            await self._auth(request)
-        elif not self.authed:
-            self._error(protocol.UNAUTHENTICATED, access.ERR_UNAUTHENTICATED, id=request.id)
-        elif request.op == "subscribe":
-            await self._subscribe(request)
-        else:
-            await self._unsubscribe(request)
-
-    async def _auth(self, request: Request) -> None:
-        assert request.token is not None
-        retry = await aauth_blocked(self.ip)
-        if retry is not None:
-            self._error(protocol.RATE_LIMITED, ERR_AUTH_THROTTLED.format(seconds=retry), id=request.id)
-            return
-        try:
-            user = await self._token_user(request.token)
-        except DatabaseError:
-            self._error(UNAVAILABLE, "could not check the token; try again", id=request.id)
-            return
-        if user is None:
-            await aauth_failed(self.ip)
-            self._error(protocol.UNAUTHENTICATED, access.ERR_BAD_TOKEN, id=request.id)
-            return
-        await self._set_user(user, ("token", token_hash(request.token)))
-        if self.allowed == set():
-            await self.close(protocol.CLOSE_REFUSED, ERR_NO_ENTITLEMENT)
-            return
-        refused = await self._slot_take()
-        if refused:
-            await self.close(protocol.CLOSE_RATE, refused)
-            return
-        # Another user's token: what the first one was entitled to is not carried over.
-        await self._end_not_entitled()
-        self.push(protocol.authenticated(request.id))
-
-    async def _subscribe(self, request: Request) -> None:
-        id = request.id
-        parsed: list[tuple[str, Stream | ValidationError]] = []
-        for name in request.streams:
-            try:
-                parsed.append((name, stream_parse(name)))
-            except ValidationError as exc:
-                parsed.append((name, exc))
-        tickers = {stream.ticker for _, stream in parsed if isinstance(stream, Stream)}
-        try:
-            # One look-up for every symbol of the message, however many it names.
-            refs = await self.hub.symbols(tickers) if tickers else {}
-        except DatabaseError:
-            refs = None
-        for name, stream in parsed:
-            if not isinstance(stream, Stream):
-                self._error(protocol.INVALID_STREAM, str(stream), id=id, stream=name)
-                continue
-            if name not in self.subs and len(self.subs) >= self.hub.limits.max_streams:
-                self._error(
-                    protocol.TOO_MANY_STREAMS, f"at most {self.hub.limits.max_streams} streams", id=id, stream=name
-                )
-                continue
-            if refs is None:
-                self._error(UNAVAILABLE, "could not look the symbol up; try again", id=id, stream=name)
-                continue
-            ref = refs.get(stream.ticker)
-            # A symbol of a dataset the client may not read is answered as one that does
-            # not exist: what a client is refused must not tell it what exists.
-            if ref is None or (self.allowed is not None and ref.dataset not in self.allowed):
-                self._error(
-                    protocol.UNKNOWN_SYMBOL, ERR_UNKNOWN_SYMBOL.format(ticker=stream.ticker), id=id, stream=name
-                )
-                continue
-            resume = request.resume.get(name) if request.resume else None
-            await self._open(stream, ref.dataset, request, resume)
-            if self.closed:
-                return
-
-    async def _open(self, stream: Stream, dataset: str, request: Request, resume: int | None) -> None:
-        """Register (join the group), then fetch (snapshot or replay), then go live."""
-        name = stream.name
-        old = self.subs.get(name)
-        if old is not None and old.timer is not None:
-            old.timer.cancel()
-        sub = self.subs[name] = Sub(stream, dataset, request.throttle_ms, request.snapshot)
-        try:
-            if old is None:
-                metrics.WS_SUBSCRIPTIONS.inc()
-                await self.channel_layer.group_add(sub.group, self.channel_name)
-            replayed: list[str] | None = None
-            items: list[str] = []
-            if resume is not None:
-                seq, replayed = await self.hub.buffer.after(name, resume)
-                if replayed is not None and len(replayed) > settings.WS_MAX_RESUME:
-                    replayed = None
-                if replayed is not None:
-                    seq = resume + len(replayed)
-            if replayed is None:
-                n = request.snapshot if resume is None else (request.snapshot or RESNAPSHOT_DEFAULT)
-                seq, items = await snapshot(self.hub.buffer, stream, n)
-            state, state_message = await self.hub.feed_state(dataset)
-        except (RedisError, OSError, DatabaseError, UnknownSymbolError) as exc:
-            # The client learns what to do; the log (not the client) gets what failed inside.
-            log.warning("subscribe failed", extra={"stream": name}, exc_info=True)
-            if self.subs.get(name) is sub:
-                await self._end(name)
-            if isinstance(exc, UnknownSymbolError):
-                self._error(protocol.UNKNOWN_SYMBOL, ERR_UNKNOWN_SYMBOL.format(ticker=stream.ticker),
-                            id=request.id, stream=name)  # fmt: skip
-            else:
-                self._error(UNAVAILABLE, ERR_SUBSCRIBE_UNAVAILABLE, id=request.id, stream=name)
-            return
-        if self.subs.get(name) is not sub:  # unsubscribed, subscribed again or access lost meanwhile
-            return
-        async with self.flow:
-            sub.seq = seq
-            if replayed is not None:
-                self._push_frames(replayed, None, replay=True)
-                self.push(protocol.resumed(request.id, name, seq, None))
-            elif resume is not None:
-                self.push(protocol.resumed(request.id, name, seq, items))
-            else:
-                self.push(protocol.subscribed(request.id, name, seq, items))
-            self.push(protocol.status(name, state, state_message))
-            sub.ready = True
-            early, sub.early = sub.early, []
-            for message in early:
-                await self._apply(sub, message["first"], message_frames(message), message.get("t"))
+    # -- streams ------------------------------------------------------------------------
 
     async def _end(self, name: str) -> None:
         """Stop delivering a stream and leave its group."""
@@ -779,16 +508,6 @@ class StreamConsumer(AsyncConsumer):
         metrics.WS_SUBSCRIPTIONS.dec()
         with contextlib.suppress(RedisError, OSError):
             await self.channel_layer.group_discard(sub.group, self.channel_name)
-
-    async def _unsubscribe(self, request: Request) -> None:
-        for name in request.streams:
-            try:
-                stream_parse(name)
-            except ValidationError as exc:
-                self._error(protocol.INVALID_STREAM, str(exc), id=request.id, stream=name)
-                continue
-            await self._end(name)
-            self.push(protocol.unsubscribed(request.id, name))
 
 
 async def channel_release(layer: Any, channel: str) -> None:
