@@ -18,6 +18,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ParamSpec, TypeVar
 
+from .redaction import redact
+
 ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 P = ParamSpec("P")
@@ -75,8 +77,6 @@ URL_ATTRIBUTES = ("http.url", "http.target", "url.full", "url.query")
 
 def redact_span_urls(span: Any, request: Any) -> None:
     """Rewrite the span's URL attributes with their tokens redacted (``?token=``, as in the logs)."""
-    from .logging import redact
-
     attributes = getattr(span, "attributes", None) or {}
     for key in URL_ATTRIBUTES:
         value = attributes.get(key)

@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from ops.logging import REDACTED, redact
+from ops.redaction import REDACTED, redact
 from tests.test_security import METRICS_TOKEN, Server, production_env, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
