@@ -6,6 +6,10 @@ class MarketdataConfig(AppConfig):
     verbose_name = "Market data"
 
     def ready(self) -> None:
+        from ops import health
+
         from .auth_throttle import rates_check
+        from .selectors import feed_ages
 
         rates_check()  # a mistyped rate stops every process at start, not each request later
+        health.database_check_add(feed_ages)  # /readyz judges the live feeds' last data

@@ -12,11 +12,12 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any, NamedTuple
 
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
 from .errors import ERR_NAIVE_DATETIME, ERR_UNKNOWN_SYMBOL, UnknownSymbolError, ValidationError
-from .models import Symbol
+from .models import FeedStatus, Symbol
 from .storage import BAR_TABLE, CAGG, timescaledb_enabled
 from .timeframes import (
     ANOMALY_NAMES,
@@ -818,3 +819,25 @@ def symbol_refs(*, tickers: Collection[str]) -> dict[str, SymbolRef]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT id, ticker, dataset FROM marketdata_symbol WHERE ticker = ANY(%s)", [list(tickers)])
         return {row[1]: SymbolRef(*row) for row in cursor.fetchall()}
+
+
+def feed_ages() -> dict[str, str]:
+    """Each live feed's age of last data, as a readiness check result: "ok" or why it is stale.
+
+    Only feeds whose last writer was ``ingest live`` are judged: a finished replay or
+    historical fetch is not expected to keep writing. READYZ_FEED_MAX_AGE_S = 0 turns
+    the check off (markets close; set it to what a feed's quietest hour allows).
+    """
+    limit = settings.READYZ_FEED_MAX_AGE_S
+    if not limit:
+        return {}
+    now = timezone.now()
+    results = {}
+    for feed in FeedStatus.objects.filter(source="live"):
+        name = f"feed {feed.dataset} {feed.schema}"
+        if feed.last_batch_at is None:
+            results[name] = "no data yet"
+            continue
+        age = (now - feed.last_batch_at).total_seconds()
+        results[name] = "ok" if age <= limit else f"no data for {age:.0f} s (limit {limit} s)"
+    return results

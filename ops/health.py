@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis
 from django.conf import settings
 from django.db import connection
@@ -34,38 +36,23 @@ def check_redis() -> str | None:
     return None
 
 
-def feed_ages() -> dict[str, str]:
-    """Each live feed's age of last data, as a check result: "ok" or why it is stale.
-
-    Only feeds whose last writer was ``ingest live`` are judged: a finished replay or
-    historical fetch is not expected to keep writing. READYZ_FEED_MAX_AGE_S = 0 turns
-    the check off (markets close; set it to what a feed's quietest hour allows).
-    """
-    from django.utils import timezone
-
-    from marketdata.models import FeedStatus
-
-    limit = settings.READYZ_FEED_MAX_AGE_S
-    if not limit:
-        return {}
-    now = timezone.now()
-    results = {}
-    for feed in FeedStatus.objects.filter(source="live"):
-        name = f"feed {feed.dataset} {feed.schema}"
-        if feed.last_batch_at is None:
-            results[name] = "no data yet"
-            continue
-        age = (now - feed.last_batch_at).total_seconds()
-        results[name] = "ok" if age <= limit else f"no data for {age:.0f} s (limit {limit} s)"
-    return results
-
-
 CHECKS = {"database": check_database, "redis": check_redis}
+# Checks of what other apps own, run once the database answers, each giving {name: "ok" or
+# why not}. Each app adds its own when it loads (marketdata: its live feeds' ages), so ops
+# imports none of them.
+DATABASE_CHECKS: list[Callable[[], dict[str, str]]] = []
+
+
+def database_check_add(check: Callable[[], dict[str, str]]) -> None:
+    """Run ``check`` in every readiness check, after the database has answered."""
+    if check not in DATABASE_CHECKS:
+        DATABASE_CHECKS.append(check)
 
 
 def readiness() -> tuple[bool, dict[str, str]]:
     """Run every check; ready only if all pass."""
     results = {name: (check() or "ok") for name, check in CHECKS.items()}
     if results["database"] == "ok":
-        results.update(feed_ages())
+        for check in DATABASE_CHECKS:
+            results.update(check())
     return all(v == "ok" for v in results.values()), results
