@@ -48,7 +48,6 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.utils import timezone
 
-from config.csp import CSPMiddleware
 from marketdata import access, cache
 from marketdata.access import datasets_allowed
 from marketdata.auth_throttle import auth_wait, auth_window
@@ -95,10 +94,11 @@ def _unused(request: Any) -> Any:
 class OhlcvFastPath:
     """ASGI: GET /v1/ohlcv with a token known to this process served here; everything else by ``app``."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, csp_middleware: type) -> None:
         self.app = app
+        # The CSP middleware is the project's (config.csp), handed in: marketdata imports no config.
         self._headers: list[Any] = [
-            SecurityMiddleware(_unused), CSPMiddleware(_unused), XFrameOptionsMiddleware(_unused)
+            SecurityMiddleware(_unused), csp_middleware(_unused), XFrameOptionsMiddleware(_unused)
         ]  # fmt: skip
         self._clients: weakref.WeakKeyDictionary[AbstractEventLoop, redis.asyncio.Redis] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[str, str | None, int], asyncio.Future[bytes]] = {}
