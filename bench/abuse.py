@@ -3,13 +3,13 @@
 Run from the repository root::
 
     .venv/bin/python bench/abuse.py [--quick] [--anon 2000] [--sockets 2000] [--bad 1000]
-        [--unknown 200] [--hold 12] [--samples 20] [--concurrency 100] [--in-flight 4] [--budget 240]
+        [--unknown 200] [--hold 12] [--samples 20] [--concurrency 100] [--in-flight 1] [--budget 240]
 
 One gateway process (``python -m streaming.server``: daphne, on a loopback port) under
 production-like access settings: local settings with DEBUG off,
 ``STREAMING_ALLOW_ANONYMOUS=0``, ``WS_MAX_CONNECTIONS_PER_USER=50`` and
 ``WS_MAX_ANON_CONNECTIONS_PER_IP=100`` (SPEC section 9), ``ADMISSION_IN_FLIGHT_PER_IP`` as
-deployed (4; ``--in-flight 0`` turns admission off, the run to compare with), in a database of its own
+deployed (1; ``--in-flight 0`` turns admission off, the run to compare with), in a database of its own
 (``marketdata_bench_abuse``, created and migrated) and Redis database 10 (flushed; the
 channel prefix ``benchabuse`` is the bench's own). Two users, ``bench_abuse_good`` and
 ``bench_abuse_abuser``, each with a fresh API token and an entitlement to XNAS.ITCH, whose
@@ -91,7 +91,7 @@ PATH = "/ws/v1/stream"
 CAP_USER, CAP_ANON_IP = 50, 100
 UNKNOWN_IN_FLIGHT = 10  # (d) clients at once: under the per-user cap, so a 4029 there is a leak
 TARGET_RATIO = 2.0
-IN_FLIGHT = 4  # ADMISSION_IN_FLIGHT_PER_IP's default (config/settings/base.py)
+IN_FLIGHT = 1  # ADMISSION_IN_FLIGHT_PER_IP's default (config/settings/base.py)
 PROBE_SOURCE = "127.0.0.2"
 PHASE_SOURCES = {"a": "127.0.0.11", "b": "127.0.0.12", "c": "127.0.0.13", "d": "127.0.0.14"}
 PROBE_GAP_S, PROBE_TIMEOUT_S = 0.2, 10.0

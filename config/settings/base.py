@@ -181,8 +181,10 @@ AUTH_FAILURES_PER_IP = env("AUTH_FAILURES_PER_IP", default="20/min")
 # requests or WebSocket handshakes are served at once in a gateway process; up to
 # ADMISSION_QUEUE_PER_IP more wait their turn, and over that: 429 with Retry-After, or close
 # 4029. One flooding address then queues behind itself, not in front of everyone else.
-# 0 in flight: no admission control.
-ADMISSION_IN_FLIGHT_PER_IP = env.int("ADMISSION_IN_FLIGHT_PER_IP", default=4)
+# 1 is what kept a well-behaved client within 2x of its quiet latency under bench/abuse.py
+# (4 did not: each request's Django work in a thread takes the interpreter lock from the
+# event loop); raise it for many users behind one NAT address. 0: no admission control.
+ADMISSION_IN_FLIGHT_PER_IP = env.int("ADMISSION_IN_FLIGHT_PER_IP", default=1)
 ADMISSION_QUEUE_PER_IP = env.int("ADMISSION_QUEUE_PER_IP", default=256)
 # Logins (/login/, /admin/login/): django-axes locks an IP and username pair out after
 # AXES_FAILURE_LIMIT wrong passwords for AXES_COOLOFF_TIME (429, the login page saying so),

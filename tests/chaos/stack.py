@@ -134,7 +134,7 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
             # The load (bench/soak.py, bench/chaos.py) is many anonymous clients from one
             # loopback address, which the per-address cap would refuse past 100 and
-            # admission (ops/admission.py) would serve four at a time.
+            # admission (ops/admission.py) would serve one at a time.
             "WS_MAX_ANON_CONNECTIONS_PER_IP": "1000000",
             "ADMISSION_IN_FLIGHT_PER_IP": "1000000",
             **self.extra_env,
