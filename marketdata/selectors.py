@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from .errors import ERR_NAIVE_DATETIME, ERR_UNKNOWN_SYMBOL, UnknownSymbolError, ValidationError
@@ -819,6 +820,42 @@ def symbol_refs(*, tickers: Collection[str]) -> dict[str, SymbolRef]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT id, ticker, dataset FROM marketdata_symbol WHERE ticker = ANY(%s)", [list(tickers)])
         return {row[1]: SymbolRef(*row) for row in cursor.fetchall()}
+
+
+def active_symbols(*, datasets: Collection[str] | None) -> list[SymbolRef]:
+    """The active symbols of these datasets (None: all), by ticker in the database's collation."""
+    rows = Symbol.objects.filter(active=True).order_by("ticker")
+    if datasets is not None:
+        rows = rows.filter(dataset__in=sorted(datasets))
+    return [SymbolRef(*row) for row in rows.values_list("id", "ticker", "dataset")]
+
+
+def symbol_list(
+    *,
+    datasets: Collection[str] | None,
+    dataset: str | None = None,
+    active: bool | None = None,
+    search: str | None = None,
+    after: str | None = None,
+    limit: int,
+) -> list[tuple[str, str, bool, str]]:
+    """(ticker, dataset, active, description) of the symbols /v1/symbols lists, by ticker, after ``after``.
+
+    ``datasets`` are those the caller may read (None: all); ``search`` matches the ticker or
+    the description, ignoring case.
+    """
+    rows = Symbol.objects.order_by("ticker")
+    if datasets is not None:
+        rows = rows.filter(dataset__in=sorted(datasets))
+    if dataset is not None:
+        rows = rows.filter(dataset=dataset)
+    if active is not None:
+        rows = rows.filter(active=active)
+    if search is not None:
+        rows = rows.filter(Q(ticker__icontains=search) | Q(description__icontains=search))
+    if after is not None:
+        rows = rows.filter(ticker__gt=after)
+    return list(rows.values_list("ticker", "dataset", "active", "description")[:limit])
 
 
 def feed_ages() -> dict[str, str]:

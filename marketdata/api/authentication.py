@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.http import HttpRequest
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, Throttled
@@ -43,24 +44,37 @@ class TokenAuthentication(BaseAuthentication):
         if user is None:
             auth_failed(ip)
             raise AuthenticationFailed(ERR_BAD_TOKEN)
-        # request.auth names the token (by hash) so throttling can count per token.
-        return user, "token:" + token_hash(token)[:32]
+        return user, token_principal(token)
 
     def authenticate_header(self, request: Request) -> str:
         return WWW_AUTHENTICATE
 
     @staticmethod
-    def _token(request: Request) -> str | None:
-        parts = get_authorization_header(request).split()
-        if parts and parts[0].lower() in KEYWORDS:
-            if len(parts) != 2:
-                raise AuthenticationFailed(ERR_BAD_TOKEN)
-            try:
-                return parts[1].decode("ascii")
-            except UnicodeDecodeError:
-                raise AuthenticationFailed(ERR_BAD_TOKEN) from None
-        value = request.query_params.get(QUERY_PARAM)
-        return value or None
+    def _token(request: Request | HttpRequest) -> str | None:
+        return request_token(request)
+
+
+def request_token(request: Request | HttpRequest) -> str | None:
+    """The API token a request carries (Authorization: Token or Bearer, else ?token=), or None.
+
+    A malformed Authorization header raises AuthenticationFailed. The event loop's fast
+    path (marketdata.api.hot) reads the token with this too.
+    """
+    parts = get_authorization_header(request).split()  # type: ignore[arg-type]  # it reads META, as any request has
+    if parts and parts[0].lower() in KEYWORDS:
+        if len(parts) != 2:
+            raise AuthenticationFailed(ERR_BAD_TOKEN)
+        try:
+            return parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise AuthenticationFailed(ERR_BAD_TOKEN) from None
+    value = request.GET.get(QUERY_PARAM)
+    return value or None
+
+
+def token_principal(token: str) -> str:
+    """``request.auth`` of a token: it names the token (by hash) so throttling can count per token."""
+    return "token:" + token_hash(token)[:32]
 
 
 class TokenAuthenticationScheme(OpenApiAuthenticationExtension):

@@ -46,21 +46,20 @@ from django.db import close_old_connections
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
-from django.utils import timezone
+from rest_framework.exceptions import AuthenticationFailed
 
 from marketdata import access, cache
 from marketdata.access import datasets_allowed
 from marketdata.auth_throttle import auth_wait, auth_window
-from marketdata.tokens import token_hash
 from ops import metrics, tracing
 from ops.clientip import request_client_ip
 from ops.middleware import request_context
 
 from . import serializers as s
-from .authentication import KEYWORDS, QUERY_PARAM
+from .answers import JSON, cache_read, entitled, known_symbols, ohlcv_answer, ohlcv_hit, ohlcv_slot, validated
+from .authentication import request_token, token_principal
 from .exceptions import internal_error_body
 from .throttling import ApiRateThrottle
-from .views import JSON, _cache_read, _symbols, _validated, ohlcv_answer, ohlcv_hit, ohlcv_slot
 
 log = structlog.get_logger(__name__)
 
@@ -176,7 +175,7 @@ class OhlcvFastPath:
         structlog.contextvars.bind_contextvars(**context, path=PATH)
         metrics.HTTP_IN_FLIGHT.inc()
         try:
-            read = _cache_read(slot, values[1:]) if slot is not None else None
+            read = cache_read(slot, values[1:]) if slot is not None else None
             body = read.body if read is not None else None
             if read is not None:
                 metrics.CACHE_REQUESTS.labels("miss" if body is None else "hit").inc()
@@ -274,15 +273,14 @@ class OhlcvFastPath:
             user, auth = found
             s.query_utf8_check(request.META.get("QUERY_STRING", ""))
             items = tuple(sorted((key, value) for key, value in request.GET.items() if value != ""))
-            q = _validated(s.OhlcvQuery, items)
-            symbol = _symbols.get(q["symbol"])
+            q = validated(s.OhlcvQuery, items)
+            symbol = known_symbols.get(q["symbol"])
             if symbol is None:
                 return None
-            if not (user.is_staff or user.is_superuser) and getattr(user, "_marketdata_datasets", None) is None:
+            if not access.datasets_known(user):
                 return None
-            allowed = datasets_allowed(user)
-            if allowed is not None and symbol.dataset not in allowed:
-                return None  # the view's 404, the unknown symbol's
+            # Not entitled: the view's 404, the unknown symbol's (raised, so Django answers it).
+            symbol = entitled(symbol, datasets_allowed(user), ticker=q["symbol"], field="symbol")
             base_url = request.build_absolute_uri(request.path)
             slot = ohlcv_slot(q, symbol, base_url)
             throttle = ApiRateThrottle()
@@ -343,27 +341,16 @@ _ENVIRON = _EnvironBuilder()
 
 def _token_user(request: WSGIRequest) -> tuple[Any, str] | None:
     """The token's user and principal, as TokenAuthentication gives them, if known here without the database."""
-    header = request.META.get("HTTP_AUTHORIZATION", "").encode("latin-1").split()
-    if header and header[0].lower() in KEYWORDS:
-        if len(header) != 2:
-            return None
-        try:
-            token = header[1].decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    else:
-        token = request.GET.get(QUERY_PARAM) or ""
-    if not token or len(token) > access.TOKEN_MAX_LENGTH:
+    try:
+        token = request_token(request)
+    except AuthenticationFailed:
         return None
-    key = token_hash(token)
-    # user_from_token_cached's own condition for using what it remembers (else it reads the database).
-    hit = access._resolved.get(key)
-    now = timezone.now()
-    if hit is None or (hit.expires_at is not None and hit.expires_at <= now):
+    if token is None:
         return None
-    if now - hit.last_used_at >= access.LAST_USED_EVERY:
-        return None
-    return hit.user, "token:" + key[:32]
+    user = access.user_from_token_remembered(token)
+    if user is None or user is access.NOT_REMEMBERED:
+        return None  # refused, or the database must be asked: Django's path
+    return user, token_principal(token)
 
 
 def _answer(q: dict[str, Any], symbol: Any, base_url: str, slot: Any, read: Any) -> bytes:

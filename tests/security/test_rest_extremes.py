@@ -235,12 +235,12 @@ def _assert_internal_error(response: Any, request_id: str) -> None:
 @pytest.mark.parametrize(
     ("path", "target"),
     [
-        ("/v1/ohlcv?symbol=AAPL", "marketdata.api.views.bar_page_text"),
+        ("/v1/ohlcv?symbol=AAPL", "marketdata.api.answers.bar_page_text"),
         ("/v1/trades?symbol=AAPL", "marketdata.api.views.trade_list"),
         ("/v1/latest?symbols=AAPL", "marketdata.api.views.latest_bars"),
         ("/v1/leaderboard?tf=1m", "marketdata.api.views.leaderboard"),
         ("/v1/symbols", "marketdata.api.views.orjson.dumps"),
-        ("/v1/ohlcv?symbol=AAPL", "marketdata.api.views.symbol_ref"),
+        ("/v1/ohlcv?symbol=AAPL", "marketdata.api.answers.symbol_ref"),
     ],
 )
 def test_a_bug_in_a_view_is_a_500_in_the_envelope_with_the_request_id(auth, settings, monkeypatch, path, target):

@@ -19,8 +19,8 @@ import redis
 
 from config.asgi import django_http_app, http_app
 from marketdata import cache
+from marketdata.api import answers
 from marketdata.api import serializers as s
-from marketdata.api import views
 from marketdata.selectors import symbol_ref
 from marketdata.services import BarIn, bars_upsert
 from ops import metrics
@@ -240,15 +240,15 @@ def test_the_fast_path_prefetches_the_page_before_a_miss(client, settings, token
 
 def test_a_fast_path_miss_shares_a_prefetch_of_its_page_in_flight(client, settings, token):
     items = tuple(sorted((k, v) for k, _, v in (p.partition("=") for p in PAGE_2.split("&"))))
-    query: dict[str, Any] = dict(views._validated(s.OhlcvQuery, items))
+    query: dict[str, Any] = dict(answers.validated(s.OhlcvQuery, items))
     ref = symbol_ref(ticker="AAPL")
-    slot = views.ohlcv_slot(query, ref, "http://testserver/v1/ohlcv")
+    slot = answers.ohlcv_slot(query, ref, "http://testserver/v1/ohlcv")
     assert slot is not None
     gate = threading.Event()
 
     def slow_fill() -> Any:
         gate.wait(10)
-        return views._prefetch_fill(query, ref, "http://testserver/v1/ohlcv", slot)
+        return answers.ohlcv_prefetch_fill(query, ref, "http://testserver/v1/ohlcv", slot)
 
     before = counts()
     assert cache.prefetch((slot.stable, slot.clocked), slow_fill) is not None

@@ -229,7 +229,7 @@ def test_a_bug_in_the_fast_path_is_a_500_in_the_envelope_with_the_request_id(set
     def broken(*args: Any) -> Any:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(hot, "_cache_read", broken)
+    monkeypatch.setattr(hot, "cache_read", broken)
     with Started() as started:
         status, headers, body = call(http_app, QUERY, token=token, headers=((b"x-request-id", b"chart-500"),))
     assert started.count == 0
