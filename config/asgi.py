@@ -109,12 +109,11 @@ class PooledWsgiToAsgi(WsgiToAsgi):
 # handler). It also sets Django up, which must happen before anything imports models.
 django_http_app = PooledWsgiToAsgi(get_wsgi_application())
 
-from config.csp import CSPMiddleware  # noqa: E402
 from marketdata.api.hot import OhlcvFastPath  # noqa: E402
 
 # GET /v1/ohlcv with an API token this process knows: answered in the event loop (see
 # marketdata.api.hot); every other request, and any that path declines, goes to Django.
-http_app = OhlcvFastPath(django_http_app, CSPMiddleware)
+http_app = OhlcvFastPath(django_http_app)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

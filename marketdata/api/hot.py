@@ -2,26 +2,28 @@
 
 A chart's page is the API's hot request: in Django it cost ~1.3 ms of CPU even when the
 answer was a cached body (the middleware chain, DRF's request wrapping, a hop to a worker
-thread and back). Here the same checks run in the event loop on what this process already
-knows, and the Redis round trip is asynchronous:
+thread and back). Here the same functions answer it in the event loop, on what this
+process already knows, with the Redis round trip asynchronous:
 
-- the token's user comes from the process-local look-up ``user_from_token_cached`` keeps
-  (``marketdata.access``), only while that would be used without the database;
-- the query is validated by the same memoised serializer, the symbol comes from the views'
-  local look-up, the entitlement from the user's datasets;
-- one round trip: the rate-limit counters, the cache epoch and the entries, as the view's;
-- a cached answer is sent at once; a miss runs ``ohlcv_answer`` (the view's own) in a
-  worker thread.
+- the token is read by ``authentication.request_token`` and its user is what
+  ``access.user_from_token_remembered`` knows without the database; the principal is
+  ``authentication.token_principal``'s;
+- the query is validated, the symbol looked up and the entitlement ruled by
+  ``marketdata.api.answers``, as the view does;
+- one round trip: the rate-limit counters (``ApiRateThrottle.plan``/``decide``), the
+  cache epoch and the entries, as the view's;
+- a cached answer is sent at once; a miss runs ``answers.ohlcv_answer`` in a worker thread.
 
 Anything else goes to Django unchanged: no token or one not known here, a bad parameter,
 an unknown symbol, a dataset not entitled, an epoch change, a rate limit, a client IP over
 its failed-authentication limit (read in the same round trip; Django answers the 429),
 Redis down, an error. When the counters were already incremented, the view is told
-(``COUNTED_KEY``) so it does not count the request twice. The response carries the
-headers Django's middleware would add (security headers, CSP, X-Frame-Options, the
-request id) and the request is counted and timed by route like any other; the path is
-off when the middleware list is not the one it was written for or when tracing is on
-(the spans come from Django's middleware).
+(``COUNTED_KEY``) so it does not count the request twice. The response's headers are
+those Django's middleware gave: the first such request of a host and scheme is Django's,
+and the headers of its 200 are kept (``_learner``); the request id and the length are
+this request's. The request is counted and timed by route like any other. The path is off
+where Django's request side would answer differently (``enabled``) and under tracing.
+tests/marketdata/api/test_hot_asgi.py sends the same requests through both paths.
 """
 
 from __future__ import annotations
@@ -43,9 +45,6 @@ from django.conf import settings
 from django.core.handlers.wsgi import WSGIRequest
 from django.core.signals import setting_changed
 from django.db import close_old_connections
-from django.http import HttpResponse
-from django.middleware.clickjacking import XFrameOptionsMiddleware
-from django.middleware.security import SecurityMiddleware
 from rest_framework.exceptions import AuthenticationFailed
 
 from marketdata import access, cache
@@ -66,55 +65,36 @@ log = structlog.get_logger(__name__)
 PATH = "/v1/ohlcv"
 REDIS_DOWN_PAUSE_S = 1.0
 ROUTE = "v1/ohlcv"  # the route label Django's resolver gives MetricsMiddleware
-# The middleware this path stands in for. Of these, only RequestContext (request id), Metrics,
-# Security, CSP, Common (Content-Length) and XFrameOptions touch a token-authenticated GET's
-# response; the session, CSRF, auth and messages ones do nothing for it.
-MIDDLEWARE = [
-    "ops.middleware.RequestContextMiddleware",
-    "ops.middleware.MetricsMiddleware",
-    "django.middleware.security.SecurityMiddleware",
-    "config.csp.CSPMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
-    "marketdata.routers.PrimaryPinMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "axes.middleware.AxesMiddleware",  # acts on login responses only
-]
-
-
-def _unused(request: Any) -> Any:
-    raise AssertionError("response-side middleware only")
+LEARN_KEY = "marketdata.hot.learn"  # in a declined request's scope: the header set its answer teaches
+# Headers of Django's answer that belong to one request; the fast path writes its own.
+PER_REQUEST = frozenset({b"content-length", b"x-request-id"})
+LEARNED_MAX = 256
 
 
 class OhlcvFastPath:
     """ASGI: GET /v1/ohlcv with a token known to this process served here; everything else by ``app``."""
 
-    def __init__(self, app: Any, csp_middleware: type) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        # The CSP middleware is the project's (config.csp), handed in: marketdata imports no config.
-        self._headers: list[Any] = [
-            SecurityMiddleware(_unused), csp_middleware(_unused), XFrameOptionsMiddleware(_unused)
-        ]  # fmt: skip
         self._clients: weakref.WeakKeyDictionary[AbstractEventLoop, redis.asyncio.Redis] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[str, str | None, int], asyncio.Future[bytes]] = {}
-        self._header_cache: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
+        # The headers Django's middleware gave its last 200 answer, per (host, secure).
+        self._learned: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
         self._redis_down_until = 0.0
         setting_changed.connect(self._settings_changed, weak=False)
 
     def _settings_changed(self, **kwargs: Any) -> None:
-        self._header_cache.clear()
+        self._learned.clear()
 
     def enabled(self) -> bool:
-        return (
-            list(settings.MIDDLEWARE) == MIDDLEWARE
-            and not tracing.enabled()
-            and not settings.DISALLOWED_USER_AGENTS
-            and not settings.PREPEND_WWW
-        )
+        """Off where Django's request side would answer a token GET differently from this path.
+
+        CommonMiddleware refuses DISALLOWED_USER_AGENTS and redirects for PREPEND_WWW;
+        SecurityMiddleware's HTTPS redirect is checked per request (``_prepare``); the
+        spans of tracing come from Django's middleware. tests/marketdata/api/test_hot_asgi.py
+        lists the middleware whose request side was checked, and fails when the list changes.
+        """
+        return not tracing.enabled() and not settings.DISALLOWED_USER_AGENTS and not settings.PREPEND_WWW
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         mine = scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "GET" and self.enabled()
@@ -130,7 +110,22 @@ class OhlcvFastPath:
                 log.exception("ohlcv fast path failed")
                 await _internal_error(scope, send)
                 return
-        await self.app(scope, receive, send)
+        learn = scope.get(LEARN_KEY)
+        await self.app(scope, receive, send if learn is None else self._learner(learn, send))
+
+    def _learner(self, key: tuple[str, bool], send: Any) -> Any:
+        """``send``, keeping the headers of a 200 answer as this path's for ``key``."""
+
+        async def learning(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                headers = [(bytes(k).lower(), bytes(v)) for k, v in message.get("headers", ())]
+                if not any(k == b"set-cookie" for k, _ in headers):  # never replay a cookie
+                    if len(self._learned) >= LEARNED_MAX:
+                        self._learned.clear()
+                    self._learned[key] = [(k, v) for k, v in headers if k not in PER_REQUEST]
+            await send(message)
+
+        return learning
 
     def _client(self) -> redis.asyncio.Redis:
         loop = get_running_loop()
@@ -148,7 +143,7 @@ class OhlcvFastPath:
         found = self._prepare(scope)
         if found is None:
             return False
-        request, q, symbol, base_url, slot, throttle, checks, failures = found
+        headers, q, symbol, base_url, slot, throttle, checks, failures = found
         try:
             pipe = self._client().pipeline(transaction=False)
             for check in checks:
@@ -190,7 +185,7 @@ class OhlcvFastPath:
                 metrics.API_CACHE.labels("ohlcv", "hit").inc()
                 ohlcv_hit(q, symbol, base_url, slot)
             headers = [
-                *self._static_headers(request),
+                *headers,
                 (b"content-length", b"%d" % len(body)),
                 (b"x-request-id", context["request_id"].encode("latin-1")),
             ]
@@ -201,21 +196,6 @@ class OhlcvFastPath:
         metrics.HTTP_LATENCY.labels(ROUTE).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(ROUTE, "GET", "2xx").inc()
         return True
-
-    def _static_headers(self, request: WSGIRequest) -> list[tuple[bytes, bytes]]:
-        """The headers Django's middleware gives a 200 JSON answer: they depend on the host and the scheme only."""
-        key = (request.get_host(), request.is_secure())
-        found = self._header_cache.get(key)
-        if found is None:
-            response = HttpResponse(b"", content_type=JSON)
-            response.headers["Allow"] = "GET, HEAD, OPTIONS"
-            for middleware in self._headers:
-                response = middleware.process_response(request, response)
-            found = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
-            if len(self._header_cache) >= 256:
-                self._header_cache.clear()
-            self._header_cache[key] = found
-        return found
 
     async def _compute(self, q: dict[str, Any], symbol: Any, base_url: str, slot: Any, read: Any) -> bytes:
         """The answer from the database, computed once for all the requests of this process that want it at once.
@@ -267,6 +247,12 @@ class OhlcvFastPath:
             request = WSGIRequest(environ)
             if settings.SECURE_SSL_REDIRECT and not request.is_secure():
                 return None  # SecurityMiddleware redirects it
+            key = (request.get_host(), request.is_secure())
+            if key not in self._learned and _has_token(request):
+                # Django answers; the headers its middleware gives a token's 200 are this path's from
+                # then on (_learner): none are written here.
+                scope[LEARN_KEY] = key
+                return None
             found = _token_user(request)
             if found is None:
                 return None
@@ -287,9 +273,10 @@ class OhlcvFastPath:
             ident = SimpleNamespace(auth=auth, user=user, META=request.META, headers=request.headers)
             checks = throttle.plan(ident)  # type: ignore[arg-type]
             failures = auth_window(request_client_ip(request))
+            headers = self._learned[key]
         except Exception:  # a bad parameter, a host not allowed, ...: Django says what is wrong
             return None
-        return request, q, symbol, base_url, slot, throttle, checks, failures
+        return headers, q, symbol, base_url, slot, throttle, checks, failures
 
 
 class _SendWatch:
@@ -337,6 +324,13 @@ class _EnvironBuilder(WsgiToAsgiInstance):
 
 
 _ENVIRON = _EnvironBuilder()
+
+
+def _has_token(request: WSGIRequest) -> bool:
+    try:
+        return request_token(request) is not None
+    except AuthenticationFailed:
+        return False
 
 
 def _token_user(request: WSGIRequest) -> tuple[Any, str] | None:

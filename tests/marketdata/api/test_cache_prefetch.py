@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis
 
-from config.asgi import django_http_app, http_app
+from config.asgi import http_app
 from marketdata import cache
 from marketdata.api import answers
 from marketdata.api import serializers as s
@@ -216,7 +216,9 @@ def test_a_failing_prefetch_is_logged_and_swallowed(client, symbol):
 @pytest.fixture
 def token(symbol, make_user, make_token) -> str:
     token = make_token(make_user(datasets=("XNAS.ITCH",)))
-    call(django_http_app, "symbol=AAPL&limit=3", token=token)  # Django resolves the token; this process knows it
+    # Django answers (the fast path's first token request here: it learns the headers) and
+    # resolves the token, which this process then knows.
+    call(http_app, "symbol=AAPL&limit=3", token=token)
     assert cache.prefetches_wait()
     return token
 

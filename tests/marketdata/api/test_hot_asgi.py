@@ -93,8 +93,17 @@ class Started:
 QUERY = "symbol=AAPL&tf=1m&limit=10"
 
 
+def teach(token: str) -> None:
+    """The fast path's first token request of a host and scheme (after a settings change too) is Django's.
+
+    Django's answer teaches it the headers of a 200 and makes the token known here.
+    """
+    assert call(http_app, "symbol=AAPL&tf=1m&limit=1", token=token)[0] == 200
+
+
 def test_a_known_token_is_answered_in_the_event_loop_as_django_answers(setup):
     _, token = setup
+    teach(token)
     with Started() as started:
         django = call(django_http_app, QUERY, token=token)  # Django resolves and remembers the token
         missed = call(http_app, QUERY, token=token)  # computed by the fast path (this process knows the token)
@@ -140,8 +149,8 @@ def test_rate_limits_count_each_request_once_and_refuse_with_retry_after(setup, 
 
 def test_an_ip_over_its_failed_authentication_limit_is_refused_as_django_refuses_it(setup, settings):
     _, token = setup
-    settings.AUTH_FAILURES_PER_IP = "3/min"
-    call(django_http_app, QUERY, token=token)  # this process knows the token
+    settings.AUTH_FAILURES_PER_IP = "3/min"  # a settings change: the fast path learns its headers again
+    teach(token)
     for _ in range(3):
         assert call(http_app, QUERY, token="mdg_not-a-token", client="10.0.0.66")[0] == 401
     with Started() as started:
@@ -255,6 +264,7 @@ def test_with_redis_down_the_answer_comes_from_the_database(setup, settings):
     # Redis back: after the pause the fast path serves again.
     settings.REDIS_URL = redis_url
     http_app._redis_down_until = 0.0
+    teach(token)  # a settings change: the fast path learns its headers again
     with Started() as started:
         assert call(http_app, QUERY, token=token)[2] == good[2]
     assert started.count == 0
@@ -313,3 +323,71 @@ def test_the_gateway_keeps_what_it_loaded_out_of_the_collectors_walks():
     assert gc.get_freeze_count() > 10_000
     assert gc.get_threshold()[0] == runtime.GC_THRESHOLD
     assert sys.getswitchinterval() == pytest.approx(runtime.SWITCH_INTERVAL_S)
+
+
+# ONE REQUEST PATH: the same requests through the fast path and Django, compared whole.
+
+PARITY_CASES = [
+    ("a cached page", QUERY, "good", ()),
+    ("a page with the client's request id", QUERY, "good", ((b"x-request-id", b"client-7"),)),
+    ("another page", "symbol=AAPL&tf=1m&limit=3&anomalies=exclude", "good", ()),
+    ("a bad parameter", "symbol=AAPL&limit=0", "good", ()),
+    ("an unknown symbol", "symbol=NOPE", "good", ()),
+    ("a symbol not entitled", "symbol=ESH4", "good", ()),
+    ("a bad token", QUERY, "mdg_not-a-token", ()),
+    ("a malformed Authorization header", QUERY, None, ((b"authorization", b"Token a b"),)),
+    ("no credentials", QUERY, None, ()),
+    ("a token in the query", QUERY + "&token={good}", None, ()),
+]
+
+
+@pytest.mark.parametrize(("case", "query", "credential", "headers"), PARITY_CASES, ids=[c[0] for c in PARITY_CASES])
+def test_the_fast_path_answers_every_request_exactly_as_django(setup, make_symbol, case, query, credential, headers):
+    """Status, every header and the bytes; the request id too where the client gave one."""
+    _, good = setup
+    make_symbol("ESH4", dataset="GLBX.MDP3")
+    teach(good)
+    call(django_http_app, "symbol=ESH4", token=good)  # ESH4 known to this process: the fast path could serve it
+    token = good if credential == "good" else credential
+    query = query.format(good=good)
+    call(http_app, query, token=token, headers=headers)  # both answer from the cache that this fills
+    with Started() as started:
+        fast = call(http_app, query, token=token, headers=headers, client="10.0.0.21")
+    django = call(django_http_app, query, token=token, headers=headers, client="10.0.0.22")
+    assert fast[0] == django[0]
+    assert fast[2] == django[2]
+    given = dict(headers).get(b"x-request-id")
+    strip = set() if given else {"x-request-id"}
+    fast_headers = {k: v for k, v in fast[1].items() if k not in strip}
+    assert fast_headers == {k: v for k, v in django[1].items() if k not in strip}
+    if case in ("a cached page", "a page with the client's request id", "another page", "a token in the query"):
+        assert started.count == 0, "answered in the event loop"
+
+
+def test_the_middleware_whose_request_side_the_fast_path_accounts_for():
+    """The fast path answers without Django's request side: each middleware's was checked for a token GET.
+
+    Security: the HTTPS redirect (checked per request). CSP, XFrameOptions, RequestContext,
+    Metrics: response side only (the headers are learned from Django's answer; the id and
+    the counting are the fast path's own). WhiteNoise: static paths only. PrimaryPin:
+    pins reads after a write of the same session, never a token GET's. Session, CSRF,
+    Authentication, Messages: nothing for a token GET (DRF's token authentication comes
+    first). Common: DISALLOWED_USER_AGENTS and PREPEND_WWW turn the fast path off. Axes:
+    login requests only. A middleware added or moved needs the same check, in
+    marketdata.api.hot, before this list changes.
+    """
+    assert list(django_settings.MIDDLEWARE) == [
+        "ops.middleware.RequestContextMiddleware",
+        "ops.middleware.MetricsMiddleware",
+        "django.middleware.security.SecurityMiddleware",
+        "config.csp.CSPMiddleware",
+        "whitenoise.middleware.WhiteNoiseMiddleware",
+        "marketdata.routers.PrimaryPinMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "axes.middleware.AxesMiddleware",
+    ]
