@@ -108,6 +108,19 @@ def trade_data(ts: str, price: int, size: int, side: str) -> str:
     return f'{{"ts":"{ts}","price":{_price_texts[price]},"size":{size},"side":"{side}"}}'
 
 
+TS_AT = len('{"ts":"')  # where the time's text starts in every bar and trade data text this module writes
+
+
+def data_ts(data: str) -> str:
+    """The time (RFC 3339 text) of a bar or trade data text this module wrote.
+
+    Read by position, not parsed: the snapshot and the page-before prefetch read it from
+    many texts on the way to a client. tests/marketdata/test_wire.py holds every text this
+    module writes equal, parsed, to the object it stands for, this time included.
+    """
+    return data[TS_AT : data.index('"', TS_AT)]
+
+
 def time_texts(micros: np.ndarray) -> list[str]:
     """time_text of each of an array of Unix-microsecond times, made at once."""
     texts = np.datetime_as_string(micros.astype("datetime64[us]"), unit="us").tolist()

@@ -18,7 +18,7 @@ from datetime import datetime
 from channels.db import database_sync_to_async
 
 from marketdata import selectors
-from marketdata.wire import bar_json, trade_json
+from marketdata.wire import bar_json, data_ts, trade_json
 
 from .buffer import Buffer, Entry
 from .streams import Stream
@@ -28,8 +28,7 @@ MAX_SCAN_FACTOR = 20
 
 
 def _ts(data: str) -> datetime:
-    # Bar and trade data both start with {"ts":"<RFC 3339>", (marketdata.wire).
-    return datetime.fromisoformat(data[7 : data.index('"', 7)])
+    return datetime.fromisoformat(data_ts(data))
 
 
 def _db_bars(ticker: str, tf: str, limit: int) -> list[tuple[datetime, str]]:
@@ -51,7 +50,7 @@ async def _scan(buffer: Buffer, stream: str, entries: list[Entry], enough: int, 
         for entry in entries:
             for data in reversed(entry.datas):
                 if want_bars:
-                    key = data[7 : data.index('"', 7)]
+                    key = data_ts(data)
                     if key in seen:
                         continue
                     seen.add(key)

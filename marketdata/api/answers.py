@@ -32,15 +32,10 @@ from marketdata import cache
 from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
 from marketdata.selectors import BarOut, BarPageText, SymbolRef, bar_page_text, symbol_ref, symbol_refs
 from marketdata.timeframes import DURATIONS, bucket_ceil, bucket_start, source_candidates
-from marketdata.wire import bar_json, ts_text
+from marketdata.wire import bar_json, data_ts, ts_text
 from ops import metrics
 
 JSON = "application/json"
-
-
-def json_text(value: str) -> str:
-    """A JSON string literal."""
-    return orjson.dumps(value).decode()
 
 
 def bar_text(bar: BarOut) -> str:
@@ -214,14 +209,16 @@ def _ohlcv_fill(
             ticker=symbol.ticker, tf=tf, start=q.get("start"), end=end, limit=limit, cursor=q.get("cursor"),
             exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
         )  # fmt: skip
-        next_url = "null"
+        next_url = None
         if page.next_cursor is not None:
             params = {"symbol": symbol.ticker, "tf": tf}
             if end is not None:
                 params["end"] = ts_text(end)
             params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
-            next_url = json_text(base_url + "?" + urlencode(params))
-        body = f'{{"symbol":{json_text(symbol.ticker)},"tf":"{tf}","results":[{page.bars}],"next":{next_url}}}'.encode()
+            next_url = base_url + "?" + urlencode(params)
+        # The page's bars are PostgreSQL's text of wire.bar_json (selectors.bar_page_text): spliced, not re-parsed.
+        results = orjson.Fragment(f"[{page.bars}]")
+        body = orjson.dumps({"symbol": symbol.ticker, "tf": tf, "results": results, "next": next_url})
         if slot is not None:
             cache_write(slot, read, body, all_final=page.all_final, base=page.base)
     return body, page
@@ -243,13 +240,10 @@ def ohlcv_previous(q: dict[str, Any], page: BarPageText | None) -> dict[str, Any
         if end is None:
             return None
         return {**q, "start": start - (end - start), "end": start}
-    if page is None or page.count < q["limit"] or not page.bars.startswith(_FIRST_TS):
+    if page is None or page.count < q["limit"] or not page.bars:
         return None
-    first = datetime.fromisoformat(page.bars[len(_FIRST_TS) : page.bars.index('"', len(_FIRST_TS))])
+    first = datetime.fromisoformat(data_ts(page.bars))  # the first bar's (wire.bar_json's text)
     return {**q, "start": first - q["limit"] * DURATIONS[q["tf"]], "end": first}
-
-
-_FIRST_TS = '{"ts":"'  # how wire.bar_json writes a bar's first field
 
 
 def ohlcv_prefetch(q: dict[str, Any] | None, symbol: SymbolRef, base_url: str) -> None:

@@ -48,7 +48,6 @@ from .answers import (
     cache_write,
     entitled,
     hot_cache_on,
-    json_text,
     ohlcv_answer,
     ohlcv_cached,
     ohlcv_hit,
@@ -197,19 +196,18 @@ class TradesView(ApiView):
         )
         end = q.get("end")
         page = trade_list(ticker=symbol.ticker, start=q.get("start"), end=end, limit=q["limit"], cursor=q.get("cursor"))
-        next_url = "null"
+        next_url = None
         if page.next_cursor is not None:
             params = {"symbol": symbol.ticker}
             if end is not None:
                 params["end"] = ts_text(end)
             params.update(limit=str(q["limit"]), cursor=page.next_cursor)
-            next_url = json_text(self.page_url(params))
-        body = (
-            f'{{"symbol":{json_text(symbol.ticker)},"results":['
-            + ",".join(trade_json(t.ts_event, t.price, t.size, t.side) for t in page.trades)
-            + f'],"next":{next_url}}}'
+            next_url = self.page_url(params)
+        results = orjson.Fragment(
+            "[" + ",".join(trade_json(t.ts_event, t.price, t.size, t.side) for t in page.trades) + "]"
         )
-        return HttpResponse(body.encode(), content_type=JSON)
+        body = orjson.dumps({"symbol": symbol.ticker, "results": results, "next": next_url})
+        return HttpResponse(body, content_type=JSON)
 
 
 class LatestView(ApiView):
@@ -258,8 +256,8 @@ class LatestView(ApiView):
                     cache_write(
                         slots[ticker], reads.get(ticker), texts[ticker].encode(), all_final=bar is None or bar.final
                     )
-        body = f'{{"tf":"{tf}","results":{{' + ",".join(f"{json_text(t)}:{texts[t]}" for t in tickers) + "}}"
-        return HttpResponse(body.encode(), content_type=JSON)
+        results = {t: orjson.Fragment(texts[t]) for t in tickers}
+        return HttpResponse(orjson.dumps({"tf": tf, "results": results}), content_type=JSON)
 
 
 class LeaderboardView(ApiView):
@@ -282,16 +280,21 @@ class LeaderboardView(ApiView):
         rows = _leaderboard_hot(metric=metric, tf=tf, limit=limit, datasets=datasets) if hot_cache_on() else None
         if rows is None:
             rows = leaderboard(metric=metric, tf=tf, limit=limit, datasets=datasets)
-        entries = []
-        for row in rows:
-            prev = "null" if row.prev_close is None else price_text(row.prev_close)
-            change = "null" if row.change_pct is None else format(row.change_pct.normalize(), "f")
-            entries.append(
-                f'{{"rank":{row.rank},"symbol":{json_text(row.ticker)},"dataset":{json_text(row.dataset)},'
-                f'"bar":{bar_text(row.bar)},"prev_close":{prev},"change_pct":{change}}}'
-            )
-        body = f'{{"metric":"{metric}","tf":"{tf}","results":[' + ",".join(entries) + "]}"
-        return HttpResponse(body.encode(), content_type=JSON)
+        entries = [
+            {
+                "rank": row.rank,
+                "symbol": row.ticker,
+                "dataset": row.dataset,
+                "bar": orjson.Fragment(bar_text(row.bar)),
+                "prev_close": None if row.prev_close is None else orjson.Fragment(price_text(row.prev_close)),
+                "change_pct": None
+                if row.change_pct is None
+                else orjson.Fragment(format(row.change_pct.normalize(), "f")),
+            }
+            for row in rows
+        ]
+        body = orjson.dumps({"metric": metric, "tf": tf, "results": entries})
+        return HttpResponse(body, content_type=JSON)
 
 
 def _leaderboard_hot(*, metric: str, tf: str, limit: int, datasets: set[str] | None) -> list[LeaderboardRow] | None:
