@@ -16,8 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from .protocol import frame_data
-from .publish import BUFFER_KEY, SEQ_EPOCH_PER_MS, SEQ_KEY, frames_build
+from .publish import BUFFER_KEY, SEQ_EPOCH_PER_MS, SEQ_KEY, frame_data, frames_build
 
 PAGE = 64  # entries per read
 

@@ -174,8 +174,15 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _id_part(id: str | int | None) -> str:
-    return "" if id is None else f',"id":{_dumps(id)}'
+def _reply(kind: str, id: str | int | None, **fields: Any) -> str:
+    """A server frame: its type, the id of the client message it answers (where there is one), then ``fields``."""
+    head: dict[str, Any] = {"type": kind} if id is None else {"type": kind, "id": id}
+    return _dumps({**head, **fields})
+
+
+def _items(texts: list[str]) -> orjson.Fragment:
+    """A snapshot's items, already JSON texts (marketdata.wire), spliced as an array."""
+    return orjson.Fragment("[" + ",".join(texts) + "]")
 
 
 def welcome(limits: Limits, heartbeat_s: int, *, authenticated: bool) -> str:
@@ -192,35 +199,30 @@ def welcome(limits: Limits, heartbeat_s: int, *, authenticated: bool) -> str:
 
 def subscribed(id: str | int | None, stream: str, seq: int, snapshot: list[str]) -> str:
     """``snapshot`` holds the items' JSON texts, oldest first."""
-    return (
-        f'{{"type":"subscribed"{_id_part(id)},"stream":{_dumps(stream)},"seq":{seq},"snapshot":[{",".join(snapshot)}]}}'
-    )
+    return _reply("subscribed", id, stream=stream, seq=seq, snapshot=_items(snapshot))
 
 
 def resumed(id: str | int | None, stream: str, seq: int, snapshot: list[str] | None) -> str:
     """recovered is true when there is no snapshot: the missed messages went before this."""
     if snapshot is None:
-        return f'{{"type":"resumed"{_id_part(id)},"stream":{_dumps(stream)},"recovered":true,"seq":{seq}}}'
-    return (
-        f'{{"type":"resumed"{_id_part(id)},"stream":{_dumps(stream)},"recovered":false,"seq":{seq},'
-        f'"snapshot":[{",".join(snapshot)}]}}'
-    )
+        return _reply("resumed", id, stream=stream, recovered=True, seq=seq)
+    return _reply("resumed", id, stream=stream, recovered=False, seq=seq, snapshot=_items(snapshot))
 
 
 def unsubscribed(id: str | int | None, stream: str) -> str:
-    return f'{{"type":"unsubscribed"{_id_part(id)},"stream":{_dumps(stream)}}}'
+    return _reply("unsubscribed", id, stream=stream)
 
 
 def pong(id: str | int | None) -> str:
-    return f'{{"type":"pong"{_id_part(id)}}}'
+    return _reply("pong", id)
 
 
 def authenticated(id: str | int | None) -> str:
-    return f'{{"type":"authenticated"{_id_part(id)}}}'
+    return _reply("authenticated", id)
 
 
 def heartbeat(ts: str) -> str:
-    return f'{{"type":"heartbeat","ts":"{ts}"}}'
+    return _reply("heartbeat", None, ts=ts)
 
 
 def status(stream: str, state: str, message: str) -> str:
@@ -236,11 +238,3 @@ def error(code: str, message: str, *, id: str | int | None = None, stream: str |
     if stream is not None:
         body["stream"] = stream
     return _dumps(body)
-
-
-def frame_data(frame: str) -> str:
-    """The ``data`` JSON text of a published frame ``{"type","stream","seq","data":...}``."""
-    # The stream name is a JSON string (a raw '"' in it is escaped), so the first
-    # ',"data":' after '"seq":' is the field itself.
-    start = frame.index(',"data":', frame.index('"seq":')) + 8
-    return frame[start:-1]

@@ -127,6 +127,14 @@ def frames_build(kind: str, stream: str, first: int, datas: Sequence[str]) -> li
     return [f'{prefix}{seq},"data":{data}}}' for seq, data in enumerate(datas, first)]
 
 
+def frame_data(frame: str) -> str:
+    """The ``data`` JSON text of a frame frames_build wrote (a property test holds it to a parser)."""
+    # The stream name is a JSON string (a raw '"' in it is escaped), so the first
+    # ',"data":' after '"seq":' is the field itself.
+    start = frame.index(',"data":', frame.index('"seq":')) + 8
+    return frame[start:-1]
+
+
 def message_frames(message: dict[str, Any]) -> list[str]:
     """The frames of one published channel message (this version's, or a list of frames as before)."""
     frames = message.get("frames")
