@@ -31,7 +31,6 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import groupby
 from types import FrameType
@@ -55,10 +54,11 @@ from ops import metrics, tracing
 from .publishing import PUT_WAIT_S, STOP, ProcessHost, ThreadHost, trades_out
 from .records import Normaliser, RawRecords, Stats
 from .retry import TRANSIENT, retry_until_success
+from .sources.base import FeedStart, Mappings, Shift, SourceErrors
 from .symbology import Resolver
 
 if TYPE_CHECKING:
-    from .sources.replay import FileRead
+    from .sources.base import Source
 
 log = structlog.get_logger(__name__)
 
@@ -799,185 +799,82 @@ def stop_on_signals(stopping: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-@dataclass(frozen=True, slots=True)
-class Mappings:
-    """A source's symbology update: Databento metadata mappings {raw_symbol: [intervals]}."""
-
-    mappings: dict[str, list[dict[str, Any]]]
+UNREAD = "(unreadable files)"  # run()'s stats of source errors that belong to no feed
 
 
-def run_feed(
+def run(
+    source: Source,
     *,
-    dataset: str,
-    schema: str,
-    source: str,
-    records: Iterable[object],
     symbols: list[str] | None,
     publish: bool = True,
     progress: Callable[[Stats, float], None] | None = None,
     stopping: threading.Event | None = None,
-) -> Stats:
-    """Run one feed (historical or live) through a pipeline under the feed's advisory lock.
-
-    ``records`` yields decoded DBN records (one by one, or in lists: the historical source's
-    chunks, whose runs go in as columns), and ``Mappings`` wherever the source learns
-    symbology (live symbol-mapping records are handled by the normaliser itself). The
-    source should watch ``stopping`` and end its iteration when it is set.
-    """
-    lock = FeedLock()
-    lock.acquire(dataset, schema)
-    pipeline: Pipeline | None = None
-    try:
-        pipeline = Pipeline(dataset=dataset, source=source, symbols=symbols, publish=publish, progress=progress)
-        pipeline.schemas.add(schema)
-        for record in records:
-            if isinstance(record, Mappings):
-                pipeline.resolver.add_metadata_mappings(record.mappings)
-            elif isinstance(record, list):
-                pipeline.feed_many(record)
-            else:
-                pipeline.feed(record)
-            if stopping is not None and stopping.is_set():
-                break
-            lock.check()
-    finally:
-        try:
-            stats = pipeline.close() if pipeline is not None else Stats()
-        finally:
-            lock.release()  # a failed run lets go of its feed too
-    return stats
-
-
-def _unit_ns(metadata: Any) -> int:
-    """The time step a looped file is shifted by, so shifted bars stay on their bucket edges."""
-    schema = str(metadata.schema or "")
-    return {"ohlcv-1h": 3600, "ohlcv-1d": 86400}.get(schema, 60) * 1_000_000_000
-
-
-def _record_ts(record: object) -> int | None:
-    ts = getattr(record, "ts_event", None)
-    return ts if isinstance(ts, int) else None
-
-
-def run_replay(
-    *,
-    paths: list[Any],
-    speed: float | None,
-    loop: bool,
-    symbols: list[str] | None,
-    publish: bool = True,
-    progress: Callable[[Stats, float], None] | None = None,
-    install_signals: bool = True,
-    max_loops: int | None = None,
-    on_file: Callable[[FileRead], None] | None = None,
+    install_signals: bool = False,
 ) -> dict[str, Stats]:
-    """Replay DBN files into the store (and out to clients); one pipeline per dataset.
+    """Drive ``source.records(stopping)`` through one pipeline per dataset, each feed under its advisory lock.
 
-    ``on_file`` hears how each file went as its read ends (each pass, when looping): a
-    failed file's records before the damage are stored all the same.
+    The source ends its records itself once ``stopping`` is set (with ``install_signals``,
+    by SIGTERM or Ctrl-C), after what it holds: every record it handed over is stored
+    before this returns. Returns each dataset's stats, and ``UNREAD``'s for source errors
+    of no feed (a file unreadable before its metadata).
     """
-    stopping = threading.Event()
+    stopping = stopping if stopping is not None else threading.Event()
     with stop_on_signals(stopping) if install_signals else nullcontext():
-        return _replay(
-            paths=paths, speed=speed, loop=loop, symbols=symbols, publish=publish, progress=progress,
-            stopping=stopping, max_loops=max_loops, on_file=on_file,
-        )  # fmt: skip
+        return _drive(source, symbols=symbols, publish=publish, progress=progress, stopping=stopping)
 
 
-def _replay(
+def _drive(
+    source: Source,
     *,
-    paths: list[Any],
-    speed: float | None,
-    loop: bool,
     symbols: list[str] | None,
     publish: bool,
     progress: Callable[[Stats, float], None] | None,
     stopping: threading.Event,
-    max_loops: int | None,
-    on_file: Callable[[FileRead], None] | None,
 ) -> dict[str, Stats]:
-    from .sources.replay import FileRead, FileStart, Pacer, file_records
-
     pipelines: dict[str, Pipeline] = {}
-    unread = Stats()  # errors of files that never got as far as their metadata
+    unread = Stats()
     locks = FeedLock()
-    pacer = Pacer(speed, stopping) if speed else None
-    passes = 0
+    current: Pipeline | None = None
+    shift = 0
+    records = source.records(stopping)
     try:
-        while not stopping.is_set():
-            passes += 1
-            shift_ns: int | None = None if loop else 0
-            pass_records = 0
-            for path in paths:
-                pipeline: Pipeline | None = None
-                file_stats = Stats()
-                unit = 60_000_000_000
-                delivered = 0
-                # Paced, record by record; at full speed, a file of one layout as its bytes (RawRecords).
-                for item in file_records(path, file_stats, raw=pacer is None):
-                    if stopping.is_set():
-                        break
-                    if not isinstance(item, FileStart):
-                        delivered += len(item)
-                    locks.check()
-                    if isinstance(item, FileStart):
-                        meta = item.metadata
-                        dataset, schema = str(meta.dataset), str(meta.schema or "mixed")
-                        locks.acquire(dataset, schema)
-                        if dataset not in pipelines:
-                            pipelines[dataset] = Pipeline(
-                                dataset=dataset, source="replay", symbols=symbols, publish=publish, progress=progress
-                            )
-                        pipeline = pipelines[dataset]
-                        pipeline.schemas.add(schema)
-                        pipeline.resolver.add_metadata_mappings(meta.mappings)
-                        unit = _unit_ns(meta)
-                        continue
-                    if pipeline is None:
-                        continue
-                    if shift_ns is None:
-                        # A looped pass acts live: shifted by whole units (bars keep their bucket
-                        # edges) to start at the next edge, and paced on the wall clock from there.
-                        first_ts = (
-                            item.first_ts()
-                            if isinstance(item, RawRecords)
-                            else next((ts for ts in map(_record_ts, item) if ts is not None), None)
-                        )
-                        if first_ts is not None:
-                            shift_ns = -((first_ts - time.time_ns()) // unit) * unit
-                            if pacer is not None:
-                                pacer.anchor(first_ts, wall_ns=first_ts + shift_ns)
-                    pipeline.normalise.shift_ns = shift_ns or 0
-                    if isinstance(item, RawRecords):
-                        pipeline.feed_raw(item)
-                        continue
-                    if pacer is None:
-                        pipeline.feed_many(item)
-                        continue
-                    for record in item:
-                        if stopping.is_set():
-                            break
-                        ts = _record_ts(record)
-                        if ts is not None:
-                            pacer.wait(ts)
-                        pipeline.feed(record)
-                target = pipeline.stats if pipeline is not None else unread
-                target.errors.update(file_stats.errors)
-                target.last_error = file_stats.last_error or target.last_error
-                if on_file is not None:
-                    # Every error file_records counts is the file's own: it was not read whole.
-                    on_file(FileRead(path, delivered, file_stats.last_error, stopping.is_set()))
-                pass_records += delivered
-            # A pass that read no record (every file missing or unreadable) would spin, not loop.
-            if not loop or not pass_records or (max_loops is not None and passes >= max_loops):
-                break
-            if pacer is not None:
-                pacer.reset()
+        for item in records:
+            locks.check()
+            if isinstance(item, FeedStart):
+                locks.acquire(item.dataset, item.schema)
+                current = pipelines.get(item.dataset)
+                if current is None:
+                    current = pipelines[item.dataset] = Pipeline(
+                        dataset=item.dataset, source=source.name, symbols=symbols, publish=publish, progress=progress
+                    )
+                current.schemas.add(item.schema)
+                current.resolver.add_metadata_mappings(item.mappings)
+            elif isinstance(item, SourceErrors):
+                target = pipelines[item.dataset].stats if item.dataset is not None else unread
+                target.errors.update(item.stats.errors)
+                target.last_error = item.stats.last_error or target.last_error
+            elif isinstance(item, Shift):
+                shift = item.ns
+            elif current is None:
+                continue
+            elif isinstance(item, Mappings):
+                current.resolver.add_metadata_mappings(item.mappings)
+            else:
+                current.normalise.shift_ns = shift
+                if isinstance(item, RawRecords):
+                    current.feed_raw(item)
+                elif isinstance(item, list):
+                    current.feed_many(item)
+                else:
+                    current.feed(item)
     finally:
         try:
-            results = {name: p.close() for name, p in pipelines.items()}
+            try:
+                results = {name: p.close() for name, p in pipelines.items()}
+            finally:
+                locks.release()  # a failed run lets go of its feeds too
         finally:
-            locks.release()  # a failed run lets go of its feeds too
+            records.close()  # a source left suspended (the run failed) releases its client, its spool
     if unread.errors:
-        results["(unreadable files)"] = unread
+        results[UNREAD] = unread
     return results

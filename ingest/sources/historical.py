@@ -38,9 +38,10 @@ from marketdata.errors import ERR_NAIVE_DATETIME, ValidationError
 from marketdata.models import Bar, Symbol, Trade, dataset_validator
 from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
 
-from ..pipeline import Mappings, run_feed
+from ..pipeline import run
 from ..records import Stats
 from ..retry import Backoff
+from .base import FeedStart, Mappings
 from .keys import api_key_get
 from .replay import FileStart, decode_error, file_records
 
@@ -84,6 +85,63 @@ class HistoricalStats(Stats):
         )
 
 
+class HistoricalSource:
+    """[start, end) of one (dataset, schema) from the historical API, in chunks, resumed from the store."""
+
+    name = SOURCE
+
+    def __init__(
+        self, *, dataset: str, schema: str, symbols: list[str], start: datetime, end: datetime,
+        key: str | None = None, gateway: str | None = None, chunk: timedelta = timedelta(days=1),
+        backoff: Backoff = API_BACKOFF, attempts: int = API_ATTEMPTS,
+    ) -> None:  # fmt: skip
+        self.symbols = _validated(dataset=dataset, schema=schema, symbols=symbols, start=start, end=end, chunk=chunk)
+        key = api_key_get(source=SOURCE, environ=None if key is None else {"DATABENTO_API_KEY": key})
+        self.dataset, self.schema, self.chunk, self.backoff, self.attempts = dataset, schema, chunk, backoff, attempts
+        self.start, self.end = start.astimezone(UTC), end.astimezone(UTC)
+        self.stored = stored_until(dataset=dataset, schema=schema, symbols=self.symbols, start=self.start, end=self.end)
+        self.first = max(self.start, self.stored) if self.stored is not None else self.start
+        self.notes = HistoricalStats(resumed_from=self.stored)
+        # The details go in the message itself: the JSON log renders a stdlib record's message, not its extras.
+        if self.stored is None:
+            log.info("historical %s %s %s: fetching %s..%s", dataset, schema, ",".join(self.symbols), start, end)
+        else:
+            log.info(
+                "historical %s %s %s: resuming from %s (the earliest of the symbols' latest stored), fetching to %s",
+                dataset, schema, ",".join(self.symbols), self.first, self.end,
+            )  # fmt: skip
+        self.client = databento.Historical(key=key, gateway=gateway or HistoricalGateway.BO1)
+
+    def records(self, stopping: threading.Event) -> Generator[object, None, None]:
+        """The feed, then each window's Mappings and records; ends early on an API error or ``stopping``."""
+        yield FeedStart(self.dataset, self.schema, {})
+        with tempfile.TemporaryDirectory(prefix="ingest-historical-") as spool:
+            records = _records(
+                self.client, dataset=self.dataset, schema=self.schema, symbols=self.symbols,
+                windows=chunk_windows(self.start, self.first, self.end, self.chunk), notes=self.notes,
+                stopping=stopping, backoff=self.backoff, attempts=self.attempts, spool=Path(spool),
+            )  # fmt: skip
+            try:
+                for item in records:
+                    yield item
+                    if stopping.is_set():
+                        return
+            finally:
+                records.close()  # release the spooled chunk before its directory goes
+
+    def result(self, stats: Stats, stopping: threading.Event) -> HistoricalStats:
+        """The pipeline's stats with what this source noted: where it resumed, how far it fetched."""
+        notes = self.notes
+        result = HistoricalStats(**vars(stats))
+        result.errors.update(notes.errors)
+        result.warnings.update(notes.warnings)
+        result.last_error = notes.last_error or result.last_error
+        result.resumed_from, result.fetched_until, result.requests = self.stored, notes.fetched_until, notes.requests
+        result.complete = notes.fetched_until == self.end and not stopping.is_set()
+        log.info("historical %s %s done: %s", self.dataset, self.schema, result.summary())
+        return result
+
+
 def run_historical(
     *,
     dataset: str,
@@ -105,42 +163,13 @@ def run_historical(
     ``key`` is checked (or read from DATABENTO_API_KEY when None) before any request;
     a missing or malformed key raises ApiKeyError. Bad arguments raise ValidationError.
     """
-    symbols = _validated(dataset=dataset, schema=schema, symbols=symbols, start=start, end=end, chunk=chunk)
-    key = api_key_get(source=SOURCE, environ=None if key is None else {"DATABENTO_API_KEY": key})
-    start, end = start.astimezone(UTC), end.astimezone(UTC)
-
-    stored = stored_until(dataset=dataset, schema=schema, symbols=symbols, start=start, end=end)
-    first = max(start, stored) if stored is not None else start
-    notes = HistoricalStats(resumed_from=stored)
-    # The details go in the message itself: the JSON log renders a stdlib record's message, not its extras.
-    if stored is None:
-        log.info("historical %s %s %s: fetching %s..%s", dataset, schema, ",".join(symbols), start, end)
-    else:
-        log.info(
-            "historical %s %s %s: resuming from %s (the earliest of the symbols' latest stored), fetching to %s",
-            dataset, schema, ",".join(symbols), first, end,
-        )  # fmt: skip
-    client = databento.Historical(key=key, gateway=gateway or HistoricalGateway.BO1)
-    with tempfile.TemporaryDirectory(prefix="ingest-historical-") as spool:
-        records = _records(
-            client, dataset=dataset, schema=schema, symbols=symbols, windows=chunk_windows(start, first, end, chunk),
-            notes=notes, stopping=stopping, backoff=backoff, attempts=attempts, spool=Path(spool),
-        )  # fmt: skip
-        try:
-            stats = run_feed(
-                dataset=dataset, schema=schema, source=SOURCE, records=records, symbols=symbols, publish=publish,
-                progress=progress, stopping=stopping,
-            )  # fmt: skip
-        finally:
-            records.close()  # release the spooled chunk before its directory goes
-    result = HistoricalStats(**vars(stats))
-    result.errors.update(notes.errors)
-    result.warnings.update(notes.warnings)
-    result.last_error = notes.last_error or result.last_error
-    result.resumed_from, result.fetched_until, result.requests = stored, notes.fetched_until, notes.requests
-    result.complete = notes.fetched_until == end and not (stopping is not None and stopping.is_set())
-    log.info("historical %s %s done: %s", dataset, schema, result.summary())
-    return result
+    source = HistoricalSource(
+        dataset=dataset, schema=schema, symbols=symbols, start=start, end=end, key=key, gateway=gateway, chunk=chunk,
+        backoff=backoff, attempts=attempts,
+    )  # fmt: skip
+    stopping = stopping if stopping is not None else threading.Event()
+    stats = run(source, symbols=source.symbols, publish=publish, progress=progress, stopping=stopping)
+    return source.result(stats[dataset], stopping)
 
 
 def stored_until(*, dataset: str, schema: str, symbols: list[str], start: datetime, end: datetime) -> datetime | None:
@@ -180,12 +209,12 @@ def chunk_windows(
 
 def _records(
     client: databento.Historical, *, dataset: str, schema: str, symbols: list[str],
-    windows: Iterator[tuple[datetime, datetime]], notes: HistoricalStats, stopping: threading.Event | None,
+    windows: Iterator[tuple[datetime, datetime]], notes: HistoricalStats, stopping: threading.Event,
     backoff: Backoff, attempts: int, spool: Path,
 ) -> Generator[object, None, None]:  # fmt: skip
     """Each window's Mappings, then its records; ends early on an API error or a stop request."""
     for lo, hi in windows:
-        if stopping is not None and stopping.is_set():
+        if stopping.is_set():
             return
         path = _fetch(
             client, dataset=dataset, schema=schema, symbols=symbols, lo=lo, hi=hi, notes=notes, stopping=stopping,

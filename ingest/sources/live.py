@@ -63,9 +63,11 @@ from marketdata.models import Bar, FeedStatus, Symbol, Trade
 from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
 from ops import metrics
 
+from ..pipeline import run
 from ..records import Stats
 from ..retry import Backoff
 from ..symbology import NS_PER_S, date_or_dt_ns, ns_datetime
+from .base import FeedStart
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,7 @@ class _Recent:
 
 
 class LiveFeed:
-    """The reconnecting record source of one live run; ``records()`` is what ``run_feed`` iterates."""
+    """The reconnecting record source of one live run; ``records(stopping)`` is what the pipeline iterates."""
 
     def __init__(
         self,
@@ -225,7 +227,6 @@ class LiveFeed:
         key: str,
         start_ns: int | None,
         gateway: str | None,
-        stopping: threading.Event,
         backoff_max: float,
         watchdog_s: float,
         max_reconnects: int | None,
@@ -237,7 +238,7 @@ class LiveFeed:
         self.start_ns = start_ns
         self.host, self.port = parse_gateway(gateway)
         self.gateway = f"{self.host or dataset.lower().replace('.', '-') + '.lsg.databento.com'}:{self.port}"
-        self.stopping = stopping
+        self.stopping = threading.Event()  # records() is given the run's
         self.backoff = reconnect_backoff(backoff_max)
         self.watchdog_s = watchdog_s
         self.max_reconnects = max_reconnects
@@ -257,8 +258,15 @@ class LiveFeed:
 
     # -- the generator -----------------------------------------------------------
 
-    def records(self) -> Generator[object, None, None]:
-        """Yield every record of every connection until ``stopping`` (or max_reconnects) ends the run."""
+    name = "live"
+
+    def records(self, stopping: threading.Event) -> Generator[object, None, None]:
+        """The feed, then every record of every connection until ``stopping`` (or max_reconnects) ends the run.
+
+        What the client already received when ``stopping`` is set is still handed over (drained).
+        """
+        self.stopping = stopping
+        yield FeedStart(self.dataset, self.schema, {})
         self._start_loop()
         try:
             yield from self._run()
@@ -535,23 +543,12 @@ def run_live(
     ``connection_lost``, ``watchdog_timeout``, ``gap_beyond_intraday_replay``,
     ``reconnects_exhausted``; warnings ``reconnects``; skipped ``replay_overlap``.
     """
-    from ..pipeline import run_feed
-
     start_ns = _validate(schema=schema, symbols=symbols, start=start)
     feed = LiveFeed(
         dataset=dataset, schema=schema, symbols=symbols, key=key, start_ns=start_ns, gateway=gateway,
-        stopping=stopping, backoff_max=backoff_max, watchdog_s=watchdog_s, max_reconnects=max_reconnects,
+        backoff_max=backoff_max, watchdog_s=watchdog_s, max_reconnects=max_reconnects,
     )  # fmt: skip
-    records = feed.records()
-    try:
-        # run_feed is not given ``stopping``: it would break off mid-queue, and what the
-        # client already received must be drained. The generator ends itself on ``stopping``.
-        stats = run_feed(
-            dataset=dataset, schema=schema, source="live", records=records, symbols=symbols, publish=publish,
-            progress=progress, stopping=None,
-        )  # fmt: skip
-    finally:
-        records.close()  # a failed pipeline leaves the generator suspended: close its client
+    stats = run(feed, symbols=symbols, publish=publish, progress=progress, stopping=stopping)[dataset]
     _merge(stats, feed.stats)
     _record_feed_status(dataset, schema, feed.stats)
     log.info("live: run ended", extra={"summary": stats.summary(), "subscriptions": len(feed.subscriptions)})

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest import pipeline as pipeline_module
-from ingest.pipeline import Pipeline, run_replay
+from ingest.pipeline import Pipeline
 from ingest.publishing import TradeMessages, trades_out
 from ingest.records import Normaliser, Stats
+from ingest.sources.replay import run_replay
 from ingest.symbology import Resolver
 from marketdata.columns import BarColumns, TradeColumns, bar_spans, columns_of, concat, utc
 from marketdata.errors import ValidationError

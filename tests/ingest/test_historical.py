@@ -10,7 +10,6 @@ from typing import Any
 import databento_dbn as dbn
 import pytest
 
-from ingest.pipeline import Mappings
 from ingest.retry import Backoff
 from ingest.sources import historical
 from ingest.sources.historical import HistoricalStats, run_historical
@@ -102,24 +101,19 @@ def windows(server: DatabentoHistoricalServer) -> list[tuple[datetime, datetime]
 
 def crash_after(monkeypatch, records: int) -> None:
     """Make the run die once ``records`` records have been fed (everything fed before is stored)."""
-    real = historical.run_feed
+    real = historical.HistoricalSource.records
 
-    def run_feed(**kwargs):
-        source = kwargs.pop("records")
+    def cut(self, stopping):
+        fed = 0
+        for item in real(self, stopping):
+            if isinstance(item, list):  # a list of records (the source's chunks)
+                if fed + len(item) > records:
+                    yield item[: records - fed]
+                    raise Crash(f"killed after {records} records")
+                fed += len(item)
+            yield item
 
-        def cut():
-            fed = 0
-            for item in source:
-                if not isinstance(item, Mappings):  # a list of records (the source's chunks)
-                    if fed + len(item) > records:
-                        yield item[: records - fed]
-                        raise Crash(f"killed after {records} records")
-                    fed += len(item)
-                yield item
-
-        return real(records=cut(), **kwargs)
-
-    monkeypatch.setattr(historical, "run_feed", run_feed)
+    monkeypatch.setattr(historical.HistoricalSource, "records", cut)
 
 
 def test_three_days_of_minute_bars_in_daily_chunks_store_exactly_what_was_served(server, catalogue):

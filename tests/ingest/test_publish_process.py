@@ -18,8 +18,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from ingest.pipeline import run_replay
 from ingest.publishing import STOP, ProcessHost, PublisherFailedError
+from ingest.sources.replay import run_replay
 from marketdata.models import Bar
 
 from .dbnfile import bar, metadata, write

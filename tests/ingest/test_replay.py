@@ -16,9 +16,9 @@ import redis
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from ingest.pipeline import FeedLock, IngestLockedError, advisory_key, run_replay
+from ingest.pipeline import FeedLock, IngestLockedError, advisory_key
 from ingest.records import BAR_RTYPES, RAW_SIZES, RawRecords, Stats
-from ingest.sources.replay import FileStart, file_records
+from ingest.sources.replay import FileStart, file_records, run_replay
 from marketdata.models import Bar, FeedStatus, Symbol, Trade
 from tests.conftest import SAMPLES, dbn_records
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from django.core.exceptions import ValidationError
 
-from ingest.pipeline import run_replay
+from ingest.sources.replay import run_replay
 from ingest.symbology import Resolver
 from marketdata.models import InstrumentMapping, Symbol
 from tests.conftest import SAMPLES

@@ -37,7 +37,8 @@ from django.test import Client as DjangoClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from ingest.pipeline import BATCH_TRADES, run_replay
+from ingest.pipeline import BATCH_TRADES
+from ingest.sources.replay import run_replay
 from marketdata.models import Bar, Entitlement, Symbol
 from marketdata.services import api_token_create
 from marketdata.wire import trade_json

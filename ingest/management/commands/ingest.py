@@ -13,10 +13,10 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ingest.pipeline import IngestLockedError, run_replay, stop_on_signals
+from ingest.pipeline import IngestLockedError, stop_on_signals
 from ingest.records import Stats
 from ingest.sources.keys import ApiKeyError, api_key_get
-from ingest.sources.replay import FileRead
+from ingest.sources.replay import FileRead, run_replay
 from marketdata.errors import ValidationError
 from marketdata.timeframes import SCHEMAS
 from marketdata.timeparse import time_parse
