@@ -40,6 +40,7 @@ from django.db import connections
 
 from marketdata.columns import BarColumns, TradeColumns, concat, groups
 from marketdata.wire import bar_datas, time_texts, trade_data
+from ops import metrics
 from streaming.derive import Deriver, load_stored, load_stored_many
 from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
@@ -230,7 +231,36 @@ def with_backlog(job: Job, jobs: Any, linger_s: float = 0.0) -> tuple[Job, bool]
     return (bars, trades, tickers), False
 
 
-class ThreadHost:
+class PublisherHost:
+    """What the run sees of its publisher, thread or process: ``submit`` jobs, ``closing``, ``join``."""
+
+    STOP = STOP
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def put(self, item: Any, timeout: float) -> bool:
+        raise NotImplementedError
+
+    def closing(self) -> None:
+        """The run is closing: retries give up sooner."""
+
+    def join(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, item: Any, failure: Callable[[], BaseException | None]) -> None:
+        """Hand the publisher a job (or STOP), waiting while it is behind; raise if it stopped meanwhile."""
+        while not self.put(item, PUT_WAIT_S):
+            metrics.INGEST_BACKPRESSURE.inc()
+            if not self.alive():
+                self.settle()  # its own report (the cause) becomes the run's failure first
+                raise RuntimeError("ingest publisher stopped") from failure()
+
+    def settle(self) -> None:
+        """Wait (briefly) until a stopped publisher has reported why it stopped."""
+
+
+class ThreadHost(PublisherHost):
     """PublishWork in a thread of the ingest process."""
 
     def __init__(
@@ -239,7 +269,7 @@ class ThreadHost:
         *,
         closing: Callable[[], bool],
         warn: Callable[[str], None],
-        failed: Callable[[BaseException], None],
+        failed: Callable[[BaseException], object],
     ) -> None:
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=PUBLISH_QUEUE_BATCHES)
         self._run_id, self._closing, self._warn, self._failed = run_id, closing, warn, failed
@@ -283,7 +313,7 @@ class ThreadHost:
         self._thread.join()
 
 
-class ProcessHost:
+class ProcessHost(PublisherHost):
     """PublishWork in a child process; the same contract as ThreadHost."""
 
     def __init__(
@@ -292,7 +322,7 @@ class ProcessHost:
         *,
         closing: Callable[[], bool],
         warn: Callable[[str], None],
-        failed: Callable[[BaseException], None],
+        failed: Callable[[BaseException], object],
     ) -> None:
         from django.conf import settings
 
@@ -384,6 +414,9 @@ class ProcessHost:
 
     def closing(self) -> None:
         self._closing_event.set()
+
+    def settle(self) -> None:
+        self._listener.join(timeout=PARENT_CHECK_S * 3)  # it reports a death within two checks
 
     def join(self) -> None:
         self._process.join()

@@ -14,8 +14,9 @@ from django.conf import settings as django_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import pipeline as pipeline_module
-from ingest.pipeline import CommitOrder, Pipeline
+from ingest import writers as writers_module
+from ingest.pipeline import Pipeline
+from ingest.writers import CommitOrder
 from marketdata.models import Bar, Trade
 
 from .dbnfile import NS, P
@@ -60,7 +61,7 @@ class Recorder:
                 recorder.events.append(("done", i))
                 super().done(i)
 
-        monkeypatch.setattr(pipeline_module, "CommitOrder", Recording)
+        monkeypatch.setattr(writers_module, "CommitOrder", Recording)
 
     def order(self, kind: str) -> list[int]:
         return [i for k, i in self.events if k == kind]
@@ -116,7 +117,7 @@ def test_a_batch_runs_its_copy_while_the_one_before_commits_and_commits_after_it
 
 
 def test_a_batch_that_waits_too_long_for_the_one_before_rolls_back_and_commits_after_it(monkeypatch):
-    monkeypatch.setattr(pipeline_module, "ORDER_WAIT_S", 0.2)
+    monkeypatch.setattr(writers_module, "ORDER_WAIT_S", 0.2)
     recorder = Recorder()
     recorder.install(monkeypatch)
     visible: list[int] = []

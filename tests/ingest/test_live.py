@@ -17,7 +17,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 
-from ingest import pipeline
+from ingest import pipeline, writers
 from ingest.pipeline import FeedLock
 from ingest.records import BAR_RTYPES, Stats
 from ingest.sources import live
@@ -368,7 +368,7 @@ def test_a_slow_database_holds_the_gateway_back_and_loses_nothing(monkeypatch):
     monkeypatch.setattr(live, "QUEUE_MAX", 50)
     # More than the pipeline holds (its queue, the batch it gathers, one waiting for a writer
     # and one in each writer), so the live callback must wait for room.
-    held = pipeline.QUEUE_MAX + (pipeline.WRITERS + 2) * pipeline.BATCH_BARS
+    held = pipeline.QUEUE_MAX + (writers.WRITERS + 2) * pipeline.BATCH_BARS
     per_symbol = (held + 4000) // len(SYMBOLS)
     records = bars(per_symbol, ago_s=per_symbol + 3600, rtype=dbn.RType.OHLCV_1S)
     connections: list[live._Connection] = []

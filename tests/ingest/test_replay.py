@@ -287,7 +287,7 @@ def _wait_for(predicate: Any, seconds: float = 10) -> Any:
 
 
 def test_a_feed_lock_whose_session_died_is_taken_again(monkeypatch, transactional_db):
-    monkeypatch.setattr("ingest.pipeline.LOCK_CHECK_S", 0.1)
+    monkeypatch.setattr("ingest.feed_lock.LOCK_CHECK_S", 0.1)
     key = advisory_key("XNAS.ITCH", "ohlcv-1m")
     lock = FeedLock()
     lock.acquire("XNAS.ITCH", "ohlcv-1m")
@@ -303,7 +303,7 @@ def test_a_feed_lock_whose_session_died_is_taken_again(monkeypatch, transactiona
 
 
 def test_a_feed_lock_taken_by_another_ingester_meanwhile_stops_the_run(monkeypatch, transactional_db):
-    monkeypatch.setattr("ingest.pipeline.LOCK_CHECK_S", 0.1)
+    monkeypatch.setattr("ingest.feed_lock.LOCK_CHECK_S", 0.1)
     key = advisory_key("XNAS.ITCH", "ohlcv-1m")
     lock = FeedLock()
     lock.acquire("XNAS.ITCH", "ohlcv-1m")

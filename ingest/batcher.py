@@ -1,0 +1,105 @@
+"""The batcher: one thread that drains the record queue into batches for the writers.
+
+A batch is up to ``batch_bars`` bars / ``batch_trades`` trades, or what came within
+``flush_seconds`` of its first record; each goes to the writers numbered, in order. Once
+the queue is closed and drained, the batcher hands on its last batch and stops the
+stages behind it (Supervisor.drained); if it fails, it stops them too (Supervisor.abort).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections
+
+from marketdata.columns import BarColumns, TradeColumns
+from marketdata.services import BarIn, TradeIn
+from ops import metrics
+
+from .record_queue import CLOSED, RecordQueue
+from .records import Stats
+from .writers import Writers, failed
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+FEED_STATUS_EVERY_S = 1.0
+
+
+class Batcher:
+    """Gathers what is queued into batches and hands each to the writers, numbered."""
+
+    def __init__(
+        self,
+        *,
+        queue: RecordQueue,
+        writers: Writers,
+        run: Supervisor,
+        batch_bars: int,
+        batch_trades: int,
+        flush_seconds: float,
+        stats: Stats,
+        feed_status: Callable[[], None],
+        progress: Callable[[Stats, float], None] | None,
+        started: float,
+    ) -> None:
+        self.queue, self.writers, self.run = queue, writers, run
+        self.batch_bars, self.batch_trades, self.flush_seconds = batch_bars, batch_trades, flush_seconds
+        self.stats, self.feed_status, self.progress, self.started = stats, feed_status, progress, started
+        self._thread = threading.Thread(target=self._loop, name="ingest-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _loop(self) -> None:
+        # Each in its order: columns, and runs of rows between them.
+        bars: list[BarColumns | list[BarIn]] = []
+        trades: list[TradeColumns | list[TradeIn]] = []
+        counts = [0, 0]  # bars, trades held
+        deadline: float | None = None
+        last_status = 0.0
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = self.queue.get(timeout=timeout)
+                if item is CLOSED:
+                    self.writers.submit(bars, trades)
+                    self.run.drained()
+                    return
+                if type(item) is TradeColumns:
+                    trades.append(item)
+                    counts[1] += len(item)
+                elif type(item) is BarColumns:
+                    bars.append(item)
+                    counts[0] += len(item)
+                else:
+                    for row in item or ():
+                        parts: list[Any] = bars if type(row) is BarIn else trades
+                        if not parts or type(parts[-1]) is not list:
+                            parts.append([])
+                        parts[-1].append(row)
+                        counts[parts is trades] += 1
+                if deadline is None and item is not None:
+                    deadline = time.monotonic() + self.flush_seconds
+                metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
+                if item is None or counts[0] >= self.batch_bars or counts[1] >= self.batch_trades:
+                    self.writers.submit(bars, trades)
+                    bars, trades, counts, deadline = [], [], [0, 0], None
+                    now = time.monotonic()
+                    if now - last_status >= FEED_STATUS_EVERY_S:
+                        self.feed_status()
+                        last_status = now
+                        if self.progress:
+                            self.progress(self.stats, now - self.started)
+        except BaseException as exc:  # the source must learn of it; nothing else may swallow it
+            failed(self.run, exc)
+            self.run.abort()
+        finally:
+            self.run.leaderboards.close()  # (again after a clean stop: returns at once)
+            connections.close_all()
