@@ -17,10 +17,11 @@ from marketdata.cache import LeaderboardRefresher, versions_bump
 from marketdata.columns import BarColumns, TradeColumns
 from ops import metrics, tracing
 
-from .publishing import PUT_WAIT_S, trades_out
+from .publisher import trades_out
+from .publisher_hosts import PUT_WAIT_S
 
 if TYPE_CHECKING:
-    from .publishing import PublisherHost
+    from .publisher_hosts import PublisherHost
     from .supervisor import Supervisor
     from .symbology import Resolver
 

@@ -4,7 +4,7 @@ The source runs in the calling thread and only normalises and enqueues (``Pipeli
 rows, or columns for runs of COLUMNS_MIN records, marketdata/columns.py); a full queue
 blocks it (back-pressure: nothing is dropped while the database is slow). The stages
 behind the queue each have a module (batcher.py, writers.py, after_commit.py,
-publishing.py) and one owner, supervisor.py, which starts them, holds the run's first
+publisher.py, publisher_hosts.py) and one owner, supervisor.py, which starts them, holds the run's first
 failure and stops them in order. SIGTERM and Ctrl-C stop the source; everything already
 queued is still written before the run ends.
 
@@ -36,7 +36,7 @@ from ops import metrics
 from .after_commit import AfterCommit
 from .batcher import Batcher
 from .feed_lock import FeedLock, IngestLockedError, advisory_key
-from .publishing import ProcessHost, PublisherHost, ThreadHost
+from .publisher_hosts import ProcessHost, PublisherHost, ThreadHost
 from .record_queue import RecordQueue
 from .records import Normaliser, RawRecords, Stats
 from .retry import TRANSIENT
@@ -93,7 +93,7 @@ class Pipeline:
         self.run = Supervisor(queue=self.queue, record_error=self._record_error)
         closing = lambda: self.queue.closed  # noqa: E731 (what retries ask: is the run closing?)
         # Derive and publish committed batches in commit order: in a process of its own
-        # (INGEST_PUBLISH_PROCESS, the command's default) or in a thread (ingest/publishing.py).
+        # (INGEST_PUBLISH_PROCESS, the command's default) or in a thread (ingest/publisher_hosts.py).
         publisher: PublisherHost | None = None
         if publish:
             host = ProcessHost if settings.INGEST_PUBLISH_PROCESS else ThreadHost

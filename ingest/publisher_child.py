@@ -1,4 +1,4 @@
-"""The entry point of the ingester's publisher process (see ingest/publishing.py).
+"""The entry point of the ingester's publisher process (see ingest/publisher_hosts.py).
 
 A module of its own, importing nothing of Django's at import time: a spawned child
 unpickles its target before Django is set up, and models cannot be imported before that.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import signal
 import threading
 import traceback
@@ -38,30 +37,16 @@ def child_main(
         django.setup()
         from ops.runtime import interpreter_tune
 
-        from .publishing import LINGER_S, PARENT_CHECK_S, STOP, PublishWork, log, with_backlog
+        from .publisher import PublishWork, log, serve
 
         interpreter_tune()
         parent = multiprocessing.parent_process()
         work = PublishWork(run_id, closing=closing.is_set, warn=lambda what: reports.put(("warning", what)))
         reports.put(("ready",))
-        behind = False
-        while True:
-            try:
-                job = jobs.get(timeout=PARENT_CHECK_S)
-            except queue.Empty:
-                if parent is not None and not parent.is_alive():
-                    log.error("ingest publisher: parent process gone; stopping")
-                    return
-                continue
-            if job == STOP:
-                reports.put(("done",))
-                return
-            job, stop = with_backlog(job, jobs, LINGER_S if behind else 0.0)
-            work.handle(*job)
-            if stop:
-                reports.put(("done",))
-                return
-            behind = jobs.qsize() > 0  # batches came in meanwhile
+        if serve(jobs, work, wanted=lambda: parent is None or parent.is_alive()):
+            reports.put(("done",))
+        else:
+            log.error("ingest publisher: parent process gone; stopping")
     except BaseException as exc:
         traceback.print_exc()  # stderr: logging may not be set up yet
         reports.put(("failed", type(exc).__name__, str(exc)))

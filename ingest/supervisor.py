@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from .after_commit import AfterCommit
     from .batcher import Batcher
-    from .publishing import PublisherHost
+    from .publisher_hosts import PublisherHost
     from .record_queue import RecordQueue
     from .writers import Writers
 

@@ -24,7 +24,7 @@ from marketdata.columns import BarColumns, TradeColumns, concat, utc
 from marketdata.services import BarIn, TradeIn, WriteResult, bars_checked, bars_upsert, trades_checked, trades_insert
 from ops import metrics, tracing
 
-from .publishing import PUT_WAIT_S
+from .publisher_hosts import PUT_WAIT_S
 from .records import Stats
 from .retry import retry_until_success
 

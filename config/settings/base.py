@@ -265,7 +265,7 @@ SPECTACULAR_SETTINGS = {
 STREAMING_ALLOW_ANONYMOUS = env.bool("STREAMING_ALLOW_ANONYMOUS", default=False)
 # INGEST
 # Derive and publish in a process of its own beside the ingester's source and writer
-# (ingest/publishing.py); off: in a thread of the ingester. Off in tests (a process start
+# (ingest/publisher_hosts.py); off: in a thread of the ingester. Off in tests (a process start
 # per run), whose own tests run both.
 INGEST_PUBLISH_PROCESS = env.bool("INGEST_PUBLISH_PROCESS", default=True)
 # A new stream's seq starts at its creation time (ms x 1000), so it never goes back when

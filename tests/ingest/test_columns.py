@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ingest import pipeline as pipeline_module
 from ingest.pipeline import Pipeline
-from ingest.publishing import TradeMessages, trades_out
+from ingest.publisher import TradeMessages, trades_out
 from ingest.records import Normaliser, Stats
 from ingest.sources.replay import run_replay
 from ingest.symbology import Resolver

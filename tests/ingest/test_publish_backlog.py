@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from ingest.publishing import MERGE_RECORDS, STOP, Job, ProcessHost, trades_out, with_backlog
+from ingest.publisher import MERGE_RECORDS, STOP, Job, trades_out, with_backlog
+from ingest.publisher_hosts import ProcessHost
 from marketdata.columns import BarColumns, TradeColumns, columns_of, utc
 from marketdata.services import BarIn, TradeIn
 

@@ -1,5 +1,5 @@
 """The publisher in a process of its own: it stops with the run, drains what was submitted,
-and its death fails the run instead of hanging it (ingest/publishing.py)."""
+and its death fails the run instead of hanging it (ingest/publisher_hosts.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from ingest.publishing import STOP, ProcessHost, PublisherFailedError
+from ingest.publisher import STOP
+from ingest.publisher_hosts import ProcessHost, PublisherFailedError
 from ingest.sources.replay import run_replay
 from marketdata.models import Bar
 

@@ -182,7 +182,7 @@ def test_second_ingester_for_the_same_feed_refuses(tmp_path):
 
 @pytest.fixture(params=["thread", "process"])
 def publish_host(request, settings):
-    """Publish from a thread of the ingester, then from a process of its own (ingest/publishing.py)."""
+    """Publish from a thread of the ingester, then from a process of its own (ingest/publisher_hosts.py)."""
     settings.INGEST_PUBLISH_PROCESS = request.param == "process"
     return request.param
 
