@@ -21,7 +21,7 @@ from marketdata.models import Bar, Trade
 
 from .dbnfile import NS, P
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("publish_host")]  # (conftest.py)
 T0 = 1704205800  # 2024-01-02T14:30:00Z
 HOLD_S = 5.0  # at most, a held batch waits this long for what the test waits for
 
@@ -77,7 +77,7 @@ def _bar(second: int, close: int, instrument: int = 7) -> dbn.OHLCVMsg:
 def _pipeline(batch_bars: int = 10) -> Pipeline:
     # A long flush interval: every batch is exactly batch_bars bars (the last one excepted).
     pipeline = Pipeline(
-        dataset="XNAS.ITCH", source="test", symbols=None, publish=False, batch_bars=batch_bars, flush_seconds=30
+        dataset="XNAS.ITCH", source="test", symbols=None, publish=True, batch_bars=batch_bars, flush_seconds=30
     )
     pipeline.resolver.add_mapping(ticker="AAPL", instrument_id=7, start_ns=0, end_ns=None)
     pipeline.resolver.add_mapping(ticker="MSFT", instrument_id=8, start_ns=0, end_ns=None)
@@ -169,6 +169,9 @@ def test_when_a_batch_fails_the_batch_after_it_is_rolled_back(monkeypatch):
     assert pipeline.stats.errors["RuntimeError"] == 1
 
 
+# Against the thread host only: 25 examples, each a run, would each start a publisher
+# process (1 s apiece); what it checks (what is stored) is the writers', whichever host publishes.
+@pytest.mark.parametrize("publish_host", ["thread"], indirect=True)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(
@@ -209,7 +212,7 @@ def test_batches_of_bars_and_trades_commit_in_order(monkeypatch):
     recorder = Recorder()
     recorder.install(monkeypatch)
     pipeline = Pipeline(
-        dataset="XNAS.ITCH", source="test", symbols=None, publish=False, batch_bars=5, batch_trades=5, flush_seconds=30
+        dataset="XNAS.ITCH", source="test", symbols=None, publish=True, batch_bars=5, batch_trades=5, flush_seconds=30
     )
     pipeline.resolver.add_mapping(ticker="AAPL", instrument_id=7, start_ns=0, end_ns=None)
     for s in range(40):

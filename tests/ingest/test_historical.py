@@ -19,7 +19,7 @@ from marketdata.models import Bar, Symbol, Trade
 
 from .databento_http import Catalogue, DatabentoHistoricalServer, Recorded, daily_ids, minute_bars, trades
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.usefixtures("publish_host")]
 
 KEY = "db-Hist0ricalStandInKey000000001"
 DATASET = "XNAS.ITCH"
@@ -61,7 +61,7 @@ def fetch(server: DatabentoHistoricalServer, schema: str = "ohlcv-1m", **kwargs:
         "dataset": DATASET, "symbols": TICKERS, "start": START, "end": END, "key": KEY, "chunk": DAY,
     }  # fmt: skip
     return run_historical(
-        **(defaults | kwargs), schema=schema, gateway=server.gateway, publish=False, backoff=FAST, attempts=ATTEMPTS
+        **(defaults | kwargs), schema=schema, gateway=server.gateway, publish=True, backoff=FAST, attempts=ATTEMPTS
     )
 
 

@@ -28,7 +28,7 @@ from ops import metrics
 
 from .databento_live import LiveGateway, Plan, cram_response, parse_line
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("publish_host")]  # (conftest.py)
 
 NS = 1_000_000_000
 P = 1_000_000_000
@@ -132,7 +132,7 @@ class Ingester:
     def __init__(self, *, stopping: threading.Event | None = None, **kwargs: Any) -> None:
         self.stopping = stopping or threading.Event()
         self.kwargs = {"dataset": "XNAS.ITCH", "schema": "ohlcv-1m", "symbols": list(SYMBOLS), "key": KEY,
-                       "publish": False, "backoff_max": 0.05, "watchdog_s": 10.0, **kwargs}  # fmt: skip
+                       "publish": True, "backoff_max": 0.05, "watchdog_s": 10.0, **kwargs}  # fmt: skip
         self.result: Stats | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="ingest-live-test", daemon=True)

@@ -1,5 +1,9 @@
 """The publisher in a process of its own: it stops with the run, drains what was submitted,
-and its death fails the run instead of hanging it (ingest/publisher_hosts.py)."""
+and its death fails the run instead of hanging it (ingest/publisher_hosts.py).
+
+Process host only: each case is about the child itself (signals to its process group, a
+SIGKILL, its start-up); the runs they share with the thread host are in the pipeline suites
+(tests/ingest/conftest.py's publish_host)."""
 
 from __future__ import annotations
 

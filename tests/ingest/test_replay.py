@@ -180,13 +180,6 @@ def test_second_ingester_for_the_same_feed_refuses(tmp_path):
         lock.release()
 
 
-@pytest.fixture(params=["thread", "process"])
-def publish_host(request, settings):
-    """Publish from a thread of the ingester, then from a process of its own (ingest/publisher_hosts.py)."""
-    settings.INGEST_PUBLISH_PROCESS = request.param == "process"
-    return request.param
-
-
 def test_published_after_commit_with_consecutive_seq(tmp_path, redis_client, publish_host):
     path = write(tmp_path / "pub.dbn", metadata(symbols={"AAPL": 7}), [bar(7, T0 + 60 * i, 100 + i) for i in range(5)])
     pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub()
