@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from datetime import UTC, datetime
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,7 @@ from django.db import connection
 
 from marketdata.cache import LeaderboardRefresher
 from marketdata.columns import Columns, TradeColumns
-from marketdata.models import FeedStatus
+from marketdata.services import feed_status_record
 from ops import metrics
 
 from .after_commit import AfterCommit
@@ -187,24 +186,12 @@ class Pipeline:
 
     def _feed_status(self) -> None:
         stats = self.stats
-        now = datetime.now(UTC)
         for schema in self.schemas or {"unknown"}:
-            FeedStatus.objects.update_or_create(
-                dataset=self.dataset,
-                schema=schema,
-                defaults={
-                    "source": self.source,
-                    "last_record_ts": stats.last_ts,
-                    "last_batch_at": now,
-                    "lag_seconds": (now - stats.last_ts).total_seconds() if stats.last_ts else None,
-                    "records_written": stats.written,
-                    "duplicates": stats.duplicates,
-                    "skipped": sum(stats.skipped.values()),
-                    "errors": sum(stats.errors.values()),
-                    "last_error": stats.last_error[:2000],
-                    "last_error_at": now if stats.last_error else None,
-                },
-            )
+            feed_status_record(
+                dataset=self.dataset, schema=schema, source=self.source, last_record_ts=stats.last_ts,
+                records_written=stats.written, duplicates=stats.duplicates, skipped=sum(stats.skipped.values()),
+                errors=sum(stats.errors.values()), last_error=stats.last_error,
+            )  # fmt: skip
 
     def _feed_status_safe(self) -> None:
         """Feed status is advisory: while PostgreSQL is down it waits for the next one."""

@@ -18,8 +18,9 @@ import numpy as np
 import structlog
 
 from marketdata.columns import BarColumns, TradeColumns, concat, groups
+from marketdata.selectors import bar_range_stored, bar_ranges_stored
 from marketdata.wire import bar_datas, time_texts, trade_data
-from streaming.derive import Deriver, load_stored, load_stored_many
+from streaming.derive import Deriver
 from streaming.publish import Publisher
 from streaming.streams import bars_stream, trades_stream
 
@@ -73,7 +74,10 @@ class PublishWork:
         self.run_id = run_id  # with a batch number, names each publish so a retry is not repeated
         self.closing = closing
         self.warn = warn
-        self.deriver = Deriver(load=load_stored, load_many=load_stored_many)
+        self.deriver = Deriver(
+            load=lambda symbol_id, base, lo, hi: bar_range_stored(symbol_id=symbol_id, base=base, start=lo, end=hi),
+            load_many=lambda base, wanted: bar_ranges_stored(base=base, wanted=wanted),
+        )
         self.publisher = Publisher()
         self.tickers: dict[int, str] = {}
         self.trade_messages = TradeMessages(self.tickers)

@@ -13,18 +13,19 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.db import connection
-from django.db.models import Q
+from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from .errors import ERR_NAIVE_DATETIME, ERR_UNKNOWN_SYMBOL, UnknownSymbolError, ValidationError
-from .models import FeedStatus, Symbol
+from .models import Bar, FeedStatus, Symbol, Trade
 from .storage import BAR_TABLE, CAGG, timescaledb_enabled
 from .timeframes import (
     ANOMALY_NAMES,
     DURATIONS,
     OHLCV,
     ORIGIN,
+    SCHEMA_TIMEFRAMES,
     STORED_TIMEFRAMES,
     bucket_ceil,
     bucket_start,
@@ -878,3 +879,71 @@ def feed_ages() -> dict[str, str]:
         age = (now - feed.last_batch_at).total_seconds()
         results[name] = "ok" if age <= limit else f"no data for {age:.0f} s (limit {limit} s)"
     return results
+
+
+# -- what the ingester reads: where a feed resumes, and stored bars its deriver builds on ----
+
+
+def feed_stored_until(
+    *, dataset: str, schema: str, symbols: Sequence[str], start: datetime, end: datetime
+) -> datetime | None:
+    """The earliest of the symbols' latest stored times of ``schema`` in [start, end), or None when any has none."""
+    ids = list(Symbol.objects.filter(dataset=dataset, ticker__in=symbols).values_list("pk", flat=True))
+    if len(ids) < len(set(symbols)):
+        return None
+    timeframe = SCHEMA_TIMEFRAMES.get(schema)
+    if timeframe is not None:
+        bars = Bar.objects.filter(symbol_id__in=ids, timeframe=timeframe, ts__gte=start, ts__lt=end)
+        latest = [row["last"] for row in bars.values("symbol_id").annotate(last=Max("ts"))]
+    else:
+        trades = Trade.objects.filter(symbol_id__in=ids, ts_event__gte=start, ts_event__lt=end)
+        latest = [row["last"] for row in trades.values("symbol_id").annotate(last=Max("ts_event"))]
+    if len(latest) < len(ids):
+        return None
+    return min(latest)
+
+
+def feed_last_stored(*, schema: str, symbols: Sequence[str]) -> datetime | None:
+    """The latest stored time of ``schema`` for any of ``symbols``, or None when nothing is stored."""
+    latest: datetime | None = None
+    for symbol_id in Symbol.objects.filter(ticker__in=symbols).values_list("pk", flat=True):
+        if schema == "trades":
+            trades = Trade.objects.filter(symbol_id=symbol_id)
+            last = trades.order_by("-ts_event").values_list("ts_event", flat=True).first()
+        else:
+            bars = Bar.objects.filter(symbol_id=symbol_id, timeframe=SCHEMA_TIMEFRAMES[schema])
+            last = bars.order_by("-ts").values_list("ts", flat=True).first()
+        if last is not None and (latest is None or last > latest):
+            latest = last
+    return latest
+
+
+LOAD_CHUNK = 500  # (symbol, range)s per query of bar_ranges_stored
+LOAD_SQL = """
+SELECT r.k, b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.publisher_id
+FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::int[]) AS r(symbol_id, lo, hi, k)
+JOIN marketdata_bar b ON b.symbol_id = r.symbol_id AND b.timeframe = %s AND b.ts >= r.lo AND b.ts < r.hi
+"""
+
+
+def bar_range_stored(*, symbol_id: int, base: str, start: datetime, end: datetime) -> list[OHLCV]:
+    """Stored ``base`` bars of a symbol in [start, end)."""
+    return bar_ranges_stored(base=base, wanted=[(symbol_id, start, end)])[0]
+
+
+def bar_ranges_stored(*, base: str, wanted: Sequence[tuple[int, datetime, datetime]]) -> list[list[OHLCV]]:
+    """Stored ``base`` bars of each (symbol_id, start, end), in [start, end): one query per LOAD_CHUNK.
+
+    From the primary (raw SQL on ``default`` is never routed to a replica): the bars must
+    include the batch just committed there, which a lagging replica may not have yet.
+    """
+    assert base in STORED_TIMEFRAMES
+    out: list[list[OHLCV]] = [[] for _ in wanted]
+    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+        for at in range(0, len(wanted), LOAD_CHUNK):
+            chunk = wanted[at : at + LOAD_CHUNK]
+            ids, los, his = (list(column) for column in zip(*chunk, strict=True))
+            cursor.execute(LOAD_SQL, [ids, los, his, list(range(at, at + len(chunk))), base])
+            for k, *values in cursor.fetchall():
+                out[k].append(OHLCV(*values))
+    return out

@@ -25,7 +25,6 @@ from marketdata.timeframes import (
     OHLCV,
     ORIGIN,
     SERVED_TIMEFRAMES,
-    STORED_TIMEFRAMES,
     bucket_start,
     combine,
     resample,
@@ -380,39 +379,6 @@ class Deriver:
 def _load_end(start: datetime, tf: str, upto: datetime) -> datetime:
     """Where a bucket's reload from the store ends: its end, or just past ``upto`` if sooner."""
     return min(start + DURATIONS[tf], upto + _MICROSECOND)
-
-
-LOAD_CHUNK = 500  # (symbol, range)s per query of load_stored_many
-LOAD_SQL = """
-SELECT r.k, b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.publisher_id
-FROM unnest(%s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::int[]) AS r(symbol_id, lo, hi, k)
-JOIN marketdata_bar b ON b.symbol_id = r.symbol_id AND b.timeframe = %s AND b.ts >= r.lo AND b.ts < r.hi
-"""
-
-
-def load_stored(symbol_id: int, base: str, start: datetime, end: datetime) -> list[OHLCV]:
-    """Stored ``base`` bars of a symbol in [start, end)."""
-    return load_stored_many(base, [(symbol_id, start, end)])[0]
-
-
-def load_stored_many(base: str, wanted: Sequence[tuple[int, datetime, datetime]]) -> list[list[OHLCV]]:
-    """Stored ``base`` bars of each (symbol_id, start, end), in [start, end): one query per LOAD_CHUNK.
-
-    From the primary (raw SQL on ``default`` is never routed to a replica): the bars must
-    include the batch just committed there, which a lagging replica may not have yet.
-    """
-    from django.db import DEFAULT_DB_ALIAS, connections
-
-    assert base in STORED_TIMEFRAMES
-    out: list[list[OHLCV]] = [[] for _ in wanted]
-    with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
-        for at in range(0, len(wanted), LOAD_CHUNK):
-            chunk = wanted[at : at + LOAD_CHUNK]
-            ids, los, his = (list(column) for column in zip(*chunk, strict=True))
-            cursor.execute(LOAD_SQL, [ids, los, his, list(range(at, at + len(chunk))), base])
-            for k, *values in cursor.fetchall():
-                out[k].append(OHLCV(*values))
-    return out
 
 
 def _bars_of(derived: list[Derived]) -> list[DerivedBars]:

@@ -32,11 +32,11 @@ import requests
 from databento.common.enums import HistoricalGateway
 from databento.common.error import BentoClientError, BentoError, BentoHttpError
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Max
 
 from marketdata.errors import ERR_NAIVE_DATETIME, ValidationError
-from marketdata.models import Bar, Symbol, Trade, dataset_validator
-from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
+from marketdata.models import dataset_validator
+from marketdata.selectors import feed_stored_until
+from marketdata.timeframes import SCHEMAS
 
 from ..pipeline import run
 from ..records import Stats
@@ -99,7 +99,9 @@ class HistoricalSource:
         key = api_key_get(source=SOURCE, environ=None if key is None else {"DATABENTO_API_KEY": key})
         self.dataset, self.schema, self.chunk, self.backoff, self.attempts = dataset, schema, chunk, backoff, attempts
         self.start, self.end = start.astimezone(UTC), end.astimezone(UTC)
-        self.stored = stored_until(dataset=dataset, schema=schema, symbols=self.symbols, start=self.start, end=self.end)
+        self.stored = feed_stored_until(
+            dataset=dataset, schema=schema, symbols=self.symbols, start=self.start, end=self.end
+        )
         self.first = max(self.start, self.stored) if self.stored is not None else self.start
         self.notes = HistoricalStats(resumed_from=self.stored)
         # The details go in the message itself: the JSON log renders a stdlib record's message, not its extras.
@@ -170,23 +172,6 @@ def run_historical(
     stopping = stopping if stopping is not None else threading.Event()
     stats = run(source, symbols=source.symbols, publish=publish, progress=progress, stopping=stopping)
     return source.result(stats[dataset], stopping)
-
-
-def stored_until(*, dataset: str, schema: str, symbols: list[str], start: datetime, end: datetime) -> datetime | None:
-    """The earliest of the symbols' latest stored times in [start, end), or None when any has none."""
-    ids = list(Symbol.objects.filter(dataset=dataset, ticker__in=symbols).values_list("pk", flat=True))
-    if len(ids) < len(set(symbols)):
-        return None
-    timeframe = SCHEMA_TIMEFRAMES.get(schema)
-    if timeframe is not None:
-        bars = Bar.objects.filter(symbol_id__in=ids, timeframe=timeframe, ts__gte=start, ts__lt=end)
-        latest = [row["last"] for row in bars.values("symbol_id").annotate(last=Max("ts"))]
-    else:
-        trades = Trade.objects.filter(symbol_id__in=ids, ts_event__gte=start, ts_event__lt=end)
-        latest = [row["last"] for row in trades.values("symbol_id").annotate(last=Max("ts_event"))]
-    if len(latest) < len(ids):
-        return None
-    return min(latest)
 
 
 def chunk_windows(

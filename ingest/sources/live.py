@@ -55,12 +55,12 @@ from datetime import datetime
 import databento
 import databento_dbn as dbn
 from databento.common.error import BentoError
-from django.db.models import F
 from django.utils import timezone
 
 from marketdata.errors import ERR_NAIVE_DATETIME, MarketDataError, ValidationError
-from marketdata.models import Bar, FeedStatus, Symbol, Trade
-from marketdata.timeframes import SCHEMA_TIMEFRAMES, SCHEMAS
+from marketdata.selectors import feed_last_stored
+from marketdata.services import feed_status_errors_add
+from marketdata.timeframes import SCHEMAS
 from ops import metrics
 
 from ..pipeline import run
@@ -136,16 +136,7 @@ def reconnect_backoff(backoff_max: float) -> Backoff:
 
 def last_stored_ns(*, schema: str, symbols: list[str]) -> int | None:
     """The latest stored timestamp of ``schema`` for ``symbols`` (ns), or None when nothing is stored."""
-    latest: datetime | None = None
-    for symbol_id in Symbol.objects.filter(ticker__in=symbols).values_list("pk", flat=True):
-        if schema == "trades":
-            trades = Trade.objects.filter(symbol_id=symbol_id)
-            last = trades.order_by("-ts_event").values_list("ts_event", flat=True).first()
-        else:
-            bars = Bar.objects.filter(symbol_id=symbol_id, timeframe=SCHEMA_TIMEFRAMES[schema])
-            last = bars.order_by("-ts").values_list("ts", flat=True).first()
-        if last is not None and (latest is None or last > latest):
-            latest = last
+    latest = feed_last_stored(schema=schema, symbols=symbols)
     return date_or_dt_ns(latest) if latest is not None else None
 
 
@@ -503,18 +494,6 @@ def _merge(into: Stats, feed: Stats) -> None:
         into.last_error = feed.last_error
 
 
-def _record_feed_status(dataset: str, schema: str, feed: Stats) -> None:
-    """Add the source's own errors to the feed status the pipeline left at the end of the run."""
-    if not feed.errors:
-        return
-    FeedStatus.objects.filter(dataset=dataset, schema=schema).update(
-        errors=F("errors") + sum(feed.errors.values()),
-        skipped=F("skipped") + sum(feed.skipped.values()),
-        last_error=feed.last_error[:2000],
-        last_error_at=timezone.now(),
-    )
-
-
 def run_live(
     *,
     dataset: str,
@@ -550,6 +529,10 @@ def run_live(
     )  # fmt: skip
     stats = run(feed, symbols=symbols, publish=publish, progress=progress, stopping=stopping)[dataset]
     _merge(stats, feed.stats)
-    _record_feed_status(dataset, schema, feed.stats)
+    if feed.stats.errors:  # the source's own, added to the feed status the pipeline left at the end of the run
+        feed_status_errors_add(
+            dataset=dataset, schema=schema, errors=sum(feed.stats.errors.values()),
+            skipped=sum(feed.stats.skipped.values()), last_error=feed.stats.last_error,
+        )  # fmt: skip
     log.info("live: run ended", extra={"summary": stats.summary(), "subscriptions": len(feed.subscriptions)})
     return stats
