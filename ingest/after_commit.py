@@ -21,8 +21,8 @@ from .publisher import trades_out
 from .publisher_hosts import PUT_WAIT_S
 
 if TYPE_CHECKING:
+    from .failure import RunFailure
     from .publisher_hosts import PublisherHost
-    from .supervisor import Supervisor
     from .symbology import Resolver
 
 log = structlog.get_logger("ingest.pipeline")  # the run's log lines keep the logger they always had
@@ -39,7 +39,7 @@ class AfterCommit:
     def __init__(
         self,
         *,
-        run: Supervisor,
+        run: RunFailure,
         resolver: Resolver,
         leaderboards: LeaderboardRefresher,
         publisher: PublisherHost | None,

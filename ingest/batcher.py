@@ -3,7 +3,7 @@
 A batch is up to ``batch_bars`` bars / ``batch_trades`` trades, or what came within
 ``flush_seconds`` of its first record; each goes to the writers numbered, in order. Once
 the queue is closed and drained, the batcher hands on its last batch and stops the
-stages behind it (Supervisor.drained); if it fails, it stops them too (Supervisor.abort).
+stages behind it (``drained``: Supervisor.drained); if it fails, it stops them too (``abort``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from .records import Stats
 from .writers import Writers, failed
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from marketdata.cache import LeaderboardRefresher
+
+    from .failure import RunFailure
 
 FEED_STATUS_EVERY_S = 1.0
 
@@ -37,7 +39,7 @@ class Batcher:
         *,
         queue: RecordQueue,
         writers: Writers,
-        run: Supervisor,
+        run: RunFailure,
         batch_bars: int,
         batch_trades: int,
         flush_seconds: float,
@@ -45,10 +47,15 @@ class Batcher:
         feed_status: Callable[[], None],
         progress: Callable[[Stats, float], None] | None,
         started: float,
+        drained: Callable[[], None],
+        abort: Callable[[], None],
+        leaderboards: LeaderboardRefresher,
     ) -> None:
         self.queue, self.writers, self.run = queue, writers, run
         self.batch_bars, self.batch_trades, self.flush_seconds = batch_bars, batch_trades, flush_seconds
         self.stats, self.feed_status, self.progress, self.started = stats, feed_status, progress, started
+        # The supervisor's stop order, run from here once the last batch is handed on (or the batcher failed).
+        self.drained, self.abort, self.leaderboards = drained, abort, leaderboards
         self._thread = threading.Thread(target=self._loop, name="ingest-batcher", daemon=True)
 
     def start(self) -> None:
@@ -70,7 +77,7 @@ class Batcher:
                 item = self.queue.get(timeout=timeout)
                 if item is CLOSED:
                     self.writers.submit(bars, trades)
-                    self.run.drained()
+                    self.drained()
                     return
                 if type(item) is TradeColumns:
                     trades.append(item)
@@ -99,7 +106,7 @@ class Batcher:
                             self.progress(self.stats, now - self.started)
         except BaseException as exc:  # the source must learn of it; nothing else may swallow it
             failed(self.run, exc)
-            self.run.abort()
+            self.abort()
         finally:
-            self.run.leaderboards.close()  # (again after a clean stop: returns at once)
+            self.leaderboards.close()  # (again after a clean stop: returns at once)
             connections.close_all()

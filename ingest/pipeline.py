@@ -106,7 +106,7 @@ class Pipeline:
         batcher = Batcher(
             queue=self.queue, writers=writers, run=self.run, batch_bars=batch_bars, batch_trades=batch_trades,
             flush_seconds=flush_seconds, stats=self.stats, feed_status=self._feed_status_safe, progress=progress,
-            started=time.monotonic(),
+            started=time.monotonic(), drained=self.run.drained, abort=self.run.abort, leaderboards=leaderboards,
         )  # fmt: skip
         self.run.start(
             publisher=publisher, after_commit=after_commit, writers=writers, batcher=batcher,

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from .failure import RunFailure
+
 if TYPE_CHECKING:
     from marketdata.cache import LeaderboardRefresher
 
@@ -38,15 +40,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ingest.pipeline")  # the run's log lines keep the logger they always had
 
 
-class Supervisor:
-    """Starts the stages, holds the run's first failure, and stops the stages in order."""
+class Supervisor(RunFailure):
+    """Starts the stages, holds the run's first failure (RunFailure), and stops the stages in order."""
 
     def __init__(self, *, queue: RecordQueue, record_error: Callable[[BaseException], None]) -> None:
+        super().__init__(record_error=record_error)
         self.queue = queue
-        self.failure: BaseException | None = None
-        self._record_error = record_error  # into feed status
-        self._lock = threading.Lock()
-        self._wakes: list[Callable[[], None]] = [queue.clear]  # a source waiting on a full queue goes on
+        self.wakes.append(queue.clear)  # a source waiting on a full queue goes on
         self.publisher: PublisherHost | None = None
         self.after_commit: AfterCommit
         self.writers: Writers
@@ -67,34 +67,10 @@ class Supervisor:
         """Start the stages from the end of the path (the publisher, given started) to its beginning."""
         self.publisher, self.after_commit, self.writers, self.batcher = publisher, after_commit, writers, batcher
         self.leaderboards, self.feed_status = leaderboards, feed_status
-        self._wakes.append(writers.order.wake)  # writers waiting their commit turn give up
+        self.wakes.append(writers.order.wake)  # writers waiting their commit turn give up
         after_commit.start()
         writers.start()
         batcher.start()
-
-    # -- failure ------------------------------------------------------------------------
-
-    def fail(self, exc: BaseException, log_as: str | None = None) -> bool:
-        """Record ``exc`` as the run's failure if it is the first (logged as ``log_as``); release every waiting stage.
-
-        True if it was the first.
-        """
-        with self._lock:
-            first = self.failure is None
-            if first:
-                self.failure = exc
-        if first:
-            if log_as is not None:
-                log.error(log_as, exc_info=exc)
-            self._record_error(exc)
-        for wake in self._wakes:
-            wake()
-        return first
-
-    def check(self, what: str = "ingest writer failed") -> None:
-        """Raise the run's failure (as RuntimeError ``what``), if there is one."""
-        if self.failure is not None:
-            raise RuntimeError(what) from self.failure
 
     # -- stop -----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from .retry import retry_until_success
 
 if TYPE_CHECKING:
     from .after_commit import AfterCommit
-    from .supervisor import Supervisor
+    from .failure import RunFailure
 
 # Batch writers, each with its own database session: batch i runs its statements while
 # batch i-1 commits, and commits after it (CommitOrder).
@@ -128,7 +128,7 @@ class Writers:
         *,
         dataset: str,
         stats: Stats,
-        run: Supervisor,
+        run: RunFailure,
         after_commit: AfterCommit,
         warn: Callable[[str], None],
         closing: Callable[[], bool],
@@ -285,6 +285,6 @@ class Writers:
         return retry_until_success(what, call, closing=self.closing, warn=self.warn)
 
 
-def failed(run: Supervisor, exc: BaseException) -> None:
+def failed(run: RunFailure, exc: BaseException) -> None:
     """A writer's (or the batcher's) failure: the run's, if it is the first."""
     run.fail(exc, "ingest writer failed")

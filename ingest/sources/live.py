@@ -207,7 +207,13 @@ class _Recent:
 
 
 class LiveFeed:
-    """The reconnecting record source of one live run; ``records(stopping)`` is what the pipeline iterates."""
+    """The reconnecting record source of one live run; ``records(stopping)`` is what the pipeline iterates.
+
+    About 270 lines, on purpose: the generator, one connection's life (open, stream,
+    drain, close), the resume point and the client's event loop share one reconnect state
+    (attempts, the last records seen, the current connection); split, each part would
+    reach into the others' fields.
+    """
 
     def __init__(
         self,
