@@ -8,7 +8,7 @@ publisher.py, publisher_hosts.py) and one owner, supervisor.py, which starts the
 failure and stops them in order. SIGTERM and Ctrl-C stop the source; everything already
 queued is still written before the run ends.
 
-``run`` is the one driver: it takes any source's ``records(stopping)`` (sources/base.py)
+``run`` is the one driver: it takes any source's ``records(stopping)`` (source.py)
 into one pipeline per dataset, each feed under its advisory lock (feed_lock.py).
 """
 
@@ -39,13 +39,13 @@ from .publisher_hosts import ProcessHost, PublisherHost, ThreadHost
 from .record_queue import RecordQueue
 from .records import Normaliser, RawRecords, Stats
 from .retry import TRANSIENT
-from .sources.base import FeedStart, Mappings, Shift, SourceErrors
+from .source import FeedStart, Mappings, Shift, SourceErrors
 from .supervisor import Supervisor, stop_on_signals
 from .symbology import Resolver
 from .writers import Writers
 
 if TYPE_CHECKING:
-    from .sources.base import Source
+    from .source import Source
 
 __all__ = ["FeedLock", "IngestLockedError", "Pipeline", "advisory_key", "run", "stop_on_signals"]
 

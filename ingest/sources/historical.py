@@ -41,7 +41,7 @@ from marketdata.timeframes import SCHEMAS
 from ..pipeline import run
 from ..records import Stats
 from ..retry import Backoff
-from .base import FeedStart, Mappings
+from ..source import FeedStart, Mappings
 from .keys import api_key_get
 from .replay import FileStart, decode_error, file_records
 

@@ -66,8 +66,8 @@ from ops import metrics
 from ..pipeline import run
 from ..records import Stats
 from ..retry import Backoff
+from ..source import FeedStart
 from ..symbology import NS_PER_S, date_or_dt_ns, ns_datetime
-from .base import FeedStart
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import zstandard
 
 from ..pipeline import run
 from ..records import RAW_SIZES, UPGRADE, RawRecords, Stats
-from .base import FeedStart, Shift, SourceErrors
+from ..source import FeedStart, Shift, SourceErrors
 
 CHUNK = 1 << 16  # compressed input expands ~20x: keep the decoded batch small
 ERR_TRUNCATED = "{path}: file ends inside a record ({count} bytes after the last whole record)"
