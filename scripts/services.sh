@@ -136,7 +136,7 @@ start_system_postgres() {
     # Only a cluster on our port that is down: an online one is not ours to restart.
     while read -r version cluster port status rest; do
         [[ "$cluster" == main && "$port" == "$PG_PORT" && "$status" == down* ]] || continue
-        if pg_ctlcluster --skip-systemctl-redirect "$version" main start; then
+        if pg_ctlcluster --skip-systemctl-redirect "$version" main start 9>&-; then
             say "started PostgreSQL $version (cluster main, port $port)"
             started=0
         fi
@@ -171,7 +171,7 @@ start_system_redis() {
     mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || return 1
     # The machine's own start command (see the machine notes), on REDIS_URL's port.
     redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" --save "" --appendonly no \
-        --dir /var/lib/redis --logfile /var/log/redis/ci.log || return 1
+        --dir /var/lib/redis --logfile /var/log/redis/ci.log 9>&- || return 1
     wait_for redis_up || { echo "services: redis-server started but does not answer at $REDIS_HOST:$REDIS_PORT" >&2; return 1; }
     say "started redis-server on port $REDIS_PORT"
 }
@@ -294,6 +294,8 @@ EOF
 mkdir -p "$VAR"
 # Several make targets (and engineers) may run this at once: one at a time.
 if have flock; then
+    # Servers started here get 9>&-: one that inherited the lock would hold it for its
+    # whole life, and the next run would wait for it forever.
     exec 9>"$VAR/.services.lock"
     flock 9
 fi
