@@ -1,9 +1,10 @@
 # The README's two commands, and the small ones they are made of.
 #
 #   make run     venv + services + migrate + admin user + demo data, then serve on :8000
-#   make test    venv + services + ruff + ruff format --check + mypy + pytest (what CI runs)
+#   make test    venv + services + ruff + ruff format --check + mypy + pytest on plain
+#                PostgreSQL, then pytest on TimescaleDB where the machine allows (what CI runs)
 #
-# Other targets: venv, assets, services, lint, fmt, bench, clean, help.
+# Other targets: venv, assets, services, timescaledb, lint, fmt, bench, clean, help.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -24,10 +25,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # build is copied into static/ (gitignored) and served by WhiteNoise like the rest.
 VENDOR_JS := static/vendor/lightweight-charts.standalone.production.js
 
-.PHONY: help venv assets services run test lint fmt bench clean
+.PHONY: help venv assets services timescaledb run test lint fmt bench clean
 
 help: ## List the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## Create .venv (Python 3.11) and install requirements/local.txt
 	@:
@@ -57,11 +58,14 @@ $(VENDOR_JS): package.json package-lock.json
 services: venv ## Make PostgreSQL and Redis reachable and create the database
 	@scripts/services.sh
 
+timescaledb: venv ## Build TimescaleDB from ../shared/vendor if missing; start its cluster (port 5433)
+	@scripts/timescaledb.sh || { status=$$?; [[ $$status == 3 ]] || exit $$status; }
+
 run: venv assets ## Serve the demo on http://127.0.0.1:8000/ (migrate, admin user, demo data)
 	@scripts/services.sh
 	@DJANGO_SETTINGS_MODULE=config.settings.local scripts/run.sh
 
-test: venv assets ## Everything CI runs: ruff, ruff format --check, mypy, pytest
+test: venv assets ## Everything CI runs: ruff, ruff format --check, mypy, pytest on both storage paths
 	@scripts/services.sh --tests
 	@scripts/test.sh
 

@@ -70,6 +70,9 @@ def redis_client() -> Iterator[redis.Redis]:
 def timescaledb(db: None) -> None:
     """Skip unless the test database runs the TimescaleDB path."""
     if not timescaledb_enabled():
+        # make test's TimescaleDB run sets this: there a missing extension is a failure, not a skip.
+        if os.environ.get("MARKETDATA_EXPECT_TIMESCALEDB") == "1":
+            pytest.fail("MARKETDATA_EXPECT_TIMESCALEDB=1 but the test database has no TimescaleDB extension")
         pytest.skip("TimescaleDB is not installed on this PostgreSQL server (plain PostgreSQL path)")
 
 
