@@ -19,7 +19,7 @@ from marketdata import services
 from marketdata.models import RetentionPolicy, Symbol
 from marketdata.selectors import bar_list, trade_list
 from marketdata.services import BarIn, TradeIn, bars_upsert, trades_insert
-from marketdata.storage import BAR_TABLE, TRADE_TABLE
+from marketdata.storage import BAR_TABLE, CAGG, TRADE_TABLE
 
 pytestmark = [pytest.mark.timescaledb, pytest.mark.django_db(transaction=True)]
 
@@ -245,3 +245,12 @@ def test_the_admin_sets_the_retention_and_compression_policies_and_changes_them(
     delete = reverse("admin:marketdata_retentionpolicy_delete", args=[policy.pk])
     assert admin_client.post(delete, {"post": "yes"}).status_code == 302
     assert _policies(BAR_TABLE) == {"policy_retention": ["365 days"], "policy_compression": ["7 days"]}
+
+
+def test_the_daily_summary_is_refreshed_every_five_minutes(timescaledb):
+    [(schedule, start_offset, end_offset)] = _rows(
+        "SELECT schedule_interval, config->>'start_offset', config->>'end_offset' FROM timescaledb_information.jobs "
+        "WHERE hypertable_name = %s AND proc_name = 'policy_refresh_continuous_aggregate'",
+        [CAGG],
+    )
+    assert (schedule, start_offset, end_offset) == (timedelta(minutes=5), "3 days", "00:01:00")
