@@ -94,10 +94,20 @@ find_tarball() {
     return 1
 }
 
+compiler_works() {
+    have make || return 1
+    local out
+    out="$(mktemp)"
+    printf 'int main(void) { return 0; }\n' | "${CC:-cc}" -x c - -o "$out" >/dev/null 2>&1
+    local status=$?
+    rm -f "$out"
+    return $status
+}
+
 build_extension() {
     local tarball
     tarball="$(find_tarball)" || skip "$TARBALL_NAME not found (set TIMESCALEDB_TARBALL, or put it in ../shared/vendor/)"
-    have cc || have gcc || skip "no C compiler (apt-get install -y gcc) to build TimescaleDB $VERSION"
+    compiler_works || skip "no working C compiler (apt-get install -y gcc make) to build TimescaleDB $VERSION"
     [[ "$(sha256sum "$tarball" | cut -d' ' -f1)" == "$SHA256" ]] \
         || die "$tarball is not the TimescaleDB $VERSION source (sha256 differs from $SHA256)"
 
