@@ -19,6 +19,7 @@ BIN="$ROOT/.venv/bin"
 TSDB_URL="${TIMESCALEDB_DATABASE_URL:-postgres://root@127.0.0.1:5433/marketdata}"
 failed=()
 ran=()
+skipped=""
 
 step() {
     local name="$1"
@@ -56,7 +57,10 @@ step "mypy" "$BIN/mypy" .
 pytest_on "plain PostgreSQL" "DATABASE_URL=${DATABASE_URL:-postgres://root@127.0.0.1:5432/marketdata}" -- "$@"
 
 case "${TIMESCALEDB_TESTS:-auto}" in
-    off) echo "timescaledb: skipped: TIMESCALEDB_TESTS=off" ;;
+    off)
+        echo "timescaledb: skipped: TIMESCALEDB_TESTS=off"
+        skipped="; TimescaleDB skipped"
+        ;;
     auto)
         echo "== timescaledb: the TimescaleDB cluster"
         TIMESCALEDB_DATABASE_URL="$TSDB_URL" scripts/timescaledb.sh
@@ -65,7 +69,7 @@ case "${TIMESCALEDB_TESTS:-auto}" in
                 # Where the extension is expected, the timescaledb tests fail rather than skip.
                 pytest_on "TimescaleDB" "DATABASE_URL=$TSDB_URL" MARKETDATA_EXPECT_TIMESCALEDB=1 -- "$@"
                 ;;
-            3) ;; # skipped: scripts/timescaledb.sh said why, in one line
+            3) skipped="; TimescaleDB skipped" ;; # scripts/timescaledb.sh said why, in one line
             *) failed+=("the TimescaleDB cluster (scripts/timescaledb.sh)") ;;
         esac
         ;;
@@ -81,4 +85,4 @@ if ((${#failed[@]})); then
     exit 1
 fi
 printf -v list '%s and ' "${ran[@]}"
-echo "make test: all checks passed (pytest on ${list% and })"
+echo "make test: all checks passed (pytest on ${list% and }$skipped)"
