@@ -20,8 +20,8 @@
 # Usage: scripts/timescaledb.sh
 # Environment:
 #   TIMESCALEDB_DATABASE_URL  default postgres://root@127.0.0.1:5433/marketdata
-#   TIMESCALEDB_TARBALL       the source tarball; default: vendor/ of $MARKETDATA_SHARED,
-#                             else of ../shared beside the checkout, else of /work/shared
+#   TIMESCALEDB_TARBALL       the source tarball; default: vendor/ of ../shared beside the
+#                             checkout, else /work/shared/vendor (as the tests' samples)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,10 +63,10 @@ done
 PG_CONFIG="/usr/lib/postgresql/$MAJOR/bin/pg_config"
 [[ -x "$PG_CONFIG" ]] || skip "$PG_CONFIG is missing"
 
-mkdir -p "$ROOT/var"
-# make test and an engineer may run this at once: one at a time.
+# The cluster is the machine's, not a checkout's: one run at a time on the machine
+# (make test in two checkouts, CI beside an engineer).
 if have flock; then
-    exec 9>"$ROOT/var/.timescaledb.lock"
+    exec 9>"${TMPDIR:-/tmp}/marketdata-timescaledb.lock"
     flock 9
 fi
 # A server started below must not inherit the lock (it would hold it for its lifetime).
@@ -81,9 +81,12 @@ extension_installed() {
 }
 
 find_tarball() {
+    if [[ -n "${TIMESCALEDB_TARBALL:-}" ]]; then
+        [[ -f "$TIMESCALEDB_TARBALL" ]] && printf '%s\n' "$TIMESCALEDB_TARBALL"
+        return
+    fi
+    # Where tests/conftest.py finds the shared samples: ../shared beside the checkout, else /work/shared.
     local candidates=(
-        "${TIMESCALEDB_TARBALL:-}"
-        "${MARKETDATA_SHARED:+$MARKETDATA_SHARED/vendor/$TARBALL_NAME}"
         "$(dirname "$ROOT")/shared/vendor/$TARBALL_NAME"
         "/work/shared/vendor/$TARBALL_NAME"
     )
@@ -106,7 +109,8 @@ compiler_works() {
 
 build_extension() {
     local tarball
-    tarball="$(find_tarball)" || skip "$TARBALL_NAME not found (set TIMESCALEDB_TARBALL, or put it in ../shared/vendor/)"
+    tarball="$(find_tarball)" \
+        || skip "$TARBALL_NAME not found (${TIMESCALEDB_TARBALL:-not in ../shared/vendor/ nor /work/shared/vendor/; set TIMESCALEDB_TARBALL})"
     compiler_works || skip "no working C compiler (apt-get install -y gcc make) to build TimescaleDB $VERSION"
     [[ "$(sha256sum "$tarball" | cut -d' ' -f1)" == "$SHA256" ]] \
         || die "$tarball is not the TimescaleDB $VERSION source (sha256 differs from $SHA256)"
