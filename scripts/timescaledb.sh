@@ -198,6 +198,12 @@ status="$(cluster_status)"
 if [[ "$status" == absent ]]; then
     [[ "$(id -u)" == 0 ]] || skip "creating PostgreSQL cluster $MAJOR/$CLUSTER needs root"
     ! port_open "$PORT" || die "port $PORT is taken by something other than cluster $MAJOR/$CLUSTER"
+    # pg_dropcluster leaves files it did not write: our own settings file, nothing else, may go.
+    if [[ -d "$CONF_DIR" ]]; then
+        [[ -z "$(find "$CONF_DIR" -type f ! -path "$CONF_FILE")" ]] \
+            || die "$CONF_DIR exists but cluster $MAJOR/$CLUSTER does not; remove it or give another port"
+        rm -rf "$CONF_DIR"
+    fi
     log="$(mktemp)"
     unlocked pg_createcluster "$MAJOR" "$CLUSTER" -p "$PORT" >"$log" 2>&1 \
         || { cat "$log" >&2; rm -f "$log"; die "pg_createcluster $MAJOR $CLUSTER -p $PORT failed"; }
