@@ -186,7 +186,8 @@ class Pipeline:
 
     def _feed_status(self) -> None:
         stats = self.stats
-        for schema in self.schemas or {"unknown"}:
+        # A copy: the reader thread adds schemas while this runs (set.copy holds the GIL throughout).
+        for schema in self.schemas.copy() or {"unknown"}:
             feed_status_record(
                 dataset=self.dataset, schema=schema, source=self.source, last_record_ts=stats.last_ts,
                 records_written=stats.written, duplicates=stats.duplicates, skipped=sum(stats.skipped.values()),

@@ -373,8 +373,9 @@ def test_the_middleware_whose_request_side_the_fast_path_accounts_for():
     pins reads after a write of the same session, never a token GET's. Session, CSRF,
     Authentication, Messages: nothing for a token GET (DRF's token authentication comes
     first). Common: DISALLOWED_USER_AGENTS and PREPEND_WWW turn the fast path off. Axes:
-    login requests only. A middleware added or moved needs the same check, in
-    marketdata.api.hot, before this list changes.
+    login requests only. Production settings put ops.checks.StartupChecks first, which
+    runs once at start and is then out of the chain (MiddlewareNotUsed). A middleware added
+    or moved needs the same check, in marketdata.api.hot, before this list changes.
     """
     assert list(django_settings.MIDDLEWARE) == [
         "ops.middleware.RequestContextMiddleware",
