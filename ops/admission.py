@@ -108,7 +108,8 @@ class Admission:
             if turn.done() and not turn.cancelled():
                 self.release(key, address)  # handed a turn just as it went: pass it on
             else:
-                address.waiting.remove(turn)
+                if turn in address.waiting:  # a release may have passed over it already
+                    address.waiting.remove(turn)
                 self._forget_if_idle(key, address)
             raise
 

@@ -222,6 +222,23 @@ async def test_a_turn_handed_to_a_request_as_it_leaves_is_passed_on() -> None:
     assert app.addresses == {}
 
 
+async def test_a_request_that_left_and_was_passed_over_before_it_knew_leaves_nothing_behind() -> None:
+    held = Held()
+    app = Admission(held, in_flight=1, queue=10)
+    first = asyncio.create_task(request(app, "/a"))
+    gone = asyncio.create_task(request(app, "/gone"))
+    last = asyncio.create_task(request(app, "/last"))
+    await settle()
+    held.finish("/a")  # /a wakes first, and hands its turn over before /gone's handler runs:
+    gone.cancel()  # /gone's turn is cancelled at once, so the handover passes it over, to /last
+    await settle()
+    assert gone.cancelled(), "it ends cancelled, not with an error of the middleware"
+    assert held.started == ["/a", "/last"]
+    held.finish("/last")
+    await asyncio.gather(first, last)
+    assert app.addresses == {}
+
+
 async def test_zero_in_flight_turns_admission_off() -> None:
     held = Held()
     app = Admission(held, in_flight=0, queue=0)
