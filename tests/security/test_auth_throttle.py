@@ -30,7 +30,7 @@ from marketdata.models import ApiToken, Entitlement
 from marketdata.services import api_token_create
 from marketdata.tokens import token_hash
 from ops import metrics
-from tests.marketdata.api.test_hot_asgi import Started
+from tests.marketdata.api.test_hot_asgi import Started, call
 
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
 
@@ -250,27 +250,11 @@ def test_refusals_are_bounded_and_expire(entitled, no_limit, monkeypatch):
 # The gateway's ASGI application: the event loop's fast path answers a known token without Django
 
 
-async def gateway_get(token: str, ip: str) -> tuple[int, dict[str, str], bytes]:
-    """GET /v1/ohlcv through config.asgi's application, from a client address."""
+def gateway_get(token: str, ip: str) -> tuple[int, dict[str, str], bytes]:
+    """GET /v1/ohlcv through config.asgi's application (admission, the fast path, Django), from a client address."""
     from config.asgi import application
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": "/v1/ohlcv", "raw_path": b"/v1/ohlcv", "query_string": b"symbol=AAPL&tf=1m", "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Token {token}".encode())],
-        "client": (ip, 5000), "server": ("testserver", 80),
-    }  # fmt: skip
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await application(scope, receive, send)
-    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
-    return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+    return call(application, "symbol=AAPL&tf=1m", token=token, client=ip)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -279,15 +263,15 @@ def test_the_fast_path_refuses_a_blocked_ip_as_django_does(entitled):
     from config.asgi import http_app
 
     http_app._redis_down_until = 0.0
-    assert asyncio.run(gateway_get(entitled, "198.51.100.40"))[0] == 200  # Django; the token is known here now
+    assert gateway_get(entitled, "198.51.100.40")[0] == 200  # Django; the token is known here now
     with Started() as django:
-        assert asyncio.run(gateway_get(entitled, "198.51.100.41"))[0] == 200
+        assert gateway_get(entitled, "198.51.100.41")[0] == 200
     assert django.count == 0  # answered in the event loop
     for _ in range(3):
-        assert asyncio.run(gateway_get(BAD, "198.51.100.41"))[0] == 401
+        assert gateway_get(BAD, "198.51.100.41")[0] == 401
     with Started() as django:
-        status, headers, body = asyncio.run(gateway_get(entitled, "198.51.100.41"))
-        other = asyncio.run(gateway_get(entitled, "198.51.100.42"))
+        status, headers, body = gateway_get(entitled, "198.51.100.41")
+        other = gateway_get(entitled, "198.51.100.42")
     assert status == 429
     assert 1 <= int(headers["retry-after"]) <= 60
     assert orjson.loads(body)["error"]["code"] == "rate_limited"
