@@ -17,11 +17,12 @@ symbols ABUSE0..ABUSE4 have 100 published 1m bars each.
 
 The well-behaved client runs in a process of its own, from 127.0.0.2, with its own user's
 token: connect, subscribe ``bars:1m:ABUSE0`` with a 100-bar snapshot, and time connect
-start to the ``subscribed`` frame; one after another, 0.2 s apart. First on a quiet
-gateway (``--samples`` of them: the baseline), then throughout each abuse phase until the
-gateway is quiet again after it, then quiet once more at the end. Each phase comes from a
-loopback address of its own (127.0.0.11..14), so that what one phase earned from a per-IP
-limit spills neither into the next nor onto the well-behaved client:
+start to the ``subscribed`` frame; one after another, 0.05 s apart (a phase of a second
+still gives 20 samples). First on a quiet gateway (``--samples`` of them: the baseline),
+then throughout each abuse phase until the gateway is quiet again after it, then quiet
+once more at the end. Each phase comes from a loopback address of its own
+(127.0.0.11..14), so that what one phase earned from a per-IP limit spills neither into
+the next nor onto the well-behaved client:
 
 (a) ``--anon`` WebSockets without credentials, held ``--hold`` s after the last has
     connected (past the 10 s auth deadline, which closes them 4001; over the per-IP cap:
@@ -94,7 +95,7 @@ TARGET_RATIO = 2.0
 IN_FLIGHT = 1  # ADMISSION_IN_FLIGHT_PER_IP's default (config/settings/base.py)
 PROBE_SOURCE = "127.0.0.2"
 PHASE_SOURCES = {"a": "127.0.0.11", "b": "127.0.0.12", "c": "127.0.0.13", "d": "127.0.0.14"}
-PROBE_GAP_S, PROBE_TIMEOUT_S = 0.2, 10.0
+PROBE_GAP_S, PROBE_TIMEOUT_S = 0.05, 10.0
 NOFILE_RESERVE = 512  # open files kept for everything but the abusive sockets
 BAR = '{{"ts":"{ts}","open":100,"high":101,"low":99,"close":100.5,"volume":1000,"final":true}}'
 CLK = os.sysconf("SC_CLK_TCK")

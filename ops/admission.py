@@ -15,16 +15,22 @@ here is a future per request, no callback until its turn, so an iteration holds 
 the in-flight work of each address. The flooder is not refused (its requests are served
 at the rate the gateway can serve them); it is only made to queue behind itself.
 
-A WebSocket counts from its handshake until the application accepts or closes it; what
-it does afterwards is bounded by the consumer's own limits (streams, message rate, the
-per-user and per-address socket caps).
+A WebSocket counts from its handshake until the application accepts or closes it. What an
+open socket asks for afterwards (a subscribe, an auth) and its teardown take a turn of the
+same address too, through ``later_turn(scope)``: they wait in the same queue but are never
+refused (the consumer's own limits bound them: streams, message rate, the inbox, the
+per-user and per-address socket caps). Without that, 10 sockets of one address each
+sending a 100-stream subscribe, or 100 sockets closed at their auth deadline at once,
+filled an iteration as a flood of handshakes did. Delivery of published frames takes no
+turn: it is never made to wait behind its own address's requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -44,6 +50,7 @@ RETRY_AFTER_S = 1
 CLOSE_TOO_MANY = 4029
 REFUSAL = "too many requests in flight from this client address: at most {n} served and {q} waiting"
 HANDSHAKE_DONE = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start"})
+SCOPE_KEY = "marketdata.admission"  # in a WebSocket's scope: its address's turns after the handshake
 
 
 class _Address:
@@ -93,10 +100,23 @@ class Admission:
             metrics.ADMISSION_WAITED.labels(kind).inc()
             await self._wait_turn(key, address)
         turn = _Turn(self, key, address)
+        if kind == "websocket":
+            scope[SCOPE_KEY] = _Later(self, key)
         try:
             await self.app(scope, receive, turn.watch(send) if kind == "websocket" else send)
         finally:
             turn.end()
+
+    async def take(self, key: str) -> _Address:
+        """A turn of the address, waiting for it in order if it must; never refused (see ``later_turn``)."""
+        address = self.addresses.get(key)
+        if address is None:
+            address = self.addresses[key] = _Address()
+        if address.serving < self.in_flight:
+            address.serving += 1
+        else:
+            await self._wait_turn(key, address)
+        return address
 
     async def _wait_turn(self, key: str, address: _Address) -> None:
         """Wait until a finishing request hands this one its turn (its count already taken over)."""
@@ -165,3 +185,30 @@ class _Turn:
             await send(message)
 
         return watched
+
+
+class _Later:
+    """An admitted WebSocket's address, for the turns its work takes after the handshake."""
+
+    __slots__ = ("admission", "key")
+
+    def __init__(self, admission: Admission, key: str) -> None:
+        self.admission, self.key = admission, key
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        address = await self.admission.take(self.key)
+        try:
+            yield
+        finally:
+            self.admission.release(self.key, address)
+
+
+def later_turn(scope: Scope) -> contextlib.AbstractAsyncContextManager[None]:
+    """A turn of the socket's address for work after its handshake (no wait without admission).
+
+    Take it only once the handshake's own turn has ended (the socket accepted or closed):
+    with one turn per address, waiting for a second while holding the first never ends.
+    """
+    later = scope.get(SCOPE_KEY)
+    return later.turn() if later is not None and later.admission.in_flight > 0 else contextlib.nullcontext()

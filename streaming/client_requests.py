@@ -23,6 +23,7 @@ from marketdata.auth_throttle import aauth_blocked, aauth_failed
 from marketdata.errors import UnknownSymbolError, ValidationError
 from marketdata.tokens import token_hash
 from ops import metrics
+from ops.admission import later_turn
 
 from . import protocol
 from .protocol import ProtocolError, Request
@@ -75,6 +76,7 @@ class ClientRequests:
         hub: Hub
         subs: dict[str, Sub]
         inbox: asyncio.Queue[object]
+        scope: dict[str, Any]
         loop: asyncio.AbstractEventLoop
         flow: asyncio.Lock
         channel_layer: Any
@@ -121,7 +123,10 @@ class ClientRequests:
         while True:
             raw = await self.inbox.get()
             try:
-                await self._request(raw)
+                # A turn of the client's address (ops/admission.py): one address's sockets
+                # are served one request at a time, not in front of other addresses.
+                async with later_turn(self.scope):
+                    await self._request(raw)
             except Exception:  # a bug: say so and close, rather than go silent on an open socket
                 log.exception("client request failed")
                 await self.close(1011, "internal error")

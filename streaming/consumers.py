@@ -43,6 +43,7 @@ from marketdata.auth_throttle import aauth_blocked, aauth_failed
 from marketdata.grants import Grant
 from marketdata.tokens import token_hash
 from ops import metrics
+from ops.admission import later_turn
 from ops.clientip import scope_client_ip
 from ops.middleware import websocket_bind
 
@@ -289,16 +290,20 @@ class StreamConsumer(ClientRequests, AsyncConsumer):
                 sub.timer.cancel()
         metrics.WS_SUBSCRIPTIONS.dec(len(self.subs))
         subs, self.subs = list(self.subs.values()), {}
-        if self.channel_name:
-            for sub in subs:
-                try:
-                    await self.channel_layer.group_discard(sub.group, self.channel_name)
-                except (RedisError, OSError):
-                    log.warning("group_discard failed", exc_info=True)
-            await channel_release(self.channel_layer, self.channel_name)
-        if self.slot is not None:
-            slot, self.slot = self.slot, None
-            await self.hub.slots.give_back(slot)
+        # In a turn of the client's address (ops/admission.py), so that sockets of one address
+        # closed at once release one after another, not all in one iteration of the loop. Not
+        # before the handshake's own turn has ended, nor when the server is stopping.
+        async with later_turn(self.scope) if self.accepted and not interrupted else contextlib.nullcontext():
+            if self.channel_name:
+                for sub in subs:
+                    try:
+                        await self.channel_layer.group_discard(sub.group, self.channel_name)
+                    except (RedisError, OSError):
+                        log.warning("group_discard failed", exc_info=True)
+                await channel_release(self.channel_layer, self.channel_name)
+            if self.slot is not None:
+                slot, self.slot = self.slot, None
+                await self.hub.slots.give_back(slot)
         if interrupted:
             raise asyncio.CancelledError
 

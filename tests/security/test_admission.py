@@ -16,7 +16,7 @@ from channels.testing import HttpCommunicator
 from django.test import override_settings
 
 from config.asgi import application
-from ops.admission import CLOSE_TOO_MANY, Admission
+from ops.admission import CLOSE_TOO_MANY, Admission, later_turn
 from tests.streaming.wsclient import Client
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -254,6 +254,70 @@ async def test_zero_in_flight_turns_admission_off() -> None:
 # THE GATEWAY AS DEPLOYED
 
 
+async def test_later_work_of_a_socket_of_a_busy_address_waits_and_others_do_not() -> None:
+    """A busy address's socket waits for its turn after the handshake; another address's does not; no refusal."""
+    held, done = Held(), []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await held(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        await held.release.setdefault("go" + scope["client"][0], asyncio.Event()).wait()
+        async with later_turn(scope):
+            done.append(scope["client"][0])
+
+    admission = Admission(app, in_flight=1, queue=0)
+
+    def socket(ip: str) -> asyncio.Task[None]:
+        connect = iter([{"type": "websocket.connect"}])
+
+        async def receive() -> dict[str, Any]:
+            return next(connect)
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        return asyncio.create_task(admission({**http("/ws", ip), "type": "websocket"}, receive, send))
+
+    sockets = [socket("10.0.0.1"), socket("10.0.0.2")]
+    await settle()  # both accepted: their handshakes' turns are over
+    busy = asyncio.create_task(request(admission, "/busy", "10.0.0.1"))
+    await settle()
+    held.finish("go10.0.0.1")
+    held.finish("go10.0.0.2")
+    await settle()
+    assert done == ["10.0.0.2"], "the busy address's socket waits (not refused, though the queue is 0)"
+    held.finish("/busy")
+    await asyncio.wait_for(asyncio.gather(busy, *sockets), 5)
+    assert done == ["10.0.0.2", "10.0.0.1"]
+    assert admission.addresses == {}
+
+
+async def test_later_work_takes_no_turn_without_admission() -> None:
+    async with later_turn({"type": "websocket"}):
+        pass
+    done = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        async with later_turn(scope):
+            done.append(scope["path"])
+
+    connect = iter([{"type": "websocket.connect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(connect)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await Admission(app, in_flight=0, queue=0)({**http("/ws"), "type": "websocket"}, receive, send)
+    assert done == ["/ws"]
+
+
 def test_the_gateway_is_served_through_admission() -> None:
     assert isinstance(application, Admission)
 
@@ -297,6 +361,28 @@ async def test_the_gateway_refuses_over_the_queue_with_the_error_envelope() -> N
         assert (await held.receive_output(10))["type"] == "http.response.start"
         await held.wait(10)
     assert (await peer_get("/healthz"))["status"] == 200, "the turn came back"
+
+
+@override_settings(ADMISSION_IN_FLIGHT_PER_IP=1, STREAMING_ALLOW_ANONYMOUS=True)
+async def test_an_open_socket_s_subscribe_waits_while_its_address_is_busy() -> None:
+    """The gateway serves a socket's requests in its address's turns: held while a request of the address is."""
+    client = Client(client=PEER)
+    assert (await client.connect())["type"] == "welcome"
+    scope = {**HttpCommunicator(application, "POST", "/v1/ohlcv").scope, "client": PEER}
+    held = ApplicationCommunicator(application, scope)
+    await held.send_input({"type": "http.request", "body": b"", "more_body": True})
+    try:
+        await client.send({"op": "ping", "id": 7})
+        assert await client.nothing(0.3), "the ping waits for the address's turn"
+    finally:
+        await held.send_input({"type": "http.request", "body": b"", "more_body": False})
+        assert (await held.receive_output(10))["type"] == "http.response.start"
+        await held.wait(10)
+    try:
+        assert (await client.recv())["type"] == "pong"
+    finally:
+        await client.close()
+    assert application.addresses == {}, "the socket's turns and its teardown's were all given back"
 
 
 async def peer_get(path: str) -> dict[str, Any]:
