@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks of `make test`, once the venv and the services are up: ruff, ruff format
 # --check, mypy, then the whole pytest suite on both storage paths: plain PostgreSQL
-# (DATABASE_URL), then TimescaleDB (TIMESCALEDB_DATABASE_URL, a cluster that
-# scripts/timescaledb.sh builds and starts where the machine allows; where it cannot, that
-# run is skipped with one line saying why). Every step runs even when an earlier one
+# (DATABASE_URL), then TimescaleDB (TIMESCALEDB_DATABASE_URL: a TimescaleDB server already
+# there, such as CI's service container, or a cluster that scripts/timescaledb.sh builds and
+# starts where the machine allows; where it cannot, that run is skipped with one line
+# saying why). Every step runs even when an earlier one
 # fails, so one run shows everything; the exit status is non-zero if any failed.
 # Arguments are passed on to both pytest runs (make test does not pass any).
 #

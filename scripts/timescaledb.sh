@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Make a TimescaleDB PostgreSQL cluster ready for the tests, beside the machine's main one.
 #
+#   0. a server that is not a cluster of this machine already answers at
+#      TIMESCALEDB_DATABASE_URL, offering and preloading timescaledb (a CI service
+#      container, a `docker run` of timescale/timescaledb): use it as it is, build and start
+#      nothing; only its role and database are made sure of (step 3);
 #   1. the extension is installed for the machine's PostgreSQL: use it; else build and
 #      install it from the vendored source (timescaledb-2.28.3.tar.gz, checked against
 #      its sha256), installing Debian's postgresql-server-dev-<major> and cmake first
@@ -45,6 +49,59 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 PORT="$(python3 -c 'import sys; from urllib.parse import urlsplit; print(urlsplit(sys.argv[1]).port or 5432)' "$URL")"
 HOST="$(python3 -c 'import sys; from urllib.parse import urlsplit; print(urlsplit(sys.argv[1]).hostname or "")' "$URL")"
+
+# --- 0. A TimescaleDB server already there ------------------------------------------
+
+# A Debian cluster of this machine on that port is managed below (its settings kept in step).
+local_cluster_on_port() {
+    case "$HOST" in 127.* | localhost | ::1) ;; *) return 1 ;; esac
+    have pg_lsclusters || return 1
+    local version name port rest
+    while read -r version name port rest; do
+        [[ "$port" == "$PORT" ]] && return 0
+    done < <(pg_lsclusters --no-header 2>/dev/null)
+    return 1
+}
+
+# Exit status 0: it answers and offers and preloads timescaledb; 1: it answers without;
+# 2: it does not answer (or the venv to ask with is missing).
+server_offers_timescaledb() {
+    [[ -x "$ROOT/.venv/bin/python" ]] || return 2
+    "$ROOT/.venv/bin/python" - "$URL" <<'EOF'
+import sys
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+
+url = urlsplit(sys.argv[1])
+try:
+    with psycopg.connect(host=url.hostname or "127.0.0.1", port=url.port or 5432, dbname="postgres",
+                         user=unquote(url.username or "") or None, password=unquote(url.password or "") or None,
+                         connect_timeout=3) as conn:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+            " AND current_setting('shared_preload_libraries') ~ '(^|[ ,])timescaledb($|[ ,])'"
+        ).fetchone()
+except psycopg.Error:
+    sys.exit(2)
+sys.exit(0 if row and row[0] else 1)
+EOF
+}
+
+if ! local_cluster_on_port; then
+    status=0
+    server_offers_timescaledb || status=$?
+    case $status in
+        0)
+            DATABASE_URL="$URL" "$ROOT/scripts/services.sh" --tests | sed 's/^services:/timescaledb:/'
+            exit 0
+            ;;
+        1) die "the server at $URL answers but does not offer and preload timescaledb" ;;
+    esac
+fi
+
+# --- From here on: a cluster of this machine, built and started where needed --------
+
 case "$HOST" in 127.* | localhost | ::1) ;; *) die "TIMESCALEDB_DATABASE_URL must be on this machine (loopback), got $URL" ;; esac
 [[ "$PORT" != 5432 ]] || die "port 5432 is the machine's main cluster; give TIMESCALEDB_DATABASE_URL another port"
 
