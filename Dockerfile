@@ -21,7 +21,7 @@ RUN pip wheel --wheel-dir /wheels -r requirements/production.txt
 FROM node:22-slim AS assets
 WORKDIR /build
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund \
+RUN npm ci --omit=dev --no-audit --no-fund \
     && mkdir -p /vendor \
     && cp node_modules/lightweight-charts/dist/lightweight-charts.standalone.production.js /vendor/
 

@@ -213,6 +213,8 @@ def test_dockerfile_is_multi_stage_slim_and_non_root():
     assert users == ["app"]
     assert re.search(r"useradd --system --uid 10001 .* app$", runtime, re.MULTILINE)
     assert runtime.index("USER app") < runtime.index("\nCMD ")
+    # The image gets the page's npm packages, not the test-only schemas (devDependencies).
+    assert "npm ci --omit=dev" in text
     assert ".github" in (ROOT / ".dockerignore").read_text().split()
 
 
