@@ -1,5 +1,6 @@
 """Progressive delivery of the gateway, checked offline: the Argo Rollouts canary and its
-analysis, the autoscaler's latency metric and the prometheus-adapter rule that serves it.
+analysis, the Argo CD Application, the autoscaler's latency metric and the
+prometheus-adapter rule that serves it.
 
 The Argo kinds are validated against their CRDs' schemas (tests/k8s_crds.mjs, with the
 schemas that @kubernetes-models ships on npm); the structural tests below check what those
@@ -26,10 +27,11 @@ from tests.ops.test_dashboard import exposed_names, metric_names
 from tests.test_k8s import RESOURCES
 
 ROOT = Path(__file__).resolve().parent.parent
+APPLICATION = yaml.safe_load((ROOT / "deploy" / "argocd" / "application.yaml").read_text())
 ADAPTER = yaml.safe_load((ROOT / "deploy" / "prometheus-adapter" / "values.yaml").read_text())
 PROMETHEUS = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
 VALIDATOR = ROOT / "tests" / "k8s_crds.mjs"
-SCHEMA_PACKAGES = [ROOT / "node_modules" / "@kubernetes-models" / "argo-rollouts"]
+SCHEMA_PACKAGES = [ROOT / "node_modules" / "@kubernetes-models" / name for name in ("argo-rollouts", "argo-cd")]
 GATEWAY = "marketdata-gateway"
 
 
@@ -41,7 +43,7 @@ def _one(kind: str, name: str) -> dict[str, Any]:
 
 ROLLOUT = _one("Rollout", GATEWAY)
 CANARY = ROLLOUT["spec"]["strategy"]["canary"]
-ARGO_RESOURCES = [r for r in RESOURCES if r["apiVersion"].startswith("argoproj.io/")]
+ARGO_RESOURCES = [r for r in RESOURCES if r["apiVersion"].startswith("argoproj.io/")] + [APPLICATION]
 
 
 # -- against the CRDs' schemas ------------------------------------------------------------
@@ -70,11 +72,14 @@ def test_the_crd_validator_refuses_broken_copies():
     rollout["spec"]["strategy"]["canary"]["steps"][0]["setWeight"] = "20"
     template = copy.deepcopy(_one("AnalysisTemplate", "marketdata-gateway-canary"))
     template["spec"]["metrics"][0]["provider"]["prometheus"]["query"] = ["not", "a", "string"]
+    application = copy.deepcopy(APPLICATION)
+    del application["spec"]["destination"]
     unknown = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rolout", "metadata": {"name": "x"}}
-    errors = _crd_errors([rollout, template, unknown])
+    errors = _crd_errors([rollout, template, application, unknown])
     assert "steps/0/setWeight must be integer" in str(errors[0])
     assert "prometheus/query must be string" in str(errors[1])
-    assert errors[2] == "no schema for argoproj.io/v1alpha1 Rolout"
+    assert "must have required property destination" in str(errors[2])
+    assert errors[3] == "no schema for argoproj.io/v1alpha1 Rolout"
 
 
 # -- the Rollout --------------------------------------------------------------------------
@@ -259,15 +264,36 @@ def test_a_renamed_metric_is_caught():
         _check_query(broken.replace('component="gateway"', 'app="gateway"'))
 
 
-# -- kustomize ------------------------------------------------------------------------
+# -- Argo CD ------------------------------------------------------------------------------
 
 
-def test_kustomize_builds_the_directory(tmp_path):
+def test_argocd_application_syncs_deploy_k8s_from_main_with_prune_and_self_heal():
+    spec = APPLICATION["spec"]
+    assert APPLICATION["metadata"]["namespace"] == "argocd"
+    assert spec["source"]["path"] == "deploy/k8s"
+    assert (ROOT / spec["source"]["path"] / "kustomization.yaml").is_file()
+    assert spec["source"]["targetRevision"] == "main"
+    assert spec["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
+    assert spec["destination"]["namespace"]
+    assert "CreateNamespace=true" in spec["syncPolicy"]["syncOptions"]
+
+
+def test_argocd_never_overwrites_the_secrets_values_with_the_placeholders():
+    spec = APPLICATION["spec"]
+    (ignored,) = spec["ignoreDifferences"]
+    secret = _one("Secret", ignored["name"])
+    assert (ignored["group"], ignored["kind"]) == ("", secret["kind"])
+    assert set(ignored["jsonPointers"]) == {"/data", "/stringData"}
+    # Without this, a sync would still apply the ignored fields.
+    assert "RespectIgnoreDifferences=true" in spec["syncPolicy"]["syncOptions"]
+
+
+def test_kustomize_builds_the_directory_argo_cd_syncs(tmp_path):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (kustomize is part of it)")
     done = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "deploy" / "k8s")],
+        [kubectl, "kustomize", str(ROOT / APPLICATION["spec"]["source"]["path"])],
         capture_output=True,
         text=True,
         check=False,
