@@ -3,21 +3,45 @@
 Run from the repository root::
 
     .venv/bin/python bench/ingest.py [--records 1000000] [--symbols 50] [--no-publish]
+                                     [--publisher process|thread] [--paths plain,timescaledb]
 
 It writes two DBN files with databento_dbn's encoder (read as real files are),
 then runs the real command, ``python manage.py ingest replay FILE --max``, in a child
 process against a database of its own (``marketdata_bench_ingest``, created and migrated
 here, emptied before each run) and Redis database 14, so it never touches the development
 data. Decode, normalise, upsert, derive and publish are all inside the timing. Beside it,
-in the same run, the baseline: a plain binary COPY of the same rows into an unindexed
-table. Figures are printed, never asserted (SPEC section 8); the stored row counts are
-checked so that a wrong run fails loudly instead of looking fast.
+in the same run and on the same server, the baseline: a plain binary COPY of the same rows
+into an unindexed table. Figures are printed, never asserted (SPEC section 8); the stored
+row counts are checked so that a wrong run fails loudly instead of looking fast.
+
+It runs on both storage paths, one after the other, with the same files: plain PostgreSQL
+on the server DATABASE_URL names, and TimescaleDB on the server TIMESCALEDB_DATABASE_URL
+names (default ``postgres://root@127.0.0.1:5433/marketdata``, the cluster
+scripts/timescaledb.sh makes), each in a ``marketdata_bench_ingest`` of its own there,
+migrated the same way, so the bars and trades are hypertables on the second. After each
+ingest it checks the table it wrote: a hypertable (its chunks are printed) on TimescaleDB,
+a plain table in a database without the extension on plain PostgreSQL; a run on the wrong
+path exits. Where the TimescaleDB server does not answer or has no extension, that path is
+skipped with one line saying why. At the end a table puts each path's figures side by
+side, each with its own COPY baseline (on that path's server) and ratio.
+
+Options:
+
+- ``--records N``: bars, and trades, to ingest (default 1,000,000; 1,000..20,000,000).
+- ``--symbols N``: distinct symbols (default 50).
+- ``--no-publish``: store only (publish is on by default).
+- ``--publisher process|thread``: where the ingester derives and publishes
+  (INGEST_PUBLISH_PROCESS; default ``process``, as deployed).
+- ``--paths plain,timescaledb``: the storage paths to run, in that order (default both).
+- ``--timeout S``: meant to give up on one ingest after this many seconds; not enforced
+  yet (the ingest is waited for with os.wait4, which has no time limit).
 
 It also prints the CPU each record cost the ingester (with its publisher process,
 ``--publisher process``, the deployed default; ``thread`` for the ingester as one
 process), PostgreSQL and Redis, and how busy that kept the cores: the figures that say
-where a machine's time went. PostgreSQL's and Redis's are their whole processes', so keep
-the machine otherwise quiet.
+where a machine's time went. PostgreSQL's and Redis's are their whole processes' (every
+PostgreSQL cluster of the machine: both paths' servers), so keep the machine otherwise
+quiet.
 """
 
 from __future__ import annotations
@@ -38,8 +62,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # First on the path, so `ingest` is the project's package and never this file.
 sys.path.insert(0, str(ROOT))
 
+from bench import (  # noqa: E402
+    STORAGE_PATHS,
+    add_paths_argument,
+    machine,
+    side_by_side,
+    storage_check,
+    storage_unavailable,
+)
 from bench import bench_env as common_env  # noqa: E402
-from bench import machine  # noqa: E402
 
 BENCH_DB = "marketdata_bench_ingest"
 BENCH_REDIS_DB = 14
@@ -59,6 +90,7 @@ def parse_args() -> argparse.Namespace:
         help="where the ingester derives and publishes (INGEST_PUBLISH_PROCESS; default: process, as deployed)",
     )  # fmt: skip
     parser.add_argument("--timeout", type=int, default=1800, help="give up on one ingest after this many seconds")
+    add_paths_argument(parser)
     args = parser.parse_args()
     if not 1_000 <= args.records <= 20_000_000:
         parser.error("--records must be within 1,000..20,000,000")
@@ -125,8 +157,8 @@ def write_files(out: Path, n: int, n_symbols: int) -> tuple[Path, Path, list[tup
     return bars_path, trades_path, bar_rows, trade_rows
 
 
-def bench_env() -> dict[str, str]:
-    return common_env(BENCH_DB, BENCH_REDIS_DB)
+def bench_env(storage: str) -> dict[str, str]:
+    return common_env(BENCH_DB, BENCH_REDIS_DB, storage=storage)
 
 
 def dsn(env: dict[str, str], dbname: str) -> str:
@@ -245,47 +277,101 @@ TRADE_COLUMNS = (
 TRADE_TYPES = ["int8", "timestamptz", "timestamptz", "int4", "int8", "int2", "int8", "int8", "text", "int2"]
 
 
+def run_path(storage: str, args: argparse.Namespace, files: tuple[Path, Path, list[tuple], list[tuple]]) -> dict:
+    """One storage path's figures: the start, then bars and trades, each beside its COPY baseline."""
+    bars_path, trades_path, bar_rows, trade_rows = files
+    env = bench_env(storage)
+    env["INGEST_PUBLISH_PROCESS"] = "true" if args.publisher == "process" else "false"
+    where = env["DATABASE_URL"].rsplit("@", 1)[-1]
+    print(f"\n== {STORAGE_PATHS[storage]}: {where}", flush=True)
+    prepare_db(env)
+    storage_check(env["DATABASE_URL"], storage, ["marketdata_bar", "marketdata_trade"])  # before any timing
+    figures: dict = {"start": None, "tables": {}}
+    overhead = startup(env, bars_path.with_name("bench.empty.dbn.zst"), not args.no_publish, args.timeout)
+    figures["start"] = overhead
+    publish = "off" if args.no_publish else f"on, from a {args.publisher}"
+    print(
+        f"start (subtracted): {overhead:.2f} s, the same command replaying a file of no records "
+        f"(Django, and the publisher process's start); publish: {publish}"
+    )
+    for label, path, table, rows, columns, types in (
+        ("bars", bars_path, "marketdata_bar", bar_rows, BAR_COLUMNS, BAR_TYPES),
+        ("trades", trades_path, "marketdata_trade", trade_rows, TRADE_COLUMNS, TRADE_TYPES),
+    ):
+        empty(env)
+        wall, cpu = ingest(env, path, not args.no_publish, args.timeout)
+        elapsed = wall - overhead
+        stored = count(env, table)
+        if stored != args.records:
+            raise SystemExit(f"{storage}: {label}: stored {stored:,} rows, expected {args.records:,}")
+        # Before the next empty(): TRUNCATE drops a hypertable's chunks.
+        what = storage_check(env["DATABASE_URL"], storage, [table])[table]
+        rate = args.records / elapsed
+        base = baseline(env, rows, columns, types)
+        print(
+            f"{label:6s}: ingest replay --max {rate:10,.0f} records/s ({elapsed:.1f} s; "
+            f"{args.records / wall:,.0f}/s counting the start)   "
+            f"plain COPY {base:10,.0f} rows/s   ratio {rate / base:.2f}   target 150,000/s"
+        )
+        per = {k: v / args.records * 1e6 for k, v in cpu.items()}
+        busy = sum(cpu.values()) / (wall * len(os.sched_getaffinity(0)))
+        whose = "with its publisher process and" if args.publisher == "process" else "publisher thread included,"
+        print(
+            f"        CPU per record: ingester {per['ingester']:.1f} us ({whose} its start), "
+            f"PostgreSQL {per['postgres']:.1f} us, Redis {per['redis']:.1f} us; cores {busy:.0%} busy"
+        )
+        print(f"        storage: {table} is a {what}", flush=True)
+        figures["tables"][label] = {
+            "rate": rate, "with_start": args.records / wall, "copy": base, "ratio": rate / base, "cpu": per,
+            "busy": busy, "storage": what,
+        }  # fmt: skip
+    empty(env)
+    return figures
+
+
+def table(figures: dict[str, dict]) -> str:
+    """Each path's figures side by side."""
+    rows: list[tuple[str, dict[str, str]]] = [
+        ("start (subtracted), s", {s: f"{f['start']:.2f}" for s, f in figures.items()}),
+    ]
+    for label in ("bars", "trades"):
+        per = {s: f["tables"][label] for s, f in figures.items()}
+        rows += [
+            (f"{label}: ingest replay --max, records/s", {s: f"{t['rate']:,.0f}" for s, t in per.items()}),
+            (f"{label}: counting the start, records/s", {s: f"{t['with_start']:,.0f}" for s, t in per.items()}),
+            (f"{label}: plain COPY (baseline), rows/s", {s: f"{t['copy']:,.0f}" for s, t in per.items()}),
+            (f"{label}: ratio to COPY", {s: f"{t['ratio']:.2f}" for s, t in per.items()}),
+            (f"{label}: CPU/record ingester, us", {s: f"{t['cpu']['ingester']:.1f}" for s, t in per.items()}),
+            (f"{label}: CPU/record PostgreSQL, us", {s: f"{t['cpu']['postgres']:.1f}" for s, t in per.items()}),
+            (f"{label}: CPU/record Redis, us", {s: f"{t['cpu']['redis']:.1f}" for s, t in per.items()}),
+            (f"{label}: cores busy", {s: f"{t['busy']:.0%}" for s, t in per.items()}),
+            (f"{label}: storage", {s: t["storage"] for s, t in per.items()}),
+        ]
+    return side_by_side(rows, list(figures))
+
+
 def main() -> None:
     args = parse_args()
-    env = bench_env()
-    env["INGEST_PUBLISH_PROCESS"] = "true" if args.publisher == "process" else "false"
     print(f"machine: {machine()}")
-    prepare_db(env)
+    runnable = []
+    for storage in args.paths:
+        why = storage_unavailable(storage)
+        if why:
+            print(f"{storage}: skipped: {why}")
+        else:
+            runnable.append(storage)
+    if not runnable:
+        return
+    figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         t = time.perf_counter()
-        bars_path, trades_path, bar_rows, trade_rows = write_files(Path(tmp), args.records, args.symbols)
+        files = write_files(Path(tmp), args.records, args.symbols)
         print(f"wrote {args.records:,} bars and {args.records:,} trades in {time.perf_counter() - t:.1f} s")
-        overhead = startup(env, bars_path.with_name("bench.empty.dbn.zst"), not args.no_publish, args.timeout)
-        publish = "off" if args.no_publish else f"on, from a {args.publisher}"
-        print(
-            f"start (subtracted): {overhead:.2f} s, the same command replaying a file of no records "
-            f"(Django, and the publisher process's start); publish: {publish}"
-        )
-        for label, path, table, rows, columns, types in (
-            ("bars", bars_path, "marketdata_bar", bar_rows, BAR_COLUMNS, BAR_TYPES),
-            ("trades", trades_path, "marketdata_trade", trade_rows, TRADE_COLUMNS, TRADE_TYPES),
-        ):
-            empty(env)
-            wall, cpu = ingest(env, path, not args.no_publish, args.timeout)
-            elapsed = wall - overhead
-            stored = count(env, table)
-            if stored != args.records:
-                raise SystemExit(f"{label}: stored {stored:,} rows, expected {args.records:,}")
-            rate = args.records / elapsed
-            base = baseline(env, rows, columns, types)
-            print(
-                f"{label:6s}: ingest replay --max {rate:10,.0f} records/s ({elapsed:.1f} s; "
-                f"{args.records / wall:,.0f}/s counting the start)   "
-                f"plain COPY {base:10,.0f} rows/s   ratio {rate / base:.2f}   target 150,000/s"
-            )
-            per = {k: v / args.records * 1e6 for k, v in cpu.items()}
-            busy = sum(cpu.values()) / (wall * len(os.sched_getaffinity(0)))
-            whose = "with its publisher process and" if args.publisher == "process" else "publisher thread included,"
-            print(
-                f"        CPU per record: ingester {per['ingester']:.1f} us ({whose} its start), "
-                f"PostgreSQL {per['postgres']:.1f} us, Redis {per['redis']:.1f} us; cores {busy:.0%} busy"
-            )
-        empty(env)
+        for storage in runnable:
+            figures[storage] = run_path(storage, args, files)
+    print()
+    print(table(figures))
+    print("target (SPEC section 8): 150,000 records/s")
 
 
 if __name__ == "__main__":
