@@ -2,12 +2,20 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/history.py [--seconds 30] [--users 200] [--symbols 50]
+    .venv/bin/python bench/history.py [--seconds 30] [--users 200] [--symbols 50] [--paths plain,timescaledb]
 
-It works in a database of its own, ``marketdata_bench_history`` on the server named by
-the settings (created through the ``postgres`` maintenance database, migrated, its bars
-replaced on each run), and in Redis database 12, so it never touches the development
-database ``marketdata`` or a running demo's keys. It seeds ``--symbols`` symbols with
+It runs on both storage paths, one after the other: plain PostgreSQL on the server
+DATABASE_URL names, then TimescaleDB on the server TIMESCALEDB_DATABASE_URL names (default
+``postgres://root@127.0.0.1:5433/marketdata``, the cluster scripts/timescaledb.sh makes),
+each path in a child process of its own (Django reads its database settings once per
+process). On each it works in a database of its own, ``marketdata_bench_history`` on that
+server (created through the ``postgres`` maintenance database, migrated, so the bars are a
+hypertable on TimescaleDB, its bars replaced on each run), and in Redis database 12, so it
+never touches the development database ``marketdata`` or a running demo's keys. Before
+and after the runs it checks that ``marketdata_bar`` is a hypertable (its chunks printed)
+on TimescaleDB and a plain table on plain PostgreSQL; a run on the wrong path exits. Where
+the TimescaleDB server does not answer or has no extension, that path is skipped with one
+line saying why. It seeds ``--symbols`` symbols with
 ``--bars`` 1m bars each, ending at the current minute, and an API token entitled to
 their dataset (production settings: no anonymous access, so token auth and the
 entitlement check are part of every request). Then, for each run, it starts its own
@@ -32,8 +40,9 @@ query in flight counts against it) both over the whole run and in the steady sta
 answers after a warm-up of the run's first third, 10 s at the defaults), the gateway's
 background prefetches by outcome, the gateway's CPU per request, the machine's load
 average before and after each run (the figures mean little on a busy machine), the
-machine, and the ratio of the two runs. Figures are printed, never asserted (SPEC
-section 8).
+machine, and the ratio of the two runs (cache on over cache off, the baseline, per path).
+At the end a table puts each path's figures side by side. Figures are printed, never
+asserted (SPEC section 8).
 
 The whole-run hit ratio has a ceiling set by the cold start. At the defaults (30 s,
 ~5,700 requests, Zipf 1.1 over 50 symbols, 10 pages each) about 345 distinct pages are
@@ -50,6 +59,19 @@ prefetch, 95.2% with the prefetch after misses only, 95.7% as shipped; 96.2%, 97
 98.0% in the steady state. Measured figures run below those by the prefetches dropped at
 the cold start's burst (at most 4 in flight) and the requests that arrive while their page
 is still being prefetched (counted as shared, not hits).
+
+Options:
+
+- ``--seconds N``: length of each run (default 30).
+- ``--users N``: locust users (default 200).
+- ``--symbols N``: symbols (default 50).
+- ``--bars N``: 1m bars per symbol, at least 10,000 for 10 pages (default 12,000).
+- ``--zipf S``: Zipf exponent over symbols (default 1.1).
+- ``--wait MIN,MAX``: seconds between a user's requests (default 0.5,1.5).
+- ``--no-writes``: no live writer during the runs.
+- ``--only on|off``: run only with the cache on or off (no ratio then).
+- ``--http shipped|django-asgi|threaded``: how the gateway serves HTTP (``--help`` says more).
+- ``--paths plain,timescaledb``: the storage paths to run, in that order (default both).
 
 When locust loads this file as its locustfile, only the user class below is defined.
 """
@@ -155,6 +177,13 @@ def parse_args() -> argparse.Namespace:
         "django-asgi: Django's own ASGI handler; threaded: the WSGI handler in a thread pool, "
         "one hop per request (THREADED_APP); the last two for comparison",
     )
+    from bench import STORAGE_PATHS, add_paths_argument
+
+    add_paths_argument(parser)
+    # One storage path in this process (the parent runs each path in a child with these):
+    # Django reads its database settings once per process.
+    parser.add_argument("--run-storage", choices=list(STORAGE_PATHS), help=argparse.SUPPRESS)
+    parser.add_argument("--results", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not 1 <= args.seconds <= 3600:
         parser.error("--seconds must be within 1..3600")
@@ -635,13 +664,28 @@ def line(label: str, r: dict[str, float]) -> str:
     return text
 
 
-def main() -> None:
-    args = parse_args()
+def ratios(results: dict[str, dict[str, float]]) -> dict[str, float] | None:
+    """Cache on over cache off (the baseline), where both ran."""
+    if "cache on" not in results or "cache off" not in results:
+        return None
+    on, off = results["cache on"], results["cache off"]
+    return {k: on[k] / off[k] if off[k] else float("nan") for k in ("p95", "p99", "mean", "rps", "cpu_ms")}
+
+
+def run_storage(args: argparse.Namespace) -> None:
+    """Both cache runs on one storage path, in this process; the figures to --results as JSON."""
+    import json
+
+    from bench import server_url, storage_check
+
+    # Before Django reads its settings: this process's database server is the path's.
+    os.environ["DATABASE_URL"] = server_url(args.run_storage)
     env = setup_django()
     from django.core.management import call_command
 
     lock()
     call_command("migrate", verbosity=0, interactive=False)
+    storage_check(env["DATABASE_URL"], args.run_storage, ["marketdata_bar"])  # before any timing
     t0 = time.perf_counter()
     seeded = seed(args.symbols, args.bars)
     print(
@@ -669,15 +713,86 @@ def main() -> None:
             print(line(label, results[label]), flush=True)
             if results[label]["requests"] == 0:
                 print((workdir / f"locust-{label.split()[1]}.log").read_text()[-3000:])
-    if len(results) == 2:
-        on, off = results["cache on"], results["cache off"]
+    r = ratios(results)
+    if r:
         print()
         print(
-            f"ratio on/off: p95 {on['p95'] / off['p95']:.2f}, p99 {on['p99'] / off['p99']:.2f}, "
-            f"mean {on['mean'] / off['mean']:.2f}, req/s {on['rps'] / off['rps']:.2f}, "
-            f"gateway CPU/request {on['cpu_ms'] / off['cpu_ms']:.2f}"
+            f"ratio on/off: p95 {r['p95']:.2f}, p99 {r['p99']:.2f}, mean {r['mean']:.2f}, req/s {r['rps']:.2f}, "
+            f"gateway CPU/request {r['cpu_ms']:.2f}"
         )
+    what = storage_check(env["DATABASE_URL"], args.run_storage, ["marketdata_bar"])["marketdata_bar"]
+    print(f"storage:     marketdata_bar is a {what}")
+    if args.results:
+        Path(args.results).write_text(json.dumps({"results": results, "ratios": r, "storage": what}))
+
+
+def figures_of(f: dict[str, Any]) -> dict[str, str]:
+    """One storage path's figures for the table, by row label."""
+    out = {}
+    for run, r in f["results"].items():
+        out[f"{run}: req/s"] = f"{r['rps']:.1f}"
+        out[f"{run}: p50 / p95 / p99, ms"] = f"{r['p50']:.0f} / {r['p95']:.0f} / {r['p99']:.0f}"
+        out[f"{run}: steady p50 / p95 / p99, ms exact"] = (
+            f"{r['warm_p50']:.1f} / {r['warm_p95']:.1f} / {r['warm_p99']:.1f}"
+        )
+        out[f"{run}: requests (failed)"] = f"{r['requests']:,.0f} ({r['failures']:.0f})"
+        out[f"{run}: gateway CPU, ms/request"] = f"{r['cpu_ms']:.2f}"
+        if r["hit_ratio"] == r["hit_ratio"]:  # not NaN: the cache answered
+            out[f"{run}: hit ratio, whole run / steady"] = f"{r['hit_ratio']:.1%} / {r['hit_ratio_warm']:.1%}"
+    if f["ratios"]:
+        q = f["ratios"]
+        out["ratio on/off: p95 / p99 / mean"] = f"{q['p95']:.2f} / {q['p99']:.2f} / {q['mean']:.2f}"
+        out["ratio on/off: req/s / gateway CPU"] = f"{q['rps']:.2f} / {q['cpu_ms']:.2f}"
+    out["storage: marketdata_bar"] = f["storage"]
+    return out
+
+
+def table(figures: dict[str, dict[str, Any]]) -> str:
+    """Each storage path's figures side by side."""
+    from bench import side_by_side
+
+    by_path = {storage: figures_of(f) for storage, f in figures.items()}
+    labels = dict.fromkeys(label for rows in by_path.values() for label in rows)
+    return side_by_side(
+        [(label, {s: rows[label] for s, rows in by_path.items() if label in rows}) for label in labels],
+        list(figures),
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.run_storage:
+        run_storage(args)
+        return
+    import json
+
+    from bench import STORAGE_PATHS, server_url, storage_unavailable
+
+    figures: dict[str, dict[str, Any]] = {}
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="bench-history-paths-") as tmp:
+        for storage in args.paths:
+            why = storage_unavailable(storage)
+            if why:
+                print(f"{storage}: skipped: {why}", flush=True)
+                continue
+            where = server_url(storage).rsplit("@", 1)[-1].rsplit("/", 1)[0]
+            print(f"\n== {STORAGE_PATHS[storage]}: {where}/{BENCH_DB}", flush=True)
+            out = Path(tmp) / f"{storage}.json"
+            child = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--run-storage", storage,
+                     "--results", str(out)]  # fmt: skip
+            status = subprocess.run(child, cwd=ROOT, check=False).returncode
+            if status != 0 or not out.exists():
+                print(f"{storage}: failed (exit {status})", flush=True)
+                failed.append(storage)
+                continue
+            figures[storage] = json.loads(out.read_text())
+    if figures:
+        print()
+        print(table(figures))
     print("target (SPEC section 8): p95 < 10 ms cached, < 50 ms uncached; cache hit ratio >= 95%")
+    if failed:
+        raise SystemExit(f"bench/history.py: failed on {', '.join(failed)}")
 
 
 if __name__ == "__main__":
