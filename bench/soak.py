@@ -1,8 +1,9 @@
-"""Benchmark: a bounded soak at half the fan-out target; RSS of gateway and ingester at start and end, errors.
+"""Benchmark: a bounded soak at half the fan-out target; RSS of gateway and ingester over the run, errors.
 
 Run from the repository root::
 
     .venv/bin/python bench/soak.py [--minutes 10] [--quick] [--clients 250] [--symbols 25] [--rate 20]
+                                   [--warmup 15] [--every 10]
 
 On private servers it starts itself (tests/chaos/servers.py: redis-server and a
 PostgreSQL cluster on free loopback ports, never the machine's shared ones): one gateway
@@ -14,10 +15,26 @@ the next minute edge of the wall clock before it starts, which would stall the r
 ``bars:1m`` stream, every seq checked (tests/chaos/client.py). Default: 250 clients x
 20 msg/s = 5,000 msg/s delivered, half of SPEC's 10,000.
 
-Printed: the machine, RSS (VmRSS) of the gateway and the ingester after the warm-up and
-at the end with the growth (target < 5%), delivered msg/s, and errors: seq gaps and
-duplicates, reconnects, error frames, slow-consumer closes, the ingester's exit code.
-Figures are printed, never asserted (SPEC section 8).
+Printed: the machine; a table of the RSS (VmRSS) of the gateway and the ingester at the
+start (after the warm-up), every ``--every`` minutes of the soak after it while the run is
+longer (so ``--minutes 60`` reads at start, 10, 20, 30, 40 and 50 minutes and at the
+end), and at the end; the growth from the start reading to the end one (target < 5%;
+the readings between are shown to see a trend, not used in it); delivered msg/s; and
+errors: seq gaps and duplicates, reconnects, error frames, slow-consumer closes, the
+ingester's exit code (target 0). Figures are printed, never asserted (SPEC section 8).
+The run is bounded: the soak ends after ``--minutes`` (or when the gateway or the
+ingester dies), every client gives up at ``--minutes`` + warm-up + 2 minutes, and the
+ingester is stopped with SIGTERM, then SIGKILL after 30 s.
+
+Options:
+
+- ``--minutes M``: length of the soak after the warm-up (default 10; 0.5..1440).
+- ``--quick``: smoke run: 1 minute, 50 clients on 10 symbols.
+- ``--clients N``: WebSocket clients (default 250).
+- ``--symbols N``: streams (default 25).
+- ``--rate R``: bars a second per stream (default 20).
+- ``--warmup S``: seconds before the start reading (default 15).
+- ``--every M``: minutes between RSS readings from the start one (default 10).
 """
 
 from __future__ import annotations
@@ -56,6 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--symbols", type=int, help="streams (default 25)")
     parser.add_argument("--rate", type=float, default=20, help="bars a second per stream (default 20)")
     parser.add_argument("--warmup", type=float, default=15, help="seconds before the first RSS reading (default 15)")
+    parser.add_argument(
+        "--every", type=float, default=10, help="minutes between RSS readings from the start one (default 10)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.minutes = 1.0
@@ -63,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     args.symbols = args.symbols or (10 if args.quick else 25)
     if not 0.5 <= args.minutes <= 24 * 60 or not 1 <= args.symbols <= args.clients <= 5000 or not 1 <= args.rate <= 60:
         parser.error("--minutes 0.5..1440, 1 <= --symbols <= --clients <= 5000, --rate 1..60")
+    if not 0.1 <= args.every <= 24 * 60:
+        parser.error("--every 0.1..1440")
     return args
 
 
@@ -103,14 +125,24 @@ async def soak(args: argparse.Namespace, stack: Stack, tmp: Path) -> None:
     count0, t0 = sum(c.messages for c in clients), time.monotonic()
     print(f"after {args.warmup:g} s warm-up: gateway RSS {rss0[0] / 1024:.1f} MiB, ingester RSS "
           f"{rss0[1] / 1024:.1f} MiB", flush=True)  # fmt: skip
-    end = t0 + seconds
+    # RSS readings: the start one above, one every --every minutes of the soak (10, 20, ...
+    # while shorter than the run), and the end one below. Progress lines between them.
+    every = args.every * 60
+    marks = [every * k for k in range(1, int(seconds // every) + 1) if every * k < seconds - 1]
     step = max(10.0, seconds / 10)
-    while time.monotonic() < end and ingester.alive() and gateway.alive():
-        await asyncio.sleep(min(step, max(0.0, end - time.monotonic())))
+    wakes = sorted({*(step * k for k in range(1, int(seconds // step) + 1)), *marks, seconds})
+    readings: list[tuple[str, float, int, int]] = [("start", 0.0, rss0[0], rss0[1])]
+    for at in wakes:
+        if not (ingester.alive() and gateway.alive()):
+            break
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         elapsed = time.monotonic() - t0
+        rss = gateway.rss_kib(), ingester.rss_kib()
         rate = (sum(c.messages for c in clients) - count0) / elapsed if elapsed else 0.0
-        print(f"  {elapsed:6.0f} s  {rate:8,.0f} msg/s delivered  gateway {gateway.rss_kib() / 1024:6.1f} MiB  "
-              f"ingester {ingester.rss_kib() / 1024:6.1f} MiB", flush=True)  # fmt: skip
+        print(f"  {elapsed:6.0f} s  {rate:8,.0f} msg/s delivered  gateway {rss[0] / 1024:6.1f} MiB  "
+              f"ingester {rss[1] / 1024:6.1f} MiB", flush=True)  # fmt: skip
+        if at in marks:
+            readings.append((f"{at / 60:g} min", elapsed, rss[0], rss[1]))
     elapsed = time.monotonic() - t0
     delivered = sum(c.messages for c in clients) - count0
     rss1 = gateway.rss_kib(), ingester.rss_kib()
@@ -121,10 +153,8 @@ async def soak(args: argparse.Namespace, stack: Stack, tmp: Path) -> None:
     code = ingester.stop(timeout=30)
     gateway_ok = gateway.alive()
     print()
-    for name, before, after in (("gateway", rss0[0], rss1[0]), ("ingester", rss0[1], rss1[1])):
-        growth = (after - before) / before if before else float("nan")
-        print(f"RSS {name:9} start {before / 1024:7.1f} MiB  end {after / 1024:7.1f} MiB  growth {growth:+.1%}  "
-              f"(target < {TARGET_GROWTH:.0%}, ratio {abs(growth) / TARGET_GROWTH:.2f})")  # fmt: skip
+    readings.append(("end", elapsed, rss1[0], rss1[1]))
+    print(rss_table(readings, args.warmup))
     rate = delivered / elapsed if elapsed else 0.0
     asked = args.clients * args.rate
     print(f"delivered {delivered:,} messages in {elapsed:.0f} s: {rate:,.0f} msg/s (asked {asked:,.0f};"
@@ -141,6 +171,27 @@ async def soak(args: argparse.Namespace, stack: Stack, tmp: Path) -> None:
     }
     print("errors: " + ", ".join(f"{k} {v}" for k, v in errors.items()) + f" (total {sum(errors.values())}; "
           f"target 0); ingester exit {code} after SIGTERM")  # fmt: skip
+
+
+def rss_table(readings: list[tuple[str, float, int, int]], warmup: float) -> str:
+    """RSS of gateway and ingester at each reading, then the growth from start to end (the target's)."""
+
+    def when(label: str, at: float) -> str:
+        return f"start (after the {warmup:g} s warm-up)" if label == "start" else f"{label} (at {at:,.0f} s)"
+
+    width = max(len(when(label, at)) for label, at, _, _ in readings)
+    lines = [f"{'RSS':{width}} {'gateway':>12} {'ingester':>12}"]
+    for label, at, gateway, ingester in readings:
+        lines.append(f"{when(label, at):{width}} {gateway / 1024:8.1f} MiB {ingester / 1024:8.1f} MiB")
+    (_, _, gateway0, ingester0), (_, _, gateway1, ingester1) = readings[0], readings[-1]
+    growth = [(after - before) / before if before else float("nan") for before, after in
+              ((gateway0, gateway1), (ingester0, ingester1))]  # fmt: skip
+    lines.append(
+        f"{'growth, start -> end':{width}} {growth[0]:+12.1%} {growth[1]:+12.1%}   (target < {TARGET_GROWTH:.0%}; "
+        f"ratio {abs(growth[0]) / TARGET_GROWTH:.2f} and {abs(growth[1]) / TARGET_GROWTH:.2f}; "
+        "the readings between are shown, not part of it)"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
