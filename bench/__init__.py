@@ -65,7 +65,7 @@ SERVER_URLS = {
 
 
 def server_url(storage: str) -> str:
-    """The URL of the server a storage path runs on (its database is the bench's to replace)."""
+    """The URL of the server a storage path runs on (a bench uses a database of its own there, not the one named)."""
     name, default = SERVER_URLS[storage]
     return os.environ.get(name, default)
 

@@ -286,9 +286,8 @@ def run_path(storage: str, args: argparse.Namespace, files: tuple[Path, Path, li
     print(f"\n== {STORAGE_PATHS[storage]}: {where}", flush=True)
     prepare_db(env)
     storage_check(env["DATABASE_URL"], storage, ["marketdata_bar", "marketdata_trade"])  # before any timing
-    figures: dict = {"start": None, "tables": {}}
     overhead = startup(env, bars_path.with_name("bench.empty.dbn.zst"), not args.no_publish, args.timeout)
-    figures["start"] = overhead
+    figures: dict = {"start": overhead, "tables": {}}
     publish = "off" if args.no_publish else f"on, from a {args.publisher}"
     print(
         f"start (subtracted): {overhead:.2f} s, the same command replaying a file of no records "
