@@ -33,8 +33,8 @@ Options:
 - ``--publisher process|thread``: where the ingester derives and publishes
   (INGEST_PUBLISH_PROCESS; default ``process``, as deployed).
 - ``--paths plain,timescaledb``: the storage paths to run, in that order (default both).
-- ``--timeout S``: meant to give up on one ingest after this many seconds; not enforced
-  yet (the ingest is waited for with os.wait4, which has no time limit).
+- ``--timeout S``: give up on one ingest (killed, the run exits non-zero) after this many
+  seconds (default 1800).
 
 It also prints the CPU each record cost the ingester (with its publisher process,
 ``--publisher process``, the deployed default; ``thread`` for the ingester as one
@@ -222,10 +222,18 @@ def ingest(env: dict[str, str], path: Path, publish: bool, timeout: int) -> tupl
     before = server_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = started + timeout
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:  # os.wait4 for its resource usage; polled, so that the time limit holds
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"ingest of {path.name} gave up after --timeout {timeout} s")
+            time.sleep(0.005)
     except BaseException:
         proc.kill()
+        proc.wait()
         raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - started
