@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 
 from marketdata.columns import BarColumns, TradeColumns, concat, groups
-from marketdata.selectors import bar_range_stored, bar_ranges_stored
+from marketdata.selectors.bars import bar_range_stored, bar_ranges_stored
 from marketdata.wire import bar_datas, time_texts, trade_data
 from streaming.derive import Deriver
 from streaming.publish import Publisher

@@ -588,7 +588,7 @@ def _lb_encode(entry: Any) -> bytes:
 def _lb_decode(symbol_id: int, raw: bytes) -> Any:
     import orjson
 
-    from .selectors import LeaderboardEntry
+    from .selectors.leaderboard import LeaderboardEntry
     from .timeframes import ORIGIN
 
     base, micros, o, h, low, c, v, a, prev, change = orjson.loads(raw)
@@ -600,7 +600,7 @@ def _lb_decode(symbol_id: int, raw: bytes) -> Any:
 
 def leaderboard_refresh(*, symbol_ids: Iterable[int], tfs: Sequence[str] | None = None) -> None:
     """Recompute these symbols' leaderboard rows from the database and store them (after the commit)."""
-    from .selectors import leaderboard_entries
+    from .selectors.leaderboard import leaderboard_entries
     from .timeframes import SERVED_TIMEFRAMES
 
     ids = sorted(set(symbol_ids))
@@ -652,7 +652,7 @@ class LeaderboardStale(Exception):
 def leaderboard_read(*, metric: str, tf: str, limit: int, candidates: Sequence[int]) -> list[Any] | None:
     """The top ``limit`` rows among ``candidates`` by ``metric`` (descending), or None when Redis cannot say.
 
-    Rows come back as selectors.LeaderboardEntry, over-fetched past ties and past symbols
+    Rows come back as selectors.leaderboard.LeaderboardEntry, over-fetched past ties and past symbols
     that are not candidates, for the caller to order exactly (Decimal, then ticker).
     Candidates whose rows are missing or older than their version are recomputed first.
     """

@@ -34,10 +34,10 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from marketdata import selectors
 from marketdata.cache import EPOCH_KEY, epoch_note
 from marketdata.grants import Grant, sessions_grants, tokens_grants, user_grant
 from marketdata.models import FeedStatus
+from marketdata.selectors.symbols import symbol_refs
 from marketdata.wire import ts_text
 from ops import metrics
 
@@ -46,7 +46,7 @@ from .buffer import Buffer
 from .slots import LEASE_RENEW_S, Slot, Slots
 
 if TYPE_CHECKING:
-    from marketdata.selectors import SymbolRef
+    from marketdata.selectors.symbols import SymbolRef
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class Hub:
             else:
                 missing.append(ticker)
         if missing:
-            found = await database_sync_to_async(selectors.symbol_refs)(tickers=missing)
+            found = await database_sync_to_async(symbol_refs)(tickers=missing)
             if len(self.known) > 100_000:
                 self.known.clear()
             for ticker in missing:

@@ -17,7 +17,8 @@ from datetime import datetime
 
 from channels.db import database_sync_to_async
 
-from marketdata import selectors
+from marketdata.selectors.bars import bar_list
+from marketdata.selectors.trades import trade_list
 from marketdata.wire import bar_json, data_ts, trade_json
 
 from .buffer import Buffer, Entry
@@ -32,12 +33,12 @@ def _ts(data: str) -> datetime:
 
 
 def _db_bars(ticker: str, tf: str, limit: int) -> list[tuple[datetime, str]]:
-    page = selectors.bar_list(ticker=ticker, tf=tf, limit=limit)
+    page = bar_list(ticker=ticker, tf=tf, limit=limit)
     return [(b.ts, bar_json(b.ts, b.open, b.high, b.low, b.close, b.volume, b.anomalies, b.final)) for b in page.bars]
 
 
 def _db_trades(ticker: str, end: datetime | None, limit: int) -> list[str]:
-    page = selectors.trade_list(ticker=ticker, end=end, limit=limit)
+    page = trade_list(ticker=ticker, end=end, limit=limit)
     return [trade_json(t.ts_event, t.price, t.size, t.side) for t in page.trades]
 
 

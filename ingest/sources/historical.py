@@ -35,7 +35,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 
 from marketdata.errors import ERR_NAIVE_DATETIME, ValidationError
 from marketdata.models import dataset_validator
-from marketdata.selectors import feed_stored_until
+from marketdata.selectors.feeds import feed_stored_until
 from marketdata.timeframes import SCHEMAS
 
 from ..pipeline import run

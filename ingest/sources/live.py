@@ -58,7 +58,7 @@ from databento.common.error import BentoError
 from django.utils import timezone
 
 from marketdata.errors import ERR_NAIVE_DATETIME, MarketDataError, ValidationError
-from marketdata.selectors import feed_last_stored
+from marketdata.selectors.feeds import feed_last_stored
 from marketdata.services import feed_status_errors_add
 from marketdata.timeframes import SCHEMAS
 from ops import metrics

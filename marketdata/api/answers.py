@@ -30,7 +30,9 @@ from rest_framework.serializers import Serializer
 
 from marketdata import cache
 from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
-from marketdata.selectors import BarOut, BarPageText, SymbolRef, bar_page_text, symbol_ref, symbol_refs
+from marketdata.selectors.bar_text import BarPageText, bar_page_text
+from marketdata.selectors.bars import BarOut
+from marketdata.selectors.symbols import SymbolRef, symbol_ref, symbol_refs
 from marketdata.timeframes import DURATIONS, bucket_ceil, bucket_start, source_candidates
 from marketdata.wire import bar_json, data_ts, ts_text
 from ops import metrics
@@ -216,7 +218,7 @@ def _ohlcv_fill(
                 params["end"] = ts_text(end)
             params.update(limit=str(limit), anomalies=q["anomalies"], cursor=page.next_cursor)
             next_url = base_url + "?" + urlencode(params)
-        # The page's bars are PostgreSQL's text of wire.bar_json (selectors.bar_page_text): spliced, not re-parsed.
+        # The page's bars are PostgreSQL's text of wire.bar_json (bar_page_text): spliced, not re-parsed.
         results = orjson.Fragment(f"[{page.bars}]")
         body = orjson.dumps({"symbol": symbol.ticker, "tf": tf, "results": results, "next": next_url})
         if slot is not None:

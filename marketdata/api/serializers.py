@@ -19,17 +19,9 @@ from rest_framework import serializers
 
 from marketdata.errors import MarketDataError
 from marketdata.models import TICKER_MAX_LENGTH, dataset_validator, ticker_validator
-from marketdata.selectors import (
-    DEFAULT_LIMIT,
-    ERR_RANGE,
-    LEADERBOARD_DEFAULT_LIMIT,
-    LEADERBOARD_MAX_LIMIT,
-    LEADERBOARD_METRICS,
-    MAX_LIMIT,
-    cursor_decode,
-    cursor_text,
-    trade_cursor_decode,
-)
+from marketdata.selectors.leaderboard import LEADERBOARD_DEFAULT_LIMIT, LEADERBOARD_MAX_LIMIT, LEADERBOARD_METRICS
+from marketdata.selectors.paging import DEFAULT_LIMIT, ERR_RANGE, MAX_LIMIT, cursor_decode, cursor_text
+from marketdata.selectors.trades import trade_cursor_decode
 from marketdata.timeframes import ANOMALY_NAMES, SERVED_TIMEFRAMES
 from marketdata.timeparse import time_parse
 

@@ -23,16 +23,10 @@ from rest_framework.views import APIView
 
 from marketdata import cache
 from marketdata.access import dataset_check, datasets_allowed
-from marketdata.selectors import (
-    BarOut,
-    LeaderboardRow,
-    active_symbols,
-    latest_bars,
-    leaderboard,
-    symbol_list,
-    symbol_ref,
-    trade_list,
-)
+from marketdata.selectors.bars import BarOut, latest_bars
+from marketdata.selectors.leaderboard import LeaderboardRow, leaderboard
+from marketdata.selectors.symbols import active_symbols, symbol_list, symbol_ref
+from marketdata.selectors.trades import trade_list
 from marketdata.timeframes import DURATIONS
 from marketdata.wire import price_text, trade_json, ts_text
 from ops import metrics
@@ -298,7 +292,7 @@ class LeaderboardView(ApiView):
 
 
 def _leaderboard_hot(*, metric: str, tf: str, limit: int, datasets: set[str] | None) -> list[LeaderboardRow] | None:
-    """selectors.leaderboard's answer from the Redis sets the ingester keeps; None when Redis cannot give it."""
+    """The leaderboard selector's answer from the Redis sets the ingester keeps; None when Redis cannot give it."""
     if datasets is not None and not datasets:
         return []
     # Ties go by ticker in the database's collation, as the statement orders them: by this list's order.

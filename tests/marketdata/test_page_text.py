@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from marketdata.selectors import bar_list, bar_page_text
+from marketdata.selectors.bar_text import bar_page_text
+from marketdata.selectors.bars import bar_list
 from marketdata.services import BarIn, bars_upsert
 from marketdata.wire import bar_json
 

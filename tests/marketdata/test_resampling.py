@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from marketdata.models import Bar
-from marketdata.selectors import bar_list
+from marketdata.selectors.bars import bar_list
 from marketdata.services import BarIn, bars_upsert
 from marketdata.timeframes import OHLCV, bucket_start, resample
 

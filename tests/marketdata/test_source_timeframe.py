@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from marketdata.selectors import bar_list
+from marketdata.selectors.bars import bar_list
 from marketdata.services import BarIn, bars_upsert
 from marketdata.timeframes import source_candidates
 

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import connection
 
 from marketdata.models import Bar, RetentionPolicy, Trade
-from marketdata.selectors import daily_summary
+from marketdata.selectors.daily import daily_summary
 from marketdata.services import BarIn, TradeIn, bars_upsert, retention_apply, trades_insert
 from marketdata.storage import CAGG, policies_sync, table_policies
 
@@ -149,7 +149,7 @@ def test_policies_created_from_admin_values(timescaledb):
 @pytest.mark.timescaledb
 @pytest.mark.django_db(transaction=True)
 def test_continuous_aggregate_refreshes_and_matches_the_query_path(timescaledb, make_symbol):
-    from marketdata.selectors import DAILY_SQL_PLAIN
+    from marketdata.selectors.daily import DAILY_SQL_PLAIN
     from marketdata.timeframes import ORIGIN
 
     symbol = make_symbol()

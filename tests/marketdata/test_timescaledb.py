@@ -17,7 +17,8 @@ from django.urls import reverse
 
 from marketdata import services
 from marketdata.models import RetentionPolicy, Symbol
-from marketdata.selectors import bar_list, trade_list
+from marketdata.selectors.bars import bar_list
+from marketdata.selectors.trades import trade_list
 from marketdata.services import BarIn, TradeIn, bars_upsert, trades_insert
 from marketdata.storage import BAR_TABLE, CAGG, TRADE_TABLE
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from marketdata.selectors import ORIGIN
+from marketdata.timeframes import ORIGIN
 from tests.marketdata.api.conftest import (  # noqa: F401  (fixtures)
     clean_redis,
     make_token,

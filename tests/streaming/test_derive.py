@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marketdata import selectors
+from marketdata.selectors import bars as bar_selectors
 from marketdata.services import BarIn
 from marketdata.timeframes import OHLCV, resample
 from streaming.derive import Deriver, targets
@@ -165,7 +165,7 @@ def test_bar_ranges_stored_reads_each_range_of_each_symbol(monkeypatch):
     from marketdata.models import Symbol
     from marketdata.services import bars_upsert
 
-    monkeypatch.setattr(selectors, "LOAD_CHUNK", 2)  # three queries for five ranges
+    monkeypatch.setattr(bar_selectors, "LOAD_CHUNK", 2)  # three queries for five ranges
     a, b = (Symbol.objects.create(ticker=t, dataset="XNAS.ITCH") for t in ("AAA", "BBB"))
     bars = [
         BarIn(symbol.pk, tf, T0 + timedelta(minutes=m), publisher, (10 + m) * P, (11 + m) * P, (9 + m) * P,
@@ -182,7 +182,7 @@ def test_bar_ranges_stored_reads_each_range_of_each_symbol(monkeypatch):
         (a.pk, at(0), at(1)),
     ]
 
-    got = selectors.bar_ranges_stored(base="1m", wanted=wanted)
+    got = bar_selectors.bar_ranges_stored(base="1m", wanted=wanted)
 
     def expected(symbol_id, start, end):
         return sorted(
@@ -192,4 +192,4 @@ def test_bar_ranges_stored_reads_each_range_of_each_symbol(monkeypatch):
 
     assert [sorted(bars_of) for bars_of in got] == [expected(*w) for w in wanted]
     assert [len(bars_of) for bars_of in got] == [4, 6, 4, 0, 2]
-    assert sorted(selectors.bar_range_stored(symbol_id=a.pk, base="1m", start=at(0), end=at(2))) == sorted(got[0])
+    assert sorted(bar_selectors.bar_range_stored(symbol_id=a.pk, base="1m", start=at(0), end=at(2))) == sorted(got[0])

@@ -21,7 +21,7 @@ from config.asgi import http_app
 from marketdata import cache
 from marketdata.api import answers
 from marketdata.api import serializers as s
-from marketdata.selectors import symbol_ref
+from marketdata.selectors.symbols import symbol_ref
 from marketdata.services import BarIn, bars_upsert
 from ops import metrics
 

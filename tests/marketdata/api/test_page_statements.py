@@ -8,7 +8,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from marketdata.selectors import bar_list, bar_page_text
+from marketdata.selectors.bar_text import bar_page_text
+from marketdata.selectors.bars import bar_list
 from marketdata.services import BarIn, bars_upsert
 from marketdata.wire import bar_json
 

@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from marketdata.selectors import TradeOut, cursor_encode, trade_cursor_encode
+from marketdata.selectors.paging import cursor_encode
+from marketdata.selectors.trades import TradeOut, trade_cursor_encode
 from tests.marketdata.api.conftest import T0, body, minute_bars
 
 pytestmark = pytest.mark.django_db
