@@ -308,7 +308,7 @@ class Writer(threading.Thread):
     def run(self) -> None:
         from django.db import connection
 
-        from marketdata.cache import versions_bump
+        from marketdata.cache.versions import versions_bump
         from marketdata.services import BarIn, bars_upsert
 
         interval = 60 / len(self.symbol_ids)

@@ -7,7 +7,7 @@ from asgiref.sync import sync_to_async
 from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from django.core.wsgi import get_wsgi_application
 
-from marketdata.cache import COUNTED_KEY
+from marketdata.cache.redis_client import COUNTED_KEY
 from ops import tracing
 from ops.runtime import interpreter_tune
 

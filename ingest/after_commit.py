@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from marketdata.cache import LeaderboardRefresher, versions_bump
+from marketdata.cache.leaderboards import LeaderboardRefresher
+from marketdata.cache.versions import versions_bump
 from marketdata.columns import BarColumns, TradeColumns
 from ops import metrics, tracing
 

@@ -24,7 +24,7 @@ from .records import Stats
 from .writers import Writers, failed
 
 if TYPE_CHECKING:
-    from marketdata.cache import LeaderboardRefresher
+    from marketdata.cache.leaderboards import LeaderboardRefresher
 
     from .failure import RunFailure
 

@@ -27,7 +27,7 @@ import structlog
 from django.conf import settings
 from django.db import connection
 
-from marketdata.cache import LeaderboardRefresher
+from marketdata.cache.leaderboards import LeaderboardRefresher
 from marketdata.columns import Columns, TradeColumns
 from marketdata.services import feed_status_record
 from ops import metrics

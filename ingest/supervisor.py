@@ -29,7 +29,7 @@ import structlog
 from .failure import RunFailure
 
 if TYPE_CHECKING:
-    from marketdata.cache import LeaderboardRefresher
+    from marketdata.cache.leaderboards import LeaderboardRefresher
 
     from .after_commit import AfterCommit
     from .batcher import Batcher

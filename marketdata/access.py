@@ -18,8 +18,8 @@ from django.db.models import Model, Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
-from . import cache
-from .cache import LocalCache, epoch_bump, local_caches_clear
+from .cache import local as local_cache
+from .cache.local import LocalCache, epoch_bump, local_caches_clear
 from .errors import MarketDataError
 from .models import ApiToken, Entitlement, Symbol
 from .tokens import token_hash
@@ -92,13 +92,13 @@ class _Refusals(LocalCache[str, bool]):
     """A LocalCache of refused token hashes whose entries live REFUSED_TTL_S (off with the other local caches)."""
 
     def put(self, key: str, value: bool, *, generation: int) -> None:
-        if float(getattr(settings, "API_LOCAL_CACHE_SECONDS", cache.LOCAL_TTL_S)) <= 0:
+        if float(getattr(settings, "API_LOCAL_CACHE_SECONDS", local_cache.LOCAL_TTL_S)) <= 0:
             return
         if generation != self._generation:
             return
         if len(self._items) >= self.maxsize:
             self._items.clear()
-        self._items[key] = (cache._now() + REFUSED_TTL_S, value)
+        self._items[key] = (local_cache._now() + REFUSED_TTL_S, value)
 
 
 _refused = _Refusals(maxsize=10_000)

@@ -11,7 +11,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from . import services
-from .cache import epoch_bump
+from .cache.local import epoch_bump
 from .models import ApiToken, Entitlement, FeedStatus, InstrumentMapping, RetentionPolicy, Symbol
 
 

@@ -33,7 +33,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ops import metrics
 
-from . import cache
+from .cache.local import EPOCH_KEY, epoch_note
+from .cache.redis_client import client
 
 log = structlog.get_logger(__name__)
 
@@ -103,9 +104,9 @@ def auth_blocked(ip: str) -> int | None:
     if _paused():
         return None
     window = auth_window(ip)
-    keys = [cache.EPOCH_KEY] + ([window.key] if window is not None else [])
+    keys = [EPOCH_KEY] + ([window.key] if window is not None else [])
     try:
-        values = cache.client().mget(keys)
+        values = client().mget(keys)
     except redis.RedisError as exc:
         redis_down(exc)
         return None
@@ -118,7 +119,7 @@ def auth_failed(ip: str) -> None:
     if window is None or _paused():
         return
     try:
-        pipe = cache.client().pipeline(transaction=False)
+        pipe = client().pipeline(transaction=False)
         pipe.incr(window.key)
         pipe.expire(window.key, window.period + 1)
         pipe.execute()
@@ -131,7 +132,7 @@ async def aauth_blocked(ip: str) -> int | None:
     if _paused():
         return None
     window = auth_window(ip)
-    keys = [cache.EPOCH_KEY] + ([window.key] if window is not None else [])
+    keys = [EPOCH_KEY] + ([window.key] if window is not None else [])
     try:
         values = await _aclient().mget(keys)
     except (redis.RedisError, OSError) as exc:
@@ -155,7 +156,7 @@ async def aauth_failed(ip: str) -> None:
 
 
 def _decide(window: Window | None, values: list[Any]) -> int | None:
-    cache.epoch_note(values[0])
+    epoch_note(values[0])
     wait = auth_wait(window, values[1] if window is not None else None)
     if wait is not None:
         metrics.API_THROTTLED.labels("auth").inc()

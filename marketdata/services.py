@@ -19,7 +19,8 @@ from django.utils import timezone
 
 from ops import metrics
 
-from .cache import epoch_bump, versions_bump
+from .cache.local import epoch_bump
+from .cache.versions import versions_bump
 from .columns import (
     BarColumns,
     C,

@@ -34,7 +34,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from marketdata.cache import EPOCH_KEY, epoch_note
+from marketdata.cache.local import EPOCH_KEY, epoch_note
 from marketdata.grants import Grant, sessions_grants, tokens_grants, user_grant
 from marketdata.models import FeedStatus
 from marketdata.selectors.symbols import symbol_refs

@@ -28,7 +28,11 @@ from django.db import connection
 from django.utils import timezone
 from rest_framework.serializers import Serializer
 
-from marketdata import cache
+from marketdata.cache.local import LocalCache
+from marketdata.cache.prefetch import filling, prefetch, prefetched_note, prefetched_take
+from marketdata.cache.redis_client import mget
+from marketdata.cache.versions import cached_set, changes_key, entry_body, entry_key, version_key
+from marketdata.columns import micros
 from marketdata.errors import ERR_UNKNOWN_SYMBOL, UnknownSymbolError
 from marketdata.selectors.bar_text import BarPageText, bar_page_text
 from marketdata.selectors.bars import BarOut
@@ -86,14 +90,14 @@ def cache_slot(*, symbol_id: int, what: str, tf: str, end: datetime | None) -> C
     forming bar also carries the current bucket in its key.
     """
     clock = _clock(tf, end, timezone.now())
-    head = [cache.version_key(symbol_id), cache.changes_key(symbol_id)]
+    head = [version_key(symbol_id), changes_key(symbol_id)]
     # Resampled buckets reach past an unaligned end: the answer depends on bars before its ceiling.
-    hi = None if end is None else cache.micros(bucket_ceil(end, tf))
+    hi = None if end is None else micros(bucket_ceil(end, tf))
     candidates = _candidates(tf)
     if clock == "closed":
-        key = cache.entry_key(symbol_id, f"{what}|closed")
+        key = entry_key(symbol_id, f"{what}|closed")
         return CacheSlot([*head, key], key, key, hi, candidates)
-    stable, clocked = cache.entry_key(symbol_id, f"{what}|final"), cache.entry_key(symbol_id, f"{what}|{clock}")
+    stable, clocked = entry_key(symbol_id, f"{what}|final"), entry_key(symbol_id, f"{what}|{clock}")
     return CacheSlot([*head, stable, clocked], stable, clocked, hi, candidates)
 
 
@@ -112,7 +116,7 @@ class CacheRead(NamedTuple):
 def cache_read(slot: CacheSlot, values: list[Any]) -> CacheRead:
     version, changes = int(values[0] or 0), values[1]
     for value in values[2:]:
-        body = cache.entry_body(version, value, changes=changes, candidates=slot.candidates)
+        body = entry_body(version, value, changes=changes, candidates=slot.candidates)
         if body is not None:
             return CacheRead(body, version)
     return CacheRead(None, version)
@@ -123,7 +127,7 @@ def cache_write(
 ) -> None:
     """Keep a computed answer under the version read before computing it (nothing when Redis was down)."""
     if read is not None:
-        cache.cached_set(
+        cached_set(
             key=slot.stable if all_final else slot.clocked, version=read.version, value=value,
             base=base, hi=slot.hi if base is not None else None,
         )  # fmt: skip
@@ -133,7 +137,7 @@ def hot_cache_on() -> bool:
     return bool(getattr(settings, "API_HOT_CACHE", True))
 
 
-known_symbols: cache.LocalCache[str, SymbolRef] = cache.LocalCache()
+known_symbols: LocalCache[str, SymbolRef] = LocalCache()
 
 
 def entitled(symbol: SymbolRef, allowed: set[str] | None, *, ticker: str, field: str) -> SymbolRef:
@@ -206,7 +210,7 @@ def _ohlcv_fill(
     """The body from the database and its page, stored under the version ``read`` found (a miss's fill)."""
     tf, end, limit = q["tf"], q.get("end"), q["limit"]
     # While it is computed no prefetch of the same entry starts.
-    with cache.filling((slot.stable, slot.clocked)) if slot is not None and read is not None else nullcontext():
+    with filling((slot.stable, slot.clocked)) if slot is not None and read is not None else nullcontext():
         page = bar_page_text(
             ticker=symbol.ticker, tf=tf, start=q.get("start"), end=end, limit=limit, cursor=q.get("cursor"),
             exclude_anomalies=q["anomalies"] == "exclude", symbol_id=symbol.id,
@@ -252,7 +256,7 @@ def ohlcv_prefetch(q: dict[str, Any] | None, symbol: SymbolRef, base_url: str) -
     """Fill the cache entry of the query ``q`` (ohlcv_previous's) in the background; never waits."""
     slot = None if q is None else ohlcv_slot(q, symbol, base_url)
     if q is not None and slot is not None:
-        cache.prefetch((slot.stable, slot.clocked), partial(ohlcv_prefetch_fill, q, symbol, base_url, slot))
+        prefetch((slot.stable, slot.clocked), partial(ohlcv_prefetch_fill, q, symbol, base_url, slot))
 
 
 def ohlcv_hit(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot) -> None:
@@ -261,13 +265,13 @@ def ohlcv_hit(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSl
     A chart scrolling back reads page after page; prefetching only after misses would
     leave every other page a miss.
     """
-    if cache.prefetched_take((slot.stable, slot.clocked)):
+    if prefetched_take((slot.stable, slot.clocked)):
         ohlcv_prefetch(ohlcv_previous(q, None), symbol, base_url)
 
 
 def ohlcv_prefetch_fill(q: dict[str, Any], symbol: SymbolRef, base_url: str, slot: CacheSlot) -> Any:
     """A prefetch: the slot's entry if it does not hold already, filled as a miss is (not counted as one)."""
-    values = cache.mget(slot.keys)
+    values = mget(slot.keys)
     if values is None:
         return "unavailable"
     read = cache_read(slot, values)
@@ -275,7 +279,7 @@ def ohlcv_prefetch_fill(q: dict[str, Any], symbol: SymbolRef, base_url: str, slo
         return "cached"
     body, page = _ohlcv_fill(q, symbol, base_url, slot, read)
     if page.count:
-        cache.prefetched_note((slot.stable, slot.clocked))
+        prefetched_note((slot.stable, slot.clocked))
     return "filled", (read.version, body)
 
 

@@ -47,9 +47,12 @@ from django.core.signals import setting_changed
 from django.db import close_old_connections
 from rest_framework.exceptions import AuthenticationFailed
 
-from marketdata import access, cache
+from marketdata import access
 from marketdata.access import datasets_allowed
 from marketdata.auth_throttle import auth_wait, auth_window
+from marketdata.cache.local import EPOCH_KEY, epoch_note
+from marketdata.cache.prefetch import prefetch_pending
+from marketdata.cache.redis_client import COUNTED_KEY
 from ops import metrics, tracing
 from ops.clientip import request_client_ip
 from ops.middleware import request_context
@@ -151,7 +154,7 @@ class OhlcvFastPath:
                 pipe.expire(check.key, check.period + 1)
             if failures is not None:
                 pipe.get(failures.key)
-            pipe.mget([cache.EPOCH_KEY, *(slot.keys if slot is not None else [])])
+            pipe.mget([EPOCH_KEY, *(slot.keys if slot is not None else [])])
             out = await pipe.execute()
         except (redis.RedisError, OSError):
             metrics.CACHE_ERRORS.labels("get").inc()
@@ -161,9 +164,9 @@ class OhlcvFastPath:
             return False
         counts, values = out[0 : 2 * len(checks) : 2], out[-1]
         blocked = failures is not None and auth_wait(failures, out[2 * len(checks)]) is not None
-        if cache.epoch_note(values[0]) or blocked or not throttle.decide(checks, counts):
+        if epoch_note(values[0]) or blocked or not throttle.decide(checks, counts):
             # A token, entitlement or symbol changed somewhere, or a limit: Django decides, not counting again.
-            scope[cache.COUNTED_KEY] = counts
+            scope[COUNTED_KEY] = counts
             return False
         context = request_context(_headers(scope))
         structlog.contextvars.clear_contextvars()
@@ -179,7 +182,7 @@ class OhlcvFastPath:
                     body = await self._compute(q, symbol, base_url, slot, read)
                 except Exception:
                     log.exception("ohlcv fast path failed; Django answers")
-                    scope[cache.COUNTED_KEY] = counts
+                    scope[COUNTED_KEY] = counts
                     return False
             else:
                 metrics.API_CACHE.labels("ohlcv", "hit").inc()
@@ -233,8 +236,8 @@ class OhlcvFastPath:
         return body
 
     async def _prefetched(self, slot: Any, read: Any) -> bytes | None:
-        """The body a prefetch of this entry in flight (marketdata.cache.prefetch) fills at this version, if any."""
-        pending = cache.prefetch_pending((slot.stable, slot.clocked))
+        """The body a prefetch of this entry in flight (cache.prefetch.prefetch) fills at this version, if any."""
+        pending = prefetch_pending((slot.stable, slot.clocked))
         if pending is None:
             return None
         got = await asyncio.shield(asyncio.wrap_future(pending))

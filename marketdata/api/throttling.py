@@ -21,7 +21,7 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle
 
 from marketdata.auth_throttle import rate_parse
-from marketdata.cache import client
+from marketdata.cache.redis_client import client
 from ops import metrics
 from ops.clientip import request_client_ip
 

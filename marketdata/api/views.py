@@ -21,8 +21,10 @@ from rest_framework.request import Request
 from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
-from marketdata import cache
 from marketdata.access import dataset_check, datasets_allowed
+from marketdata.cache import redis_client
+from marketdata.cache.leaderboards import leaderboard_read
+from marketdata.cache.local import EPOCH_KEY, epoch_note
 from marketdata.selectors.bars import BarOut, latest_bars
 from marketdata.selectors.leaderboard import LeaderboardRow, leaderboard
 from marketdata.selectors.symbols import active_symbols, symbol_list, symbol_ref
@@ -53,7 +55,7 @@ from .answers import (
 from .renderers import FirstRendererNegotiation
 from .throttling import ApiRateThrottle
 
-COUNTED_KEY = cache.COUNTED_KEY
+COUNTED_KEY = redis_client.COUNTED_KEY
 
 ERRORS = {
     400: OpenApiResponse(s.ErrorResponse, description="A bad parameter (field names it)."),
@@ -107,14 +109,14 @@ class ApiView(APIView):
         if counted is not None and len(counted) != len(checks):
             counted = None
         incr = [] if counted is not None else [(c.key, c.period + 1) for c in checks]
-        result = cache.round_trip(incr=incr, get=[cache.EPOCH_KEY, *keys])
+        result = redis_client.round_trip(incr=incr, get=[EPOCH_KEY, *keys])
         counts: list[int] | None = None
         self.fetched = None
         if result is not None:
             counts, values = result
             counts = counted if counted is not None else counts
             self.fetched = values[1:]
-            if cache.epoch_note(values[0]):
+            if epoch_note(values[0]):
                 # A token, entitlement, user or symbol changed somewhere: look the caller
                 # and the symbols up again (the local caches are empty now).
                 request._authenticate()  # type: ignore[attr-defined]  # DRF's own, as Request.user calls it
@@ -124,7 +126,7 @@ class ApiView(APIView):
                     keys = self.prepare(request)
                 except Exception as exc:
                     deferred, keys = exc, []
-                self.fetched = cache.mget(keys) if keys else []
+                self.fetched = redis_client.mget(keys) if keys else []
         if not throttle.decide(checks, counts):
             self.throttled(request, throttle.wait() or 1)
         if deferred is not None:
@@ -298,7 +300,7 @@ def _leaderboard_hot(*, metric: str, tf: str, limit: int, datasets: set[str] | N
     # Ties go by ticker in the database's collation, as the statement orders them: by this list's order.
     known = {ref.id: (ref.ticker, ref.dataset, n) for n, ref in enumerate(active_symbols(datasets=datasets))}
     try:
-        found = cache.leaderboard_read(metric=metric, tf=tf, limit=limit, candidates=sorted(known))
+        found = leaderboard_read(metric=metric, tf=tf, limit=limit, candidates=sorted(known))
     except redis.RedisError:
         metrics.CACHE_ERRORS.labels("get").inc()
         found = None

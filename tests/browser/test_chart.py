@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from marketdata.cache import versions_bump
+from marketdata.cache.versions import versions_bump
 from marketdata.models import FeedStatus, Symbol
 from marketdata.services import BarIn, bars_upsert
 from marketdata.timeframes import ANOMALY_HALT_ZERO_VOLUME, ANOMALY_VOLUME_SPIKE

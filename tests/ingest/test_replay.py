@@ -314,14 +314,14 @@ def test_a_feed_lock_taken_by_another_ingester_meanwhile_stops_the_run(monkeypat
 
 def test_a_bar_batch_bumps_the_cache_version_naming_its_first_bar(tmp_path, redis_client):
     """Cached pages wholly before a batch's bars stay valid (the bump names where it starts)."""
-    from marketdata import cache
+    from marketdata.cache import versions
 
     path = write(tmp_path / "b.dbn", metadata(symbols={"AAPL": 7}), [bar(7, T0 + 60 * i, 100 + i) for i in range(5)])
     run_replay(paths=[path], speed=None, loop=False, symbols=None, publish=False, install_signals=False)
 
     symbol = Symbol.objects.get(ticker="AAPL")
-    version = int(redis_client.get(cache.version_key(symbol.pk)))
-    log = cache.changes_parse(redis_client.get(cache.changes_key(symbol.pk)))
+    version = int(redis_client.get(versions.version_key(symbol.pk)))
+    log = versions.changes_parse(redis_client.get(versions.changes_key(symbol.pk)))
     assert log is not None
     assert log.records[-1] == (version, {"1m": T0 * 1_000_000})  # T0 in seconds; the log holds microseconds
 

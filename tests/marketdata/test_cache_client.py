@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import redis
 
-from marketdata import cache
+from marketdata.cache import local
+from marketdata.cache import redis_client as cache_redis
 
 THREADS = 32
 
@@ -20,7 +21,7 @@ THREADS = 32
 def fresh_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No client made yet, and a window for the race: making one takes a millisecond more, and
     the interpreter switches threads as often as it can."""
-    monkeypatch.setattr(cache, "_clients", {})
+    monkeypatch.setattr(cache_redis, "_clients", {})
     from_url = redis.Redis.from_url
 
     def slow_from_url(*args: Any, **kwargs: Any) -> redis.Redis:
@@ -34,7 +35,7 @@ def fresh_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(interval)
-        for made in cache._clients.values():
+        for made in cache_redis._clients.values():
             made.close()
 
 
@@ -48,10 +49,10 @@ def test_threads_asking_at_once_share_one_client_and_none_loses_its_connection(
     def first_requests() -> None:
         try:
             barrier.wait(timeout=10)
-            mine = cache.client()
+            mine = cache_redis.client()
             made.append(mine)
             for _ in range(20):  # a request's round trips, while the other threads start theirs
-                assert cache.round_trip(get=[cache.EPOCH_KEY]) is not None
+                assert cache_redis.round_trip(get=[local.EPOCH_KEY]) is not None
                 assert mine.ping()
         except BaseException as exc:  # every failure is the finding
             errors.append(exc)
@@ -64,4 +65,4 @@ def test_threads_asking_at_once_share_one_client_and_none_loses_its_connection(
     assert not errors, errors[:3]
     assert len(made) == THREADS
     assert len({id(c) for c in made}) == 1
-    assert cache.client() is made[0]
+    assert cache_redis.client() is made[0]

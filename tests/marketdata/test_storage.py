@@ -172,7 +172,7 @@ def test_continuous_aggregate_refreshes_and_matches_the_query_path(timescaledb, 
 
 @pytest.mark.django_db(transaction=True)
 def test_retention_apply_bumps_the_cache_version_of_each_symbol_it_deleted_from(make_symbol, redis_client):
-    from marketdata import cache
+    from marketdata.cache import versions
 
     old, kept = make_symbol("AAPL"), make_symbol("MSFT")
     RetentionPolicy.objects.create(dataset="XNAS.ITCH", schema="ohlcv-1m", keep_days=30)
@@ -180,9 +180,9 @@ def test_retention_apply_bumps_the_cache_version_of_each_symbol_it_deleted_from(
     bars_upsert(
         bars=[BarIn(old.pk, "1m", ts, 1, P, P, P, P, 1), BarIn(kept.pk, "1m", NOW.replace(second=0), 1, P, P, P, P, 1)]
     )
-    before = {s.pk: int(redis_client.get(cache.version_key(s.pk)) or 0) for s in (old, kept)}
+    before = {s.pk: int(redis_client.get(versions.version_key(s.pk)) or 0) for s in (old, kept)}
 
     assert retention_apply(now=NOW)["ohlcv-1m"] == 1
 
-    after = {s.pk: int(redis_client.get(cache.version_key(s.pk)) or 0) for s in (old, kept)}
+    after = {s.pk: int(redis_client.get(versions.version_key(s.pk)) or 0) for s in (old, kept)}
     assert after == {old.pk: before[old.pk] + 1, kept.pk: before[kept.pk]}

@@ -22,10 +22,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from marketdata import access, auth_throttle
-from marketdata import cache as cache_module
 from marketdata.api.exceptions import ERR_RATE_LIMITED
 from marketdata.auth_throttle import aauth_blocked, aauth_failed, auth_blocked, auth_failed, rate_parse
-from marketdata.cache import EPOCH_KEY, local_caches_clear
+from marketdata.cache import local
+from marketdata.cache.local import EPOCH_KEY, local_caches_clear
 from marketdata.models import ApiToken, Entitlement
 from marketdata.services import api_token_create
 from marketdata.tokens import token_hash
@@ -241,7 +241,7 @@ def test_refusals_are_bounded_and_expire(entitled, no_limit, monkeypatch):
         fresh_get(BAD)
     assert len(remembered) == 0
     now = time.monotonic()
-    monkeypatch.setattr(cache_module, "_now", lambda: now + access.REFUSED_TTL_S + 1)
+    monkeypatch.setattr(local, "_now", lambda: now + access.REFUSED_TTL_S + 1)
     with CaptureQueriesContext(connection) as expired:
         assert fresh_get(BAD).status_code == 401
     assert len(expired) >= 1

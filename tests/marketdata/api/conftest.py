@@ -12,7 +12,8 @@ import redis
 from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
-from marketdata.cache import local_caches_clear, versions_bump
+from marketdata.cache.local import local_caches_clear
+from marketdata.cache.versions import versions_bump
 from marketdata.models import Entitlement, Symbol
 from marketdata.services import BarIn, api_token_create, bars_upsert
 

@@ -8,7 +8,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.utils import timezone
 
-from marketdata.cache import local_caches_clear
+from marketdata.cache.local import local_caches_clear
 from marketdata.models import ApiToken
 from tests.marketdata.api.conftest import body, minute_bars
 

@@ -9,7 +9,8 @@ from datetime import datetime, timedelta
 import orjson
 import pytest
 
-from marketdata import cache
+from marketdata.cache import versions
+from marketdata.columns import micros
 from marketdata.services import BarIn, bars_upsert
 from ops import metrics
 
@@ -30,7 +31,7 @@ def write_spans() -> Callable[..., list[BarIn]]:
         for bar in bars:
             spans = changed.setdefault(bar.symbol_id, {})
             spans[bar.timeframe] = min(bar.ts, spans.get(bar.timeframe, bar.ts))
-        cache.versions_bump(symbol_ids=changed, changed=changed)
+        versions.versions_bump(symbol_ids=changed, changed=changed)
         return bars
 
     return write
@@ -99,7 +100,7 @@ def test_a_bump_that_names_nothing_invalidates_everything(client, make_symbol, w
     write_spans(minute_bars(symbol, 20))
     client.get(OLD)
     bars_upsert(bars=[BarIn(symbol.pk, "1m", T0 + timedelta(minutes=3), 1, P, P, P, 4 * P, 1)])
-    cache.versions_bump(symbol_ids=[symbol.pk])
+    versions.versions_bump(symbol_ids=[symbol.pk])
     assert body(client.get(OLD))["results"][3]["close"] == 4
 
 
@@ -108,7 +109,7 @@ def test_a_version_bumped_around_the_log_is_a_miss(client, make_symbol, write_sp
     write_spans(minute_bars(symbol, 20))
     client.get(OLD)
     write_spans([BarIn(symbol.pk, "1m", T0 + timedelta(minutes=30), 1, P, P, P, P, 1)])
-    redis_client.incr(cache.version_key(symbol.pk))  # a writer that knows nothing of the log
+    redis_client.incr(versions.version_key(symbol.pk))  # a writer that knows nothing of the log
     hits = _hits()
     client.get(OLD)
     assert _hits() == hits
@@ -116,17 +117,17 @@ def test_a_version_bumped_around_the_log_is_a_miss(client, make_symbol, write_sp
 
 def test_the_log_merges_its_oldest_records_and_stays_strict(make_symbol, write_spans, redis_client):
     symbol = make_symbol("AAPL")
-    bars = minute_bars(symbol, cache.CHANGES_KEEP + 5)
+    bars = minute_bars(symbol, versions.CHANGES_KEEP + 5)
     for bar in bars:
         write_spans([bar])
-    log = cache.changes_parse(redis_client.get(cache.changes_key(symbol.pk)))
+    log = versions.changes_parse(redis_client.get(versions.changes_key(symbol.pk)))
     assert log is not None
-    assert len(log.records) == cache.CHANGES_KEEP
-    version = int(redis_client.get(cache.version_key(symbol.pk)))
+    assert len(log.records) == versions.CHANGES_KEEP
+    version = int(redis_client.get(versions.version_key(symbol.pk)))
     assert log.records[-1][0] == version
     # The oldest record now stands for the first six bumps, at the earliest of their times.
-    assert log.records[0] == (log.base + 1, {"1m": cache.micros(bars[0].ts)})
-    assert [r[0] for r in log.records[1:]] == list(range(version - cache.CHANGES_KEEP + 2, version + 1))
+    assert log.records[0] == (log.base + 1, {"1m": micros(bars[0].ts)})
+    assert [r[0] for r in log.records[1:]] == list(range(version - versions.CHANGES_KEEP + 2, version + 1))
 
 
 def test_cached_answers_equal_the_database_through_random_writes_and_reads(client, make_symbol, write_spans, settings):
@@ -171,7 +172,7 @@ def _log_model(keep: int) -> Callable[..., str | None]:
             return state["log"]  # type: ignore[return-value]
         base, records = 0, []
         if state["log"] is not None:
-            parsed = cache.changes_parse(str(state["log"]).encode())
+            parsed = versions.changes_parse(str(state["log"]).encode())
             assert parsed is not None
             base, records = parsed.base, parsed.records
         if (records[-1][0] if records else base if state["log"] is not None else None) != version - 1:
@@ -187,38 +188,39 @@ def _log_model(keep: int) -> Callable[..., str | None]:
     return step
 
 
-@pytest.mark.parametrize("keep", [1, 2, 3, cache.CHANGES_KEEP])
+@pytest.mark.parametrize("keep", [1, 2, 3, versions.CHANGES_KEEP])
 def test_the_bump_script_keeps_the_log_the_rule_describes(make_symbol, redis_client, monkeypatch, keep):
     """The script appends and merges only the oldest two records; whatever the order of bumps,
     timeframes and plain version increments, its text is the one parsing the whole log gives."""
-    monkeypatch.setattr(cache, "CHANGES_KEEP", keep)
+    monkeypatch.setattr(versions, "CHANGES_KEEP", keep)
     rng = random.Random(keep)
     symbol = make_symbol("AAPL")
     model = _log_model(keep)
     for step in range(150):
         if rng.random() < 0.05:
-            redis_client.incr(cache.version_key(symbol.pk))
+            redis_client.incr(versions.version_key(symbol.pk))
             expected = model(None)
         elif rng.random() < 0.1:
-            cache.versions_bump(symbol_ids=[symbol.pk])
-            expected = model({cache.ANY_CHANGE: 0})
+            versions.versions_bump(symbol_ids=[symbol.pk])
+            expected = model({versions.ANY_CHANGE: 0})
         else:
             # One timeframe (the usual bump: the script merges two such records without parsing) or two.
             tfs = rng.sample(["1s", "1m", "1h"], rng.randint(1, 2))
             times = {tf: T0 + timedelta(seconds=rng.randint(0, 10**6)) for tf in tfs}
-            cache.versions_bump(symbol_ids=[symbol.pk], changed={symbol.pk: times})
-            expected = model({tf: cache.micros(ts) for tf, ts in sorted(times.items())})
-        assert int(redis_client.get(cache.version_key(symbol.pk))) == step + 1
-        raw = redis_client.get(cache.changes_key(symbol.pk))
+            versions.versions_bump(symbol_ids=[symbol.pk], changed={symbol.pk: times})
+            expected = model({tf: micros(ts) for tf, ts in sorted(times.items())})
+        assert int(redis_client.get(versions.version_key(symbol.pk))) == step + 1
+        raw = redis_client.get(versions.changes_key(symbol.pk))
         assert (raw.decode() if raw else None) == expected, step
 
 
 def test_a_log_the_script_did_not_write_is_started_again(make_symbol, redis_client, monkeypatch):
-    monkeypatch.setattr(cache, "CHANGES_KEEP", 2)
+    monkeypatch.setattr(versions, "CHANGES_KEEP", 2)
     symbol = make_symbol("AAPL")
-    cache.versions_bump(symbol_ids=[symbol.pk])
-    redis_client.set(cache.changes_key(symbol.pk), b"0|x;y;1:*=0")  # not all records, yet ending at the version before
-    redis_client.set(cache.version_key(symbol.pk), 1)
-    cache.versions_bump(symbol_ids=[symbol.pk])  # three records past a keep of two: the merge finds no record
-    assert redis_client.get(cache.changes_key(symbol.pk)) == b"1|2:*=0"
-    assert int(redis_client.get(cache.version_key(symbol.pk))) == 2
+    versions.versions_bump(symbol_ids=[symbol.pk])
+    # Not all records, yet ending at the version before.
+    redis_client.set(versions.changes_key(symbol.pk), b"0|x;y;1:*=0")
+    redis_client.set(versions.version_key(symbol.pk), 1)
+    versions.versions_bump(symbol_ids=[symbol.pk])  # three records past a keep of two: the merge finds no record
+    assert redis_client.get(versions.changes_key(symbol.pk)) == b"1|2:*=0"
+    assert int(redis_client.get(versions.version_key(symbol.pk))) == 2

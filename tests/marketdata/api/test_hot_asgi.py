@@ -16,7 +16,7 @@ from django.conf import settings as django_settings
 from django.core.signals import request_started
 
 from config.asgi import django_http_app, http_app
-from marketdata.cache import EPOCH_KEY
+from marketdata.cache.local import EPOCH_KEY
 from marketdata.models import ApiToken
 from marketdata.services import BarIn
 from ops import metrics

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from marketdata import cache
+from marketdata.cache import local, versions
+from marketdata.cache import redis_client as cache_redis
 from marketdata.models import ApiToken, Entitlement
 from tests.marketdata.api.conftest import minute_bars
 
@@ -28,13 +29,13 @@ def setup(client, make_symbol, write_bars, make_user, make_token, settings):
 @pytest.fixture
 def round_trips(monkeypatch):
     calls: list[int] = []
-    real = cache.round_trip
+    real = cache_redis.round_trip
 
     def counted(**kwargs):
         calls.append(1)
         return real(**kwargs)
 
-    monkeypatch.setattr(cache, "round_trip", counted)
+    monkeypatch.setattr(cache_redis, "round_trip", counted)
     return calls
 
 
@@ -65,7 +66,7 @@ def test_another_process_s_change_is_seen_through_the_epoch(client, setup, redis
     # A change this process's signals never saw (another process, or a queryset update)...
     ApiToken.objects.filter(user=user).update(revoked=True)
     # ...that the other process announced after its commit, as marketdata.access does.
-    redis_client.set(cache.EPOCH_KEY, "another-process")
+    redis_client.set(local.EPOCH_KEY, "another-process")
     assert client.get(URL, **auth).status_code == 401
 
 
@@ -73,8 +74,8 @@ def test_a_change_nobody_announced_holds_at_most_the_local_ttl(client, setup, mo
     user, auth = setup
     ApiToken.objects.filter(user=user).update(revoked=True)  # no signal, no epoch
     assert client.get(URL, **auth).status_code == 200  # the remembered look-up, for now
-    later = cache._now() + cache.LOCAL_TTL_S + 0.1
-    monkeypatch.setattr(cache, "_now", lambda: later)
+    later = local._now() + local.LOCAL_TTL_S + 0.1
+    monkeypatch.setattr(local, "_now", lambda: later)
     assert client.get(URL, **auth).status_code == 401
 
 
@@ -84,5 +85,5 @@ def test_an_entry_of_another_version_is_a_miss(client, setup, redis_client: redi
     (key,) = [k.decode() if isinstance(k, bytes) else k for k in redis_client.keys("md:cache:*")]
     # An entry computed before a version bump and stored after it (a slow reader) is never served.
     redis_client.set(key, b"0|" + b'{"forged":true}')
-    redis_client.incr(cache.version_key(int(key.split(":")[2])))
+    redis_client.incr(versions.version_key(int(key.split(":")[2])))
     assert client.get(URL, **auth).content == first

@@ -10,7 +10,7 @@ from itertools import product
 import pytest
 import redis
 
-from marketdata import cache
+from marketdata.cache import leaderboards, versions
 from marketdata.models import Symbol
 from marketdata.services import BarIn
 from ops import metrics
@@ -29,7 +29,7 @@ def _bar(symbol: Symbol, minute: int, close: int, volume: int, publisher: int = 
 @pytest.fixture
 def ingest(write_bars):
     """Write bars as the ingester does: upsert, bump the versions, then keep the leaderboards."""
-    refresher = cache.LeaderboardRefresher(every_s=0)
+    refresher = leaderboards.LeaderboardRefresher(every_s=0)
 
     def write(bars: list[BarIn]) -> None:
         write_bars(bars)
@@ -61,7 +61,7 @@ def _stamps_current(redis_client: redis.Redis, symbols: list[Symbol]) -> bool:
     for tf in TFS:
         for s in symbols:
             stamp = redis_client.hget(f"md:lb:{tf}:v", str(s.pk))
-            if stamp is None or int(stamp) != int(redis_client.get(cache.version_key(s.pk)) or 0):
+            if stamp is None or int(stamp) != int(redis_client.get(versions.version_key(s.pk)) or 0):
                 return False
     return True
 
@@ -139,16 +139,16 @@ def test_the_ingesters_background_refresher_refreshes_a_symbol_once_it_is_quiet_
     make_symbol, write_bars, redis_client, monkeypatch
 ):
     calls: list[tuple[str, set[int]]] = []
-    refresh = cache.leaderboard_refresh
+    refresh = leaderboards.leaderboard_refresh
 
     def recorded(*, symbol_ids, tfs=None):
         calls.append((threading.current_thread().name, set(symbol_ids)))
         refresh(symbol_ids=symbol_ids, tfs=tfs)
 
-    monkeypatch.setattr(cache, "leaderboard_refresh", recorded)
+    monkeypatch.setattr(leaderboards, "leaderboard_refresh", recorded)
     now = [100.0]  # the refresher's clock, moved by the test only
     aapl, msft = make_symbol("AAPL"), make_symbol("MSFT")
-    refresher = cache.LeaderboardRefresher(every_s=0.05, quiet_s=0.1, background=True, clock=lambda: now[0])
+    refresher = leaderboards.LeaderboardRefresher(every_s=0.05, quiet_s=0.1, background=True, clock=lambda: now[0])
     try:
         write_bars([_bar(aapl, 0, 100 * P, 10)])
         write_bars([_bar(msft, 0, 200 * P, 20)])
