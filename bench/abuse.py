@@ -197,7 +197,7 @@ def setup(env: dict[str, str]) -> dict[str, str]:
     from django.contrib.auth import get_user_model
 
     from marketdata.models import ApiToken, Entitlement, Symbol
-    from marketdata.services import api_token_create
+    from marketdata.services.api_tokens import api_token_create
     from streaming.publish import Message, Publisher
 
     user_model = get_user_model()

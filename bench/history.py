@@ -263,7 +263,8 @@ def seed(n_symbols: int, n_bars: int) -> tuple[list[str], list[int], datetime, s
     from django.db import connection
 
     from marketdata.models import ApiToken, Entitlement, Symbol
-    from marketdata.services import BarIn, api_token_create, bars_upsert
+    from marketdata.services.api_tokens import api_token_create
+    from marketdata.services.bars_trades import BarIn, bars_upsert
 
     tickers = [f"HIST{i:03d}" for i in range(n_symbols)]
     with connection.cursor() as cursor:
@@ -309,7 +310,7 @@ class Writer(threading.Thread):
         from django.db import connection
 
         from marketdata.cache.versions import versions_bump
-        from marketdata.services import BarIn, bars_upsert
+        from marketdata.services.bars_trades import BarIn, bars_upsert
 
         interval = 60 / len(self.symbol_ids)
         i = 0

@@ -1,4 +1,4 @@
-"""Benchmark: 1m bars through ``marketdata.services.bars_upsert`` beside a plain COPY.
+"""Benchmark: 1m bars through ``marketdata.services.bars_trades.bars_upsert`` beside a plain COPY.
 
 Run from the repository root::
 
@@ -110,7 +110,7 @@ def make_bars(n_rows: int, n_symbols: int, symbol_ids: list[int], seed: int) -> 
     Prices are random walks in Databento fixed-point (1e-9); consecutive weekdays'
     extended sessions give the timestamps.
     """
-    from marketdata.services import BarIn
+    from marketdata.services.bars_trades import BarIn
 
     rng = random.Random(seed)
     prices = [rng.randint(5_000, 500_000) * 10_000_000 for _ in range(n_symbols)]  # $0.50 .. $50.00 x 10
@@ -181,7 +181,7 @@ def run_baseline(bars: list) -> float:
     """One binary COPY of every row into a new unindexed table, committed; seconds."""
     from django.db import connection, transaction
 
-    from marketdata.services import BAR_COLUMNS, BAR_TYPES
+    from marketdata.services.bars_trades import BAR_COLUMNS, BAR_TYPES
 
     with connection.cursor() as cursor:
         cursor.execute(f"DROP TABLE IF EXISTS {BASELINE_TABLE}")
@@ -262,7 +262,7 @@ def backend_pid() -> int | None:
 
 def run_upsert(bars: list, batch: int) -> tuple[float, int, int, int]:
     """Every row through bars_upsert in batches; seconds and summed inserted/updated/unchanged."""
-    from marketdata.services import bars_upsert
+    from marketdata.services.bars_trades import bars_upsert
 
     inserted = updated = unchanged = 0
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections
 
 from marketdata.columns import BarColumns, TradeColumns
-from marketdata.services import BarIn, TradeIn
+from marketdata.services.bars_trades import BarIn, TradeIn
 from ops import metrics
 
 from .record_queue import CLOSED, RecordQueue

@@ -29,7 +29,7 @@ from django.db import connection
 
 from marketdata.cache.leaderboards import LeaderboardRefresher
 from marketdata.columns import Columns, TradeColumns
-from marketdata.services import feed_status_record
+from marketdata.services.feeds import feed_status_record
 from ops import metrics
 
 from .after_commit import AfterCommit

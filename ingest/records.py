@@ -12,7 +12,7 @@ import numpy as np
 import structlog
 
 from marketdata.columns import BarColumns, TradeColumns, groups
-from marketdata.services import UNDEF_PRICE, BarIn, TradeIn
+from marketdata.services.bars_trades import UNDEF_PRICE, BarIn, TradeIn
 
 from .anomalies import AnomalyDetector
 from .symbology import DAY_NS, UNDEF_TIMESTAMP, Resolver

@@ -1,6 +1,6 @@
 """The writers: WRITERS threads, each with its own database session, writing numbered batches in commit order.
 
-Each batch is one COPY-based upsert transaction per table (marketdata.services); batch i
+Each batch is one COPY-based upsert transaction per table (marketdata.services.bars_trades); batch i
 runs its statements while batch i-1 commits, and commits after it (CommitOrder), so what
 is stored is always a prefix of the batches and they reach the after-commit thread in
 order. While PostgreSQL is unreachable a writer retries the batch it holds
@@ -21,7 +21,15 @@ from django.db import connections
 from django.utils import timezone
 
 from marketdata.columns import BarColumns, TradeColumns, concat, utc
-from marketdata.services import BarIn, TradeIn, WriteResult, bars_checked, bars_upsert, trades_checked, trades_insert
+from marketdata.services.bars_trades import (
+    BarIn,
+    TradeIn,
+    WriteResult,
+    bars_checked,
+    bars_upsert,
+    trades_checked,
+    trades_insert,
+)
 from ops import metrics, tracing
 
 from .publisher_hosts import PUT_WAIT_S

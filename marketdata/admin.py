@@ -10,9 +10,12 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 
-from . import services
 from .cache.local import epoch_bump
 from .models import ApiToken, Entitlement, FeedStatus, InstrumentMapping, RetentionPolicy, Symbol
+from .services.api_tokens import api_token_create
+from .services.retention import retention_policy_save
+from .services.symbols import symbols_set_active
+from .storage import policies_sync
 
 
 class InstrumentMappingInline(admin.TabularInline):
@@ -33,12 +36,12 @@ class SymbolAdmin(admin.ModelAdmin):
 
     @admin.action(description="Activate selected symbols")
     def activate(self, request: HttpRequest, queryset: QuerySet[Symbol]) -> None:
-        changed = services.symbols_set_active(symbol_ids=list(queryset.values_list("pk", flat=True)), active=True)
+        changed = symbols_set_active(symbol_ids=list(queryset.values_list("pk", flat=True)), active=True)
         self.message_user(request, f"{changed} symbol(s) activated.", messages.SUCCESS)
 
     @admin.action(description="Deactivate selected symbols")
     def deactivate(self, request: HttpRequest, queryset: QuerySet[Symbol]) -> None:
-        changed = services.symbols_set_active(symbol_ids=list(queryset.values_list("pk", flat=True)), active=False)
+        changed = symbols_set_active(symbol_ids=list(queryset.values_list("pk", flat=True)), active=False)
         self.message_user(request, f"{changed} symbol(s) deactivated.", messages.SUCCESS)
 
 
@@ -48,7 +51,7 @@ class RetentionPolicyAdmin(admin.ModelAdmin):
     list_filter = ("dataset", "schema")
 
     def save_model(self, request: HttpRequest, obj: RetentionPolicy, form: Any, change: bool) -> None:
-        applied = services.retention_policy_save(policy=obj)
+        applied = retention_policy_save(policy=obj)
         summary = "; ".join(
             f"{table}: keep {keep} d, compress after {comp} d" for table, (keep, comp) in applied.items()
         )
@@ -56,11 +59,11 @@ class RetentionPolicyAdmin(admin.ModelAdmin):
 
     def delete_model(self, request: HttpRequest, obj: RetentionPolicy) -> None:
         super().delete_model(request, obj)
-        services.policies_sync()
+        policies_sync()
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[RetentionPolicy]) -> None:
         super().delete_queryset(request, queryset)
-        services.policies_sync()
+        policies_sync()
 
 
 @admin.register(FeedStatus)
@@ -105,7 +108,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        row, token = services.api_token_create(user=obj.user, name=obj.name, expires_at=obj.expires_at)
+        row, token = api_token_create(user=obj.user, name=obj.name, expires_at=obj.expires_at)
         obj.pk = row.pk
         obj.prefix, obj.key_hash, obj.created_at = row.prefix, row.key_hash, row.created_at
         self.message_user(

@@ -27,7 +27,7 @@ from .errors import ERR_OUT_OF_COLUMN, ValidationError
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = timedelta(microseconds=1)
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00Z in Unix microseconds: binary COPY's time zero
-UNDEF_PRICE = 2**63 - 1  # Databento's undefined price (as marketdata.services)
+UNDEF_PRICE = 2**63 - 1  # Databento's undefined price (as marketdata.services.bars_trades)
 SIDES = (b"A", b"B", b"N")
 STORED = (b"1s", b"1m", b"1h", b"1d")  # marketdata.timeframes.STORED_TIMEFRAMES
 # PostgreSQL's binary COPY: signature, flags, header extension length ... rows ... trailer.

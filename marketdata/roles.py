@@ -133,7 +133,7 @@ def db_roles_apply(*, writer: RoleSpec, reader: RoleSpec, using: str = "default"
             cursor.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {} FROM {}").format(sch, r))
             cursor.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, r))
             cursor.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sch, r))
-        # The ingester stages each batch in a session temp table (marketdata.services).
+        # The ingester stages each batch in a session temp table (marketdata.services.bars_trades).
         cursor.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {} TO {}").format(db, q(writer.name)))
 
         w = q(writer.name)

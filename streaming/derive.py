@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from marketdata.columns import BarColumns, micros, utc
-from marketdata.services import BarIn
+from marketdata.services.bars_trades import BarIn
 from marketdata.timeframes import (
     DURATIONS,
     OHLCV,

@@ -59,7 +59,7 @@ from django.utils import timezone
 
 from marketdata.errors import ERR_NAIVE_DATETIME, MarketDataError, ValidationError
 from marketdata.selectors.feeds import feed_last_stored
-from marketdata.services import feed_status_errors_add
+from marketdata.services.feeds import feed_status_errors_add
 from marketdata.timeframes import SCHEMAS
 from ops import metrics
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from marketdata.cache.versions import versions_bump
 from marketdata.models import FeedStatus, Symbol
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from marketdata.timeframes import ANOMALY_HALT_ZERO_VOLUME, ANOMALY_VOLUME_SPIKE
 from marketdata.wire import bar_json
 from streaming.publish import Message, Publisher

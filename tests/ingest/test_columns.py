@@ -21,7 +21,7 @@ from ingest.symbology import Resolver
 from marketdata.columns import BarColumns, TradeColumns, bar_spans, columns_of, concat, utc
 from marketdata.errors import ValidationError
 from marketdata.models import Symbol, Trade
-from marketdata.services import UNDEF_PRICE, BarIn, TradeIn, trades_insert
+from marketdata.services.bars_trades import UNDEF_PRICE, BarIn, TradeIn, trades_insert
 from marketdata.wire import bar_datas, bar_json, time_text, time_texts, trade_json
 
 from .dbnfile import NS, P, metadata

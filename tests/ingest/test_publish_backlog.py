@@ -13,7 +13,7 @@ import redis
 from ingest.publisher import MERGE_RECORDS, STOP, Job, trades_out, with_backlog
 from ingest.publisher_hosts import ProcessHost
 from marketdata.columns import BarColumns, TradeColumns, columns_of, utc
-from marketdata.services import BarIn, TradeIn
+from marketdata.services.bars_trades import BarIn, TradeIn
 
 from .test_replay import buffer_frames
 

@@ -113,7 +113,7 @@ def test_instrument_mapping_search_by_ticker_or_id(client, staff, make_symbol):
 
 def test_revoking_tokens_in_the_admin_tells_every_process_at_once(client, staff, redis_client):
     from marketdata.cache.local import EPOCH_KEY
-    from marketdata.services import api_token_create
+    from marketdata.services.api_tokens import api_token_create
 
     api_token_create(user=staff, name="desk")
     before = redis_client.get(EPOCH_KEY)

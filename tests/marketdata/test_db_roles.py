@@ -24,7 +24,8 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from marketdata.models import Bar, FeedStatus, Symbol
-from marketdata.services import BarIn, api_token_create, bars_upsert
+from marketdata.services.api_tokens import api_token_create
+from marketdata.services.bars_trades import BarIn, bars_upsert
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 WRITER_PASSWORD = "writer-" + uuid.uuid4().hex
@@ -206,7 +207,8 @@ def test_gateway_process_logs_in_and_authenticates_tokens_as_its_role(roles):
 WRITER_SCRIPT = """
 import datetime, django
 django.setup()
-from marketdata.services import BarIn, bars_upsert, retention_apply
+from marketdata.services.bars_trades import BarIn, bars_upsert
+from marketdata.services.retention import retention_apply
 print(bars_upsert(bars=BARS))
 print(bars_upsert(bars=CHANGED))
 print("retention", retention_apply())

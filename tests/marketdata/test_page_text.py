@@ -10,7 +10,7 @@ import pytest
 
 from marketdata.selectors.bar_text import bar_page_text
 from marketdata.selectors.bars import bar_list
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from marketdata.wire import bar_json
 
 T0 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)

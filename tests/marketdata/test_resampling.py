@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from marketdata.models import Bar
 from marketdata.selectors.bars import bar_list
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from marketdata.timeframes import OHLCV, bucket_start, resample
 
 P = 1_000_000_000

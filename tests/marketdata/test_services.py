@@ -9,7 +9,7 @@ import pytest
 
 from marketdata.errors import ValidationError
 from marketdata.models import Bar, Trade
-from marketdata.services import UNDEF_PRICE, BarIn, TradeIn, bars_upsert, trades_insert
+from marketdata.services.bars_trades import UNDEF_PRICE, BarIn, TradeIn, bars_upsert, trades_insert
 from tests.conftest import dbn_records
 
 P = 1_000_000_000  # Databento fixed-point units per 1.0

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from marketdata.selectors.bars import bar_list
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from marketdata.timeframes import source_candidates
 
 T0 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)

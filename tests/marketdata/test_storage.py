@@ -17,7 +17,8 @@ from django.db import connection
 
 from marketdata.models import Bar, RetentionPolicy, Trade
 from marketdata.selectors.daily import daily_summary
-from marketdata.services import BarIn, TradeIn, bars_upsert, retention_apply, trades_insert
+from marketdata.services.bars_trades import BarIn, TradeIn, bars_upsert, trades_insert
+from marketdata.services.retention import retention_apply
 from marketdata.storage import CAGG, policies_sync, table_policies
 
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -15,11 +15,11 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from marketdata import services
 from marketdata.models import RetentionPolicy, Symbol
 from marketdata.selectors.bars import bar_list
 from marketdata.selectors.trades import trade_list
-from marketdata.services import BarIn, TradeIn, bars_upsert, trades_insert
+from marketdata.services import bars_trades
+from marketdata.services.bars_trades import BarIn, TradeIn, bars_upsert, trades_insert
 from marketdata.storage import BAR_TABLE, CAGG, TRADE_TABLE
 
 pytestmark = [pytest.mark.timescaledb, pytest.mark.django_db(transaction=True)]
@@ -50,7 +50,7 @@ def _compressed_at(table: str, ts: datetime) -> bool:
     return bool(compressed)
 
 
-def _changed(result: services.WriteResult) -> tuple[int, int]:
+def _changed(result: bars_trades.WriteResult) -> tuple[int, int]:
     return result.inserted, result.updated
 
 
@@ -67,13 +67,13 @@ def _copies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the table of every COPY a write makes: the table itself (the appending path)
     or its staging table (the staged upsert)."""
     tables: list[str] = []
-    real = services._copy_payload
+    real = bars_trades._copy_payload
 
     def spy(cursor: Any, table: str, *args: Any, **kwargs: Any) -> None:
         tables.append(table)
         real(cursor, table, *args, **kwargs)
 
-    monkeypatch.setattr(services, "_copy_payload", spy)
+    monkeypatch.setattr(bars_trades, "_copy_payload", spy)
     return tables
 
 

@@ -27,7 +27,7 @@ from marketdata.auth_throttle import aauth_blocked, aauth_failed, auth_blocked, 
 from marketdata.cache import local
 from marketdata.cache.local import EPOCH_KEY, local_caches_clear
 from marketdata.models import ApiToken, Entitlement
-from marketdata.services import api_token_create
+from marketdata.services.api_tokens import api_token_create
 from marketdata.tokens import token_hash
 from ops import metrics
 from tests.marketdata.api.test_hot_asgi import Started, call

@@ -23,7 +23,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from marketdata.models import ApiToken, Entitlement, Symbol
-from marketdata.services import api_token_create
+from marketdata.services.api_tokens import api_token_create
 from streaming import protocol
 from streaming.consumers import ERR_CREDENTIALS_GONE
 from tests.streaming.wsclient import Client, bar_data, publish

@@ -21,7 +21,7 @@ from django.contrib.auth import get_user_model
 from websockets.exceptions import ConnectionClosed
 
 from marketdata.models import ApiToken, Entitlement, Symbol
-from marketdata.services import api_token_create
+from marketdata.services.api_tokens import api_token_create
 from streaming import protocol
 from streaming.consumers import ERR_CREDENTIALS_GONE, ERR_USER_SOCKETS
 from tests.streaming.test_e2e import READY_S, Gateway, _ready, _spawn, _stop, ws_connect

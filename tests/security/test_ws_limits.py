@@ -24,7 +24,7 @@ from django.contrib.auth import get_user_model
 from django.test import override_settings
 
 from marketdata.models import ApiToken, Entitlement, Symbol
-from marketdata.services import api_token_create
+from marketdata.services.api_tokens import api_token_create
 from streaming import protocol
 from streaming.consumers import ERR_IP_SOCKETS, ERR_USER_SOCKETS
 from tests.streaming.wsclient import Client, bar_data, publish

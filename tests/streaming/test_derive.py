@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marketdata.selectors import bars as bar_selectors
-from marketdata.services import BarIn
+from marketdata.services.bars_trades import BarIn
 from marketdata.timeframes import OHLCV, resample
 from streaming.derive import Deriver, targets
 
@@ -163,7 +163,7 @@ def test_streams_seen_first_in_a_batch_load_their_stored_bars_in_one_call_per_ti
 @pytest.mark.django_db
 def test_bar_ranges_stored_reads_each_range_of_each_symbol(monkeypatch):
     from marketdata.models import Symbol
-    from marketdata.services import bars_upsert
+    from marketdata.services.bars_trades import bars_upsert
 
     monkeypatch.setattr(bar_selectors, "LOAD_CHUNK", 2)  # three queries for five ranges
     a, b = (Symbol.objects.create(ticker=t, dataset="XNAS.ITCH") for t in ("AAA", "BBB"))

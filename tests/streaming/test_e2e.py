@@ -40,7 +40,7 @@ from websockets.exceptions import ConnectionClosed
 from ingest.pipeline import BATCH_TRADES
 from ingest.sources.replay import run_replay
 from marketdata.models import Bar, Entitlement, Symbol
-from marketdata.services import api_token_create
+from marketdata.services.api_tokens import api_token_create
 from marketdata.wire import trade_json
 from streaming import protocol
 from streaming.publish import Message, Publisher

@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from marketdata.models import FeedStatus, Symbol
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from streaming import protocol
 from streaming.publish import BUFFER_KEY
 from tests.streaming.wsclient import T0, Client, bar_data, publish
@@ -130,7 +130,7 @@ async def test_subscribe_snapshot_then_consecutive_live_messages(symbols):
 
 
 async def test_trades_snapshot_from_buffer_and_database(symbols):
-    from marketdata.services import TradeIn, trades_insert
+    from marketdata.services.bars_trades import TradeIn, trades_insert
 
     stream = "trades:AAPL"
     ts = [T0 + timedelta(seconds=i) for i in range(6)]

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from marketdata.services import retention_apply
+from marketdata.services.retention import retention_apply
 
 
 class Command(BaseCommand):

@@ -15,7 +15,8 @@ from rest_framework.test import APIClient
 from marketdata.cache.local import local_caches_clear
 from marketdata.cache.versions import versions_bump
 from marketdata.models import Entitlement, Symbol
-from marketdata.services import BarIn, api_token_create, bars_upsert
+from marketdata.services.api_tokens import api_token_create
+from marketdata.services.bars_trades import BarIn, bars_upsert
 
 P = 1_000_000_000  # Databento fixed-point scale
 T0 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)

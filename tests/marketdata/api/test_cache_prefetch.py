@@ -22,7 +22,7 @@ from marketdata.api import answers
 from marketdata.api import serializers as s
 from marketdata.cache import prefetch, versions
 from marketdata.selectors.symbols import symbol_ref
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from ops import metrics
 
 from .conftest import T0, P, minute_bars

@@ -11,7 +11,7 @@ import pytest
 
 from marketdata.cache import versions
 from marketdata.columns import micros
-from marketdata.services import BarIn, bars_upsert
+from marketdata.services.bars_trades import BarIn, bars_upsert
 from ops import metrics
 
 from .conftest import T0, P, body, minute_bars

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from marketdata.services import BarIn, TradeIn, trades_insert
+from marketdata.services.bars_trades import BarIn, TradeIn, trades_insert
 from tests.marketdata.api.conftest import T0, P, body, minute_bars
 
 pytestmark = pytest.mark.django_db

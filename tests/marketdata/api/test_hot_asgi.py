@@ -18,7 +18,7 @@ from django.core.signals import request_started
 from config.asgi import django_http_app, http_app
 from marketdata.cache.local import EPOCH_KEY
 from marketdata.models import ApiToken
-from marketdata.services import BarIn
+from marketdata.services.bars_trades import BarIn
 from ops import metrics
 
 from .conftest import T0, P, minute_bars

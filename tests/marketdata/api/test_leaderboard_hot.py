@@ -12,7 +12,7 @@ import redis
 
 from marketdata.cache import leaderboards, versions
 from marketdata.models import Symbol
-from marketdata.services import BarIn
+from marketdata.services.bars_trades import BarIn
 from ops import metrics
 from tests.marketdata.api.conftest import T0, P, body
 

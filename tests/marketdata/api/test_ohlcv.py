@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketdata.services import BarIn
+from marketdata.services.bars_trades import BarIn
 from marketdata.timeframes import OHLCV, resample
 from marketdata.wire import price_text, ts_text
 from ops import metrics
@@ -202,7 +202,7 @@ def test_with_redis_unreachable_answers_come_from_the_database(client, make_symb
     assert [r.content for r in without] == with_redis
     assert metrics.CACHE_ERRORS.labels("get")._value.get() > errors
     # A bar written while Redis is down (its version bump is lost) is served all the same.
-    from marketdata.services import bars_upsert
+    from marketdata.services.bars_trades import bars_upsert
 
     bars_upsert(bars=[BarIn(symbol.pk, "1m", T0 + timedelta(minutes=30), 1, P, P, P, 3 * P, 1)])
     assert body(client.get("/v1/latest?symbols=AAPL"))["results"]["AAPL"]["close"] == 3

@@ -1,4 +1,4 @@
-"""Writes to the market-data store. Each function is one transaction and idempotent."""
+"""Writes of bars and trades (rows or columns): checked, then an appending COPY or a staged upsert, a batch at once."""
 
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import psycopg
-from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
-from django.utils import timezone
 
 from ops import metrics
 
-from .cache.local import epoch_bump
-from .cache.versions import versions_bump
-from .columns import (
+from ..columns import (
     BarColumns,
     C,
     TradeColumns,
@@ -33,7 +28,7 @@ from .columns import (
     narrow_check,
     spans,
 )
-from .errors import (
+from ..errors import (
     ERR_BAD_SIDE,
     ERR_BAD_TIMEFRAME_STORED,
     ERR_HIGH_LOW,
@@ -42,10 +37,8 @@ from .errors import (
     ERR_UNDEFINED_PRICE,
     ValidationError,
 )
-from .models import ApiToken, FeedStatus, RetentionPolicy, Symbol
-from .storage import BAR_TABLE, SCHEMA_TABLES, TRADE_TABLE, policies_sync
-from .timeframes import SCHEMA_TIMEFRAMES, STORED_TIMEFRAMES
-from .tokens import token_generate, token_hash
+from ..storage import BAR_TABLE, TRADE_TABLE
+from ..timeframes import STORED_TIMEFRAMES
 
 UNDEF_PRICE = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -141,7 +134,8 @@ STAGES = {
 }
 
 
-def _check_aware(field: str, value: datetime) -> None:
+def check_aware(field: str, value: datetime) -> None:
+    """A ValidationError on ``field`` unless ``value`` is timezone-aware."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(ERR_NAIVE_DATETIME.format(field=field, value=value), field=field)
 
@@ -155,7 +149,7 @@ def _check_int(field: str, value: int, row: Any) -> None:
 
 def _check_bar(row: BarIn) -> None:
     """Raise the ValidationError for the first thing wrong with ``row``, in a fixed order of checks."""
-    _check_aware("ts", row.ts)
+    check_aware("ts", row.ts)
     if row.timeframe not in STORED_TIMEFRAMES:
         raise ValidationError(ERR_BAD_TIMEFRAME_STORED.format(value=row.timeframe), field="timeframe")
     for field in ("open", "high", "low", "close", "volume"):
@@ -166,8 +160,8 @@ def _check_bar(row: BarIn) -> None:
 
 def _check_trade(row: TradeIn) -> None:
     """Raise the ValidationError for the first thing wrong with ``row``, in a fixed order of checks."""
-    _check_aware("ts_event", row.ts_event)
-    _check_aware("ts_recv", row.ts_recv)
+    check_aware("ts_event", row.ts_event)
+    check_aware("ts_recv", row.ts_recv)
     _check_int("price", row.price, row)
     _check_int("size", row.size, row)
     if row.side not in ("A", "B", "N"):
@@ -392,114 +386,3 @@ def trades_insert(
     metrics.DB_WRITE_ROWS.labels(TRADE_TABLE).inc(inserted)
     metrics.DB_WRITE_LATENCY.labels(TRADE_TABLE).observe(time.perf_counter() - started)
     return WriteResult(received=len(cols), inserted=inserted, updated=0)
-
-
-RETENTION_BARS_SQL = f"""
-WITH deleted AS (
-    DELETE FROM {BAR_TABLE} b USING marketdata_symbol s
-    WHERE b.symbol_id = s.id AND b.timeframe = %(tf)s
-      AND b.ts < %(now)s - make_interval(days => COALESCE(
-          (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
-          %(default)s))
-    RETURNING b.symbol_id
-)
-SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
-"""
-RETENTION_TRADES_SQL = f"""
-WITH deleted AS (
-    DELETE FROM {TRADE_TABLE} t USING marketdata_symbol s
-    WHERE t.symbol_id = s.id
-      AND t.ts_event < %(now)s - make_interval(days => COALESCE(
-          (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
-          %(default)s))
-    RETURNING t.symbol_id
-)
-SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
-"""
-
-
-def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
-    """Delete every bar and trade older than its (dataset, schema) policy; default keep applies elsewhere.
-
-    Each symbol that lost rows has its cache version bumped after the commit, so no cached
-    answer keeps showing what was deleted.
-    """
-    now = now or timezone.now()
-    _check_aware("now", now)
-    deleted: dict[str, int] = {}
-    params: dict[str, Any] = {"now": now, "default": settings.MARKETDATA_DEFAULT_RETENTION_DAYS}
-    with connection.cursor() as cursor:
-        for schema, table in SCHEMA_TABLES.items():
-            with transaction.atomic():
-                if table == BAR_TABLE:
-                    cursor.execute(RETENTION_BARS_SQL, {**params, "schema": schema, "tf": SCHEMA_TIMEFRAMES[schema]})
-                else:
-                    cursor.execute(RETENTION_TRADES_SQL, {**params, "schema": schema})
-                counts = dict(cursor.fetchall())
-                if counts:
-                    transaction.on_commit(partial(versions_bump, symbol_ids=list(counts)))
-            deleted[schema] = sum(counts.values())
-            metrics.RETENTION_DELETED.labels(table).inc(deleted[schema])
-    return deleted
-
-
-def api_token_create(*, user: Any, name: str, expires_at: datetime | None = None) -> tuple[ApiToken, str]:
-    """Create a token for ``user``; return the row and the token itself, which is not stored."""
-    if expires_at is not None:
-        _check_aware("expires_at", expires_at)
-    token = token_generate()
-    row = ApiToken.objects.create(
-        user=user, name=name, prefix=token[:12], key_hash=token_hash(token), expires_at=expires_at
-    )
-    return row, token
-
-
-def symbols_set_active(*, symbol_ids: Sequence[int], active: bool) -> int:
-    """Activate or deactivate symbols; return how many changed."""
-    changed = Symbol.objects.filter(pk__in=list(symbol_ids)).exclude(active=active).update(active=active)
-    if changed:
-        # update() sends no signal: processes that remember symbols must forget them now.
-        transaction.on_commit(epoch_bump)
-    return changed
-
-
-def retention_policy_save(*, policy: RetentionPolicy) -> dict[str, tuple[int, int]]:
-    """Save a retention policy and apply it to the storage (TimescaleDB policies where present)."""
-    with transaction.atomic():
-        policy.full_clean()
-        policy.save()
-    return policies_sync()
-
-
-def feed_status_record(
-    *, dataset: str, schema: str, source: str, last_record_ts: datetime | None, records_written: int,
-    duplicates: int, skipped: int, errors: int, last_error: str,
-) -> None:  # fmt: skip
-    """Record a feed's state now (the ingester, about once a second and at the end of a run)."""
-    now = datetime.now(UTC)
-    FeedStatus.objects.update_or_create(
-        dataset=dataset,
-        schema=schema,
-        defaults={
-            "source": source,
-            "last_record_ts": last_record_ts,
-            "last_batch_at": now,
-            "lag_seconds": (now - last_record_ts).total_seconds() if last_record_ts else None,
-            "records_written": records_written,
-            "duplicates": duplicates,
-            "skipped": skipped,
-            "errors": errors,
-            "last_error": last_error[:2000],
-            "last_error_at": now if last_error else None,
-        },
-    )
-
-
-def feed_status_errors_add(*, dataset: str, schema: str, errors: int, skipped: int, last_error: str) -> None:
-    """Add a source's own errors to a feed's status (after its run recorded the pipeline's)."""
-    FeedStatus.objects.filter(dataset=dataset, schema=schema).update(
-        errors=F("errors") + errors,
-        skipped=F("skipped") + skipped,
-        last_error=last_error[:2000],
-        last_error_at=timezone.now(),
-    )
