@@ -47,7 +47,7 @@ from .writers import Writers
 if TYPE_CHECKING:
     from .source import Source
 
-__all__ = ["FeedLock", "IngestLockedError", "Pipeline", "advisory_key", "run", "stop_on_signals"]
+__all__ = ["FeedLock", "IngestLockedError", "Pipeline", "advisory_key", "run"]
 
 log = structlog.get_logger(__name__)
 
@@ -225,7 +225,8 @@ def run(
     """Drive ``source.records(stopping)`` through one pipeline per dataset, each feed under its advisory lock.
 
     The source ends its records itself once ``stopping`` is set (with ``install_signals``,
-    by SIGTERM or Ctrl-C), after what it holds: every record it handed over is stored
+    by SIGTERM or Ctrl-C: the supervisor's ``stop_on_signals``, entered here and nowhere
+    else, for every source), after what it holds: every record it handed over is stored
     before this returns. Returns each dataset's stats, and ``UNREAD``'s for source errors
     of no feed (a file unreadable before its metadata).
     """

@@ -12,7 +12,8 @@ refresher, publisher, feed status. A failure anywhere goes to ``fail``: the firs
 the run's (later ones are consequences), it is recorded in feed status, and every stage
 that may be waiting on another (a source on a full queue, a writer at its commit turn) is
 released, so the run ends and ``Pipeline.close`` raises it. ``stop_on_signals`` is where
-SIGTERM and Ctrl-C become a drained stop.
+SIGTERM and Ctrl-C become a drained stop: ``pipeline.run``, the one driver of every
+source, enters it when asked to (``install_signals``; the ``ingest`` command asks).
 """
 
 from __future__ import annotations

@@ -157,6 +157,7 @@ def run_historical(
     publish: bool = True,
     progress: Callable[[Stats, float], None] | None = None,
     stopping: threading.Event | None = None,
+    install_signals: bool = False,
     backoff: Backoff = API_BACKOFF,
     attempts: int = API_ATTEMPTS,
 ) -> HistoricalStats:
@@ -164,13 +165,17 @@ def run_historical(
 
     ``key`` is checked (or read from DATABENTO_API_KEY when None) before any request;
     a missing or malformed key raises ApiKeyError. Bad arguments raise ValidationError.
+    ``stopping`` (or, with ``install_signals``, SIGTERM or Ctrl-C) ends the fetch early.
     """
     source = HistoricalSource(
         dataset=dataset, schema=schema, symbols=symbols, start=start, end=end, key=key, gateway=gateway, chunk=chunk,
         backoff=backoff, attempts=attempts,
     )  # fmt: skip
     stopping = stopping if stopping is not None else threading.Event()
-    stats = run(source, symbols=source.symbols, publish=publish, progress=progress, stopping=stopping)
+    stats = run(
+        source, symbols=source.symbols, publish=publish, progress=progress, stopping=stopping,
+        install_signals=install_signals,
+    )  # fmt: skip
     return source.result(stats[dataset], stopping)
 
 

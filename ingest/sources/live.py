@@ -510,12 +510,13 @@ def run_live(
     gateway: str | None = None,
     publish: bool = True,
     progress: Callable[[Stats, float], None] | None = None,
-    stopping: threading.Event,
+    stopping: threading.Event | None = None,
+    install_signals: bool = False,
     backoff_max: float = 30.0,
     watchdog_s: float = 30.0,
     max_reconnects: int | None = None,
 ) -> Stats:
-    """Ingest a live subscription until ``stopping`` is set; returns the run's stats.
+    """Ingest a live subscription until ``stopping`` is set (with ``install_signals``, by SIGTERM or Ctrl-C too).
 
     ``gateway`` is ``HOST:PORT`` (None: Databento's own gateway for the dataset). ``start``
     (aware) asks the first subscription for intraday replay from then; None means from
@@ -533,7 +534,9 @@ def run_live(
         dataset=dataset, schema=schema, symbols=symbols, key=key, start_ns=start_ns, gateway=gateway,
         backoff_max=backoff_max, watchdog_s=watchdog_s, max_reconnects=max_reconnects,
     )  # fmt: skip
-    stats = run(feed, symbols=symbols, publish=publish, progress=progress, stopping=stopping)[dataset]
+    stats = run(
+        feed, symbols=symbols, publish=publish, progress=progress, stopping=stopping, install_signals=install_signals
+    )[dataset]
     _merge(stats, feed.stats)
     if feed.stats.errors:  # the source's own, added to the feed status the pipeline left at the end of the run
         feed_status_errors_add(

@@ -490,7 +490,7 @@ def run_replay(
     symbols: list[str] | None,
     publish: bool = True,
     progress: Callable[[Stats, float], None] | None = None,
-    install_signals: bool = True,
+    install_signals: bool = False,
     max_loops: int | None = None,
     on_file: Callable[[FileRead], None] | None = None,
 ) -> dict[str, Stats]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -13,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ingest.pipeline import IngestLockedError, stop_on_signals
+from ingest.pipeline import IngestLockedError
 from ingest.records import Stats
 from ingest.sources.keys import ApiKeyError, api_key_get
 from ingest.sources.replay import FileRead, run_replay
@@ -150,6 +149,7 @@ class Command(BaseCommand):
             publish=not options["no_publish"],
             progress=self._progress,
             on_file=on_file,
+            install_signals=True,
         )
         for dataset, stats in results.items():
             self.stdout.write(f"{dataset}: {stats.summary()}")
@@ -159,13 +159,11 @@ class Command(BaseCommand):
     def _historical(self, options: dict[str, Any]) -> None:
         from ingest.sources.historical import API_ERRORS, run_historical
 
-        stopping = threading.Event()
-        with stop_on_signals(stopping):
-            stats = run_historical(
-                dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"],
-                start=options["start"], end=options["end"], gateway=options["gateway"],
-                publish=not options["no_publish"], progress=self._progress, stopping=stopping,
-            )  # fmt: skip
+        stats = run_historical(
+            dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"],
+            start=options["start"], end=options["end"], gateway=options["gateway"],
+            publish=not options["no_publish"], progress=self._progress, install_signals=True,
+        )  # fmt: skip
         self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
         if any(stats.errors[cause] for cause in API_ERRORS):
             raise CommandError(ERR_HISTORICAL_INCOMPLETE.format(reason=stats.last_error))
@@ -184,14 +182,12 @@ class Command(BaseCommand):
             if stored is not None and time.time_ns() - stored < INTRADAY_REPLAY_NS:
                 start = ns_datetime(stored)
                 self.stderr.write(f"live: resuming from the last stored record, {start.isoformat()}")
-        stopping = threading.Event()
         try:
-            with stop_on_signals(stopping):
-                stats = run_live(
-                    dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"], key=key,
-                    start=start, gateway=options["gateway"], publish=not options["no_publish"],
-                    progress=self._progress, stopping=stopping,
-                )  # fmt: skip
+            stats = run_live(
+                dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"], key=key,
+                start=start, gateway=options["gateway"], publish=not options["no_publish"],
+                progress=self._progress, install_signals=True,
+            )  # fmt: skip
         except LiveAuthError as exc:
             raise CommandError(exc.message) from None
         self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
