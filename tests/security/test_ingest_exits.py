@@ -183,19 +183,19 @@ def assert_good_files_stored(samples: Path) -> None:
 
 
 def read_whole_line(path: Path, records: int) -> str:
-    from ingest.management.commands.ingest import OUT_READ_WHOLE
+    from ingest.runs import OUT_READ_WHOLE
 
     return OUT_READ_WHOLE.format(path=path, records=records)
 
 
 def failed_line(reason: str) -> str:
-    from ingest.management.commands.ingest import ERR_FILE_FAILED
+    from ingest.runs import ERR_FILE_FAILED
 
     return ERR_FILE_FAILED.format(reason=reason)
 
 
 def failed_total(failed: int, total: int) -> str:
-    from ingest.management.commands.ingest import ERR_FILES_FAILED
+    from ingest.runs import ERR_FILES_FAILED
 
     return "CommandError: " + ERR_FILES_FAILED.format(failed=failed, total=total)
 
@@ -446,7 +446,7 @@ ERR_TAIL = "): run the same command again to resume from the store"
 
 
 def incomplete(reason: str) -> str:
-    from ingest.management.commands.ingest import ERR_HISTORICAL_INCOMPLETE
+    from ingest.runs import ERR_HISTORICAL_INCOMPLETE
 
     return "CommandError: " + ERR_HISTORICAL_INCOMPLETE.format(reason=reason)
 

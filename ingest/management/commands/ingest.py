@@ -1,9 +1,8 @@
-"""python manage.py ingest replay|historical|live ... (a thin adapter over ingest.pipeline)."""
+"""python manage.py ingest replay|historical|live ... (a thin adapter over ingest.runs, which drive ingest.pipeline)."""
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -12,24 +11,12 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ingest.pipeline import IngestLockedError
-from ingest.records import Stats
-from ingest.sources.keys import ApiKeyError, api_key_get
-from ingest.sources.replay import FileRead, run_replay
-from marketdata.errors import ValidationError
+from ingest import runs
+from marketdata.errors import MarketDataError, ValidationError
 from marketdata.timeframes import SCHEMAS
 from marketdata.timeparse import time_parse
 from ops.runtime import interpreter_tune
 
-OUT_READ_WHOLE = "read whole: {path} ({records} records)"
-OUT_STOPPED = "stopped: {path} (the run was stopped before its end)"
-ERR_FILE_FAILED = "failed: {reason}"
-ERR_FILES_FAILED = "{failed} of {total} files could not be read whole (each named above)"
-ERR_HISTORICAL_INCOMPLETE = (
-    "historical fetch incomplete ({reason}): run the same command again to resume from the store"
-)
-STOPPED_EARLY = "stopped before the end of the window"
-ERR_LIVE_GAVE_UP = "live feed gave up reconnecting; see the log for the last error"
 EXIT_CODES = (
     "Exit status: 0 when every input was read whole (a replay or live run stopped by SIGTERM or Ctrl-C "
     "included, once what it read is stored); 1 when any input could not be read whole (a missing, cut, "
@@ -38,6 +25,12 @@ EXIT_CODES = (
     "an error, or the run failed (a refused or missing API key, another ingester holding the feed, the "
     "database); 2 on bad arguments."
 )
+# Each source's run (ingest.runs) and the options it takes, besides --no-publish.
+RUNS: dict[str, tuple[Callable[..., str | None], tuple[str, ...]]] = {
+    "replay": (runs.replay, ("files", "speed", "loop", "symbols")),
+    "historical": (runs.historical, ("dataset", "schema", "symbols", "start", "end", "gateway")),
+    "live": (runs.live, ("dataset", "schema", "symbols", "start", "gateway")),
+}
 
 
 def _symbols(value: str) -> list[str]:
@@ -106,90 +99,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         interpreter_tune()
+        run, names = RUNS[options["source"]]
         try:
-            if options["source"] == "replay":
-                self._replay(options)
-            elif options["source"] == "historical":
-                self._historical(options)
-            else:
-                self._live(options)
-        except (IngestLockedError, ApiKeyError, ValidationError) as exc:
-            raise CommandError(exc.message) from None
-
-    def _progress(self, stats: Stats, elapsed: float) -> None:
-        rate = stats.written / elapsed if elapsed else 0.0
-        lag = "-"
-        if stats.last_ts is not None:
-            from django.utils import timezone
-
-            lag = f"{(timezone.now() - stats.last_ts).total_seconds():.1f}s"
-        self.stderr.write(f"records={stats.records} written={stats.written} rate={rate:,.0f}/s lag={lag}")
-
-    def _replay(self, options: dict[str, Any]) -> None:
-        said: dict[Path, str] = {}
-        failed: set[Path] = set()
-
-        def on_file(read: FileRead) -> None:
-            if read.error:
-                failed.add(read.path)
-                line, out = ERR_FILE_FAILED.format(reason=read.error), self.stderr
-            elif read.stopped:
-                line, out = OUT_STOPPED.format(path=read.path), self.stdout
-            else:
-                line, out = OUT_READ_WHOLE.format(path=read.path, records=read.records), self.stdout
-            if said.get(read.path) != line:  # a looped pass that went as the last one is not said again
-                said[read.path] = line
-                out.write(line)
-
-        results = run_replay(
-            paths=options["files"],
-            speed=options["speed"],
-            loop=options["loop"],
-            symbols=options["symbols"],
-            publish=not options["no_publish"],
-            progress=self._progress,
-            on_file=on_file,
-            install_signals=True,
-        )
-        for dataset, stats in results.items():
-            self.stdout.write(f"{dataset}: {stats.summary()}")
-        if failed:
-            raise CommandError(ERR_FILES_FAILED.format(failed=len(failed), total=len(set(options["files"]))))
-
-    def _historical(self, options: dict[str, Any]) -> None:
-        from ingest.sources.historical import API_ERRORS, run_historical
-
-        stats = run_historical(
-            dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"],
-            start=options["start"], end=options["end"], gateway=options["gateway"],
-            publish=not options["no_publish"], progress=self._progress, install_signals=True,
-        )  # fmt: skip
-        self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
-        if any(stats.errors[cause] for cause in API_ERRORS):
-            raise CommandError(ERR_HISTORICAL_INCOMPLETE.format(reason=stats.last_error))
-        if not stats.complete:
-            raise CommandError(ERR_HISTORICAL_INCOMPLETE.format(reason=STOPPED_EARLY))
-
-    def _live(self, options: dict[str, Any]) -> None:
-        from ingest.sources.live import INTRADAY_REPLAY_NS, LiveAuthError, last_stored_ns, run_live
-        from ingest.symbology import ns_datetime
-
-        key = api_key_get(source="ingest live")
-        start = options["start"]
-        if start is None:
-            # A restarted feed first fills what it missed while down (intraday replay reaches a day back).
-            stored = last_stored_ns(schema=options["schema"], symbols=options["symbols"])
-            if stored is not None and time.time_ns() - stored < INTRADAY_REPLAY_NS:
-                start = ns_datetime(stored)
-                self.stderr.write(f"live: resuming from the last stored record, {start.isoformat()}")
-        try:
-            stats = run_live(
-                dataset=options["dataset"], schema=options["schema"], symbols=options["symbols"], key=key,
-                start=start, gateway=options["gateway"], publish=not options["no_publish"],
-                progress=self._progress, install_signals=True,
+            error = run(
+                **{name: options[name] for name in names}, publish=not options["no_publish"],
+                out=self.stdout.write, err=self.stderr.write,
             )  # fmt: skip
-        except LiveAuthError as exc:
+        except MarketDataError as exc:  # a refused or missing API key, a feed held by another ingester, bad arguments
             raise CommandError(exc.message) from None
-        self.stdout.write(f"{options['dataset']} {options['schema']}: {stats.summary()}")
-        if stats.errors["reconnects_exhausted"]:
-            raise CommandError(ERR_LIVE_GAVE_UP)
+        if error is not None:
+            raise CommandError(error)
