@@ -1,14 +1,15 @@
-"""The live source: ``databento.Live`` -> a bounded queue -> ``run_feed``, reconnecting without holes.
+"""The live source: ``databento.Live`` -> a bounded queue -> ``pipeline.run``, reconnecting without holes.
 
 One run is one (dataset, schema) subscription for a list of raw symbols. The official
 client runs on an event loop of its own (a thread started here, so nothing else shares
 it). Its record callback only enqueues into a bounded ``queue.Queue`` of the current
-connection; the calling thread drains that queue through a generator into
-``ingest.pipeline.run_feed``, whose own bounded queue and batch writer store and publish.
+connection (``live_records.Connection``); the calling thread drains that queue through a
+generator into ``ingest.pipeline.run``, whose own bounded queue and batch writer store
+and publish.
 
 Back-pressure: when the pipeline is slower than the feed, its queue fills, the generator
 stops draining, this queue fills, and the callback *waits* for room (in steps of
-PUT_WAIT_S, giving up only when its connection is abandoned). Waiting there blocks the
+``live_records.PUT_WAIT_S``, giving up only when its connection is abandoned). Waiting there blocks the
 client's event loop, which is this run's alone: the socket is not read, TCP's window
 closes, and the gateway sees a slow reader. That is the one place the client's thread
 blocks, on purpose and only for as long as the database is behind; nothing is dropped.
@@ -20,9 +21,9 @@ backoff and subscribes again with ``start=`` the last stored timestamp of the sc
 symbols (max ``Bar.ts`` of the schema's timeframe, or max ``Trade.ts_event``): Databento's
 intraday replay resends everything from there, so the stored series has no hole. The
 records of the replay that this run already passed on (the overlap) are recognised by
-their bytes and dropped before the pipeline, so trades that share a time and sequence do
-not get a second ordinal, and bars are not fed to the anomaly detector twice; the store's
-idempotent upserts absorb anything beyond that. A gap older than the intraday window
+their bytes (``live_records.Recent``) and dropped before the pipeline, so trades that
+share a time and sequence do not get a second ordinal, and bars are not fed to the
+anomaly detector twice; the store's idempotent upserts absorb anything beyond that. A gap older than the intraday window
 (24 h) is counted (``gap_beyond_intraday_replay``) and logged with the exact
 ``ingest historical`` command that fills it; the subscription then starts at the
 window's edge.
@@ -47,9 +48,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import databento
@@ -61,27 +60,24 @@ from marketdata.errors import ERR_NAIVE_DATETIME, MarketDataError, ValidationErr
 from marketdata.selectors.feeds import feed_last_stored
 from marketdata.services.feeds import feed_status_errors_add
 from marketdata.timeframes import SCHEMAS
-from ops import metrics
 
 from ..pipeline import run
 from ..records import Stats
 from ..retry import Backoff
 from ..source import FeedStart
 from ..symbology import NS_PER_S, date_or_dt_ns, ns_datetime
+from .live_records import Connection, Recent
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 13000  # Databento's live gateways all listen on 13000
 INTRADAY_REPLAY_NS = 24 * 3600 * NS_PER_S  # how far back the live gateway replays
 REPLAY_EDGE_MARGIN_NS = 60 * NS_PER_S  # start a clamped replay this far inside the window
-QUEUE_MAX = 10_000  # records of one connection waiting for the pipeline
-PUT_WAIT_S = 0.25  # the callback's wait for room, re-checked in steps of this
 POLL_S = 0.1  # the drain's wait for a record before it checks the connection
 STOP_DRAIN_S = 5.0  # at most this long to drain a stopping client
 CLOSE_WAIT_S = 2.0  # at most this long for a dropped client to finish closing
 BACKOFF_BASE_S = 0.5  # first reconnect waits up to this, doubling to backoff_max
 STABLE_S = 30.0  # a connection that lived this long resets the backoff
-RECENT_MAX = 65_536  # records remembered to recognise a gap-fill replay's overlap
 HEARTBEAT_MIN_S, HEARTBEAT_MAX_S = 5, 1800  # the gateway's allowed heartbeat intervals
 FATAL_CODES = {dbn.ErrorCode.AUTH_FAILED, dbn.ErrorCode.API_KEY_DEACTIVATED, dbn.ErrorCode.INVALID_SUBSCRIPTION}
 
@@ -140,72 +136,6 @@ def last_stored_ns(*, schema: str, symbols: list[str]) -> int | None:
     return date_or_dt_ns(latest) if latest is not None else None
 
 
-@dataclass(eq=False)
-class _Connection:
-    """One client connection: its client, its queue, and what the callback has seen."""
-
-    client: databento.Live
-    start_ns: int | None
-    opened: float = field(default_factory=time.monotonic)
-    inbox: queue.Queue[object] = field(default_factory=lambda: queue.Queue(maxsize=QUEUE_MAX))
-    abandoned: threading.Event = field(default_factory=threading.Event)
-    last_seen: float = field(default_factory=time.monotonic)
-    data: int = 0
-    waits: int = 0  # times the callback found the queue full
-
-    def on_record(self, record: object) -> None:
-        """The client's callback (its event-loop thread): note the time, enqueue, never drop.
-
-        Blocks only while the queue is full (back-pressure, see the module docstring) and
-        returns at once when the connection has been abandoned.
-        """
-        self.last_seen = time.monotonic()
-        if isinstance(record, dbn.SystemMsg) and record.is_heartbeat():
-            return  # liveness only
-        while not self.abandoned.is_set():
-            try:
-                self.inbox.put(record, timeout=PUT_WAIT_S)
-                return
-            except queue.Full:
-                self.waits += 1
-                metrics.INGEST_BACKPRESSURE.inc()
-
-    def on_error(self, exc: Exception) -> None:
-        log.error("live record callback failed", exc_info=exc)
-
-
-class _Recent:
-    """Data records already passed on, to recognise them when a gap-fill replay sends them again."""
-
-    def __init__(self, size: int = RECENT_MAX) -> None:
-        self.items: deque[tuple[int, bytes]] = deque(maxlen=size)
-        self.pending: Counter[bytes] = Counter()
-
-    def expect_replay(self, start_ns: int) -> int:
-        """A replay from ``start_ns`` follows: returns how many records it resends that were seen."""
-        self.pending = Counter(raw for ts, raw in self.items if ts >= start_ns)
-        if len(self.items) == self.items.maxlen and self.items[0][0] > start_ns:
-            log.warning(
-                "live: the replay overlap is longer than the records remembered; the store's upserts absorb the rest",
-                extra={"remembered": len(self.items)},
-            )
-        return self.pending.total()
-
-    def seen(self, record: dbn.OHLCVMsg | dbn.TradeMsg) -> bool:
-        """True when ``record`` is a resent one (drop it); otherwise remember it."""
-        raw = bytes(record)
-        if self.pending:
-            count = self.pending.get(raw, 0)
-            if count:
-                if count == 1:
-                    del self.pending[raw]
-                else:
-                    self.pending[raw] = count - 1
-                return True
-        self.items.append((record.ts_event, raw))
-        return False
-
-
 class LiveFeed:
     """The reconnecting record source of one live run; ``records(stopping)`` is what the pipeline iterates.
 
@@ -246,12 +176,12 @@ class LiveFeed:
                 extra={"watchdog_s": watchdog_s, "heartbeat_s": self.heartbeat_s},
             )
         self.stats = Stats()
-        self.recent = _Recent()
+        self.recent = Recent()
         self.first_start_ns = start_ns
         self.subscriptions: list[int | None] = []  # the start of every subscription made
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
-        self.current: _Connection | None = None
+        self.current: Connection | None = None
 
     # -- the generator -----------------------------------------------------------
 
@@ -302,12 +232,12 @@ class LiveFeed:
 
     # -- one connection ------------------------------------------------------------
 
-    def _open(self, start_ns: int | None) -> _Connection | None:
+    def _open(self, start_ns: int | None) -> Connection | None:
         """Connect, authenticate, subscribe and start; None on a failure worth retrying."""
         client = databento.Live(
             key=self.key, gateway=self.host, port=self.port, heartbeat_interval_s=self.heartbeat_s, loop=self.loop
         )
-        conn = _Connection(client=client, start_ns=start_ns)
+        conn = Connection(client=client, start_ns=start_ns)
         client.add_callback(conn.on_record, conn.on_error)
         self.subscriptions.append(start_ns)
         try:
@@ -339,7 +269,7 @@ class LiveFeed:
         )  # fmt: skip
         return conn
 
-    def _stream(self, conn: _Connection) -> Generator[object, None, str]:
+    def _stream(self, conn: Connection) -> Generator[object, None, str]:
         """Drain one connection until it drops, the watchdog fires, or the run stops."""
         while True:
             if self.stopping.is_set():
@@ -366,7 +296,7 @@ class LiveFeed:
             if passed is not None:
                 yield passed
 
-    def _drain_stopping(self, conn: _Connection) -> Iterator[object]:
+    def _drain_stopping(self, conn: Connection) -> Iterator[object]:
         """Close the client gracefully and pass on everything it had received."""
         log.info("live: stopping; draining what was received", extra={"queued": conn.inbox.qsize()})
         conn.client.stop()
@@ -386,7 +316,7 @@ class LiveFeed:
             self.stats.error("stop_drain_timeout", f"{left} received records were not drained within {STOP_DRAIN_S} s")
         self._close(conn)
 
-    def _accept(self, conn: _Connection, record: object) -> object | None:
+    def _accept(self, conn: Connection, record: object) -> object | None:
         """The record to pass to the pipeline, or None (a replay's overlap)."""
         if isinstance(record, dbn.OHLCVMsg | dbn.TradeMsg):
             conn.data += 1
@@ -403,7 +333,7 @@ class LiveFeed:
                 raise LiveAuthError(ERR_FATAL.format(gateway=self.gateway, error=record.err, code=record.code))
         return record
 
-    def _close(self, conn: _Connection) -> str:
+    def _close(self, conn: Connection) -> str:
         """Abandon ``conn`` (its callback stops waiting) and close its client; returns why it closed."""
         conn.abandoned.set()
         if self.current is conn:

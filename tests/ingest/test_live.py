@@ -20,7 +20,7 @@ from django.db import connection
 from ingest import pipeline, writers
 from ingest.pipeline import FeedLock
 from ingest.records import BAR_RTYPES, Stats
-from ingest.sources import live
+from ingest.sources import live_records
 from ingest.sources.live import LiveAuthError, parse_gateway, reconnect_backoff, run_live
 from marketdata.errors import ValidationError
 from marketdata.models import Bar, FeedStatus, InstrumentMapping, Symbol, Trade
@@ -339,7 +339,7 @@ def test_stopping_returns_promptly_with_everything_received_stored(monkeypatch):
     received = []
     stopped_at: list[float] = []
     stopping = threading.Event()
-    original = live._Connection.on_record
+    original = live_records.Connection.on_record
 
     def on_record(self, record):
         if isinstance(record, dbn.OHLCVMsg):
@@ -349,7 +349,7 @@ def test_stopping_returns_promptly_with_everything_received_stored(monkeypatch):
                 stopping.set()
         original(self, record)
 
-    monkeypatch.setattr(live._Connection, "on_record", on_record)
+    monkeypatch.setattr(live_records.Connection, "on_record", on_record)
     with LiveGateway(keys=[KEY], symbols=SYMBOLS, records=records, pace_s=0.002) as gateway:
         with Ingester(stopping=stopping, start=start_of(records), gateway=gateway.address) as ingester:
             stats = ingester.join()
@@ -365,21 +365,21 @@ def test_stopping_returns_promptly_with_everything_received_stored(monkeypatch):
 
 
 def test_a_slow_database_holds_the_gateway_back_and_loses_nothing(monkeypatch):
-    monkeypatch.setattr(live, "QUEUE_MAX", 50)
+    monkeypatch.setattr(live_records, "QUEUE_MAX", 50)
     # More than the pipeline holds (its queue, the batch it gathers, one waiting for a writer
     # and one in each writer), so the live callback must wait for room.
     held = pipeline.QUEUE_MAX + (writers.WRITERS + 2) * pipeline.BATCH_BARS
     per_symbol = (held + 4000) // len(SYMBOLS)
     records = bars(per_symbol, ago_s=per_symbol + 3600, rtype=dbn.RType.OHLCV_1S)
-    connections: list[live._Connection] = []
-    original = live._Connection.on_record
+    connections: list[live_records.Connection] = []
+    original = live_records.Connection.on_record
 
     def on_record(self, record):
         if not connections or connections[-1] is not self:
             connections.append(self)
         original(self, record)
 
-    monkeypatch.setattr(live._Connection, "on_record", on_record)
+    monkeypatch.setattr(live_records.Connection, "on_record", on_record)
     waits_before = metrics.INGEST_BACKPRESSURE._value.get()
     db = settings.DATABASES["default"]
     dsn = f"host={db['HOST']} port={db['PORT']} user={db['USER']} dbname={db['NAME']}"
