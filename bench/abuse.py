@@ -78,6 +78,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import bench_env, machine  # noqa: E402
+from tests.chaos.stack import GatewayFailed, Proc, gateway_start, listening  # noqa: E402
 
 BENCH_DB = "marketdata_bench_abuse"
 BENCH_REDIS_DB = 10
@@ -227,10 +228,8 @@ def setup(env: dict[str, str]) -> dict[str, str]:
 
 
 @dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
+class Gateway(Proc):
+    """The gateway process (tests/chaos/stack.py starts it) and what its log said."""
 
     @property
     def pid(self) -> int:
@@ -238,11 +237,13 @@ class Gateway:
 
     def log_size(self) -> int:
         try:
-            return self.log.stat().st_size
+            return self.log.stat().st_size if self.log is not None else 0
         except OSError:
             return 0
 
     def log_since(self, offset: int) -> list[str]:
+        if self.log is None:
+            return []
         try:
             with self.log.open("rb") as f:
                 f.seek(offset)
@@ -251,41 +252,16 @@ class Gateway:
             return []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_gateway(env: dict[str, str], log: Path) -> Gateway:
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    gateway = Gateway(proc, port, log)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return gateway
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_gateway(gateway)
-                tail = "\n".join(gateway.log_since(0)[-30:])
-                raise SystemExit(f"the gateway did not listen on 127.0.0.1:{port} within 60 s:\n{tail}") from None
-            time.sleep(0.2)
+    """The gateway in a session of its own, once its port accepts connections."""
+    try:
+        return gateway_start(env, log, ready=listening, timeout=60, new_session=True, kind=Gateway)
+    except GatewayFailed as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def stop_gateway(gateway: Gateway) -> None:
-    if gateway.proc.poll() is None:
-        gateway.proc.terminate()
-        try:
-            gateway.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            gateway.proc.kill()
-            gateway.proc.wait(timeout=10)
+    gateway.stop(timeout=20)
 
 
 def rss_mib(pid: int) -> float:

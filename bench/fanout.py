@@ -45,13 +45,13 @@ import os
 import platform
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from array import array
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -62,6 +62,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import LOOPBACK_LIMITS  # noqa: E402
+from tests.chaos.servers import free_port  # noqa: E402
+from tests.chaos.stack import Proc, gateway_argv, gateway_start, listening  # noqa: E402
 
 BENCH_DB = "marketdata_bench_fanout"
 BENCH_REDIS_DB = 13
@@ -277,12 +279,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Server:
     """One server process (daphne or uvicorn) serving one app on a loopback port."""
@@ -309,8 +305,9 @@ def server_command(kind: str, app: str, port: int) -> list[str]:
     if kind == "daphne":
         # The gateway ships its own daphne launcher (a scope extension for the transport's
         # send buffer); the baseline is served by daphne as it comes.
-        module = "streaming.server" if app == "ours" else "daphne"
-        return [sys.executable, "-m", module, "-b", "127.0.0.1", "-p", str(port), target]
+        if app == "ours":
+            return gateway_argv(port, app=target)
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), target]
     return [
         sys.executable, "-m", "uvicorn", "--ws", "websockets", "--host", "127.0.0.1", "--port", str(port),
         "--lifespan", "off", "--no-access-log", "--log-level", "warning", target,
@@ -318,23 +315,14 @@ def server_command(kind: str, app: str, port: int) -> list[str]:
 
 
 def start_server(kind: str, app: str, env: dict[str, str], workdir: Path) -> Server:
+    """The server started as tests/chaos/stack.py starts every gateway, once its port accepts connections."""
     port = free_port()
     log = workdir / f"{kind}-{app}-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(server_command(kind, app, port), cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    server = Server(kind, app, port, proc, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} ({app}) exited with {proc.returncode}:\n{server.tail()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return server
-        except OSError:
-            time.sleep(0.2)
-    stop_server(server)
-    raise RuntimeError(f"{kind} ({app}) did not listen on {port} within 60 s:\n{server.tail()}")
+    started: Proc = gateway_start(
+        env, log, name=f"{kind} ({app})", port=port, argv=partial(server_command, kind, app), ready=listening,
+        timeout=60,
+    )  # fmt: skip
+    return Server(kind, app, port, started.proc, log)
 
 
 def stop_server(server: Server) -> None:

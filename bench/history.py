@@ -85,7 +85,6 @@ import os
 import platform
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -94,11 +93,13 @@ import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:
+    from tests.chaos.stack import Proc
 BENCH_DB = "marketdata_bench_history"
 DEV_DB = "marketdata"
 BENCH_REDIS_DB = 12
@@ -328,12 +329,6 @@ class Writer(threading.Thread):
             connection.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def get(url: str, timeout: float = 5) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback only)
         return bytes(response.read())
@@ -423,10 +418,10 @@ async def application(scope, receive, send):
 """
 
 
-def start_gateway(
-    env: dict[str, str], cache_on: bool, workdir: Path, http: str = "shipped"
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_gateway(env: dict[str, str], cache_on: bool, workdir: Path, http: str = "shipped") -> Proc:
+    """The gateway (or, with ``http``, another HTTP path in its place) once /healthz answers."""
+    from tests.chaos.stack import GatewayFailed, gateway_start
+
     (workdir / "bench_history_settings.py").write_text(GATEWAY_SETTINGS)
     (workdir / "bench_history_django_asgi.py").write_text(DJANGO_ASGI_APP)
     (workdir / "bench_history_threaded.py").write_text(THREADED_APP)
@@ -449,32 +444,11 @@ def start_gateway(
         "API_THROTTLE_IP": "",
         "LOG_LEVEL": "WARNING",
     }
-    log = (workdir / f"daphne-{'on' if cache_on else 'off'}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streaming.server", "-v", "0", "-b", "127.0.0.1", "-p", str(port), app],
-        cwd=ROOT, env=gateway_env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"daphne exited with {proc.returncode}; see {log.name}")
-        try:
-            get(base + "/healthz", timeout=1)
-            return proc, base
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("daphne did not answer /healthz within 30 s")
-
-
-def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+    log = workdir / f"daphne-{'on' if cache_on else 'off'}.log"
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return gateway_start(gateway_env, log, args=("-v", "0"), app=app)
+    except GatewayFailed as exc:
+        raise SystemExit(f"daphne did not start; see {log.name}:\n{exc}") from None
 
 
 PREFETCH_OUTCOMES = ("filled", "cached", "busy", "dropped", "unavailable", "failed")
@@ -550,7 +524,8 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
 
     redis.Redis.from_url(env["REDIS_URL"]).flushdb()  # the bench's own Redis db: no entry survives a run
     load_before = os.getloadavg()[0]
-    proc, base = start_gateway(env, cache_on, workdir, args.http)
+    gateway = start_gateway(env, cache_on, workdir, args.http)
+    proc, base = gateway.proc, gateway.http
     writer = None if args.no_writes else Writer(ids, last_open)
     # The counters a third into the run too: the ratio after that is the steady state,
     # once the first sight of each (symbol, page) has been paid for.
@@ -576,7 +551,7 @@ def one_run(cache_on: bool, args: argparse.Namespace, env: dict[str, str], seede
         if writer is not None:
             writer.stop.set()
             writer.join()
-        stop_gateway(proc)
+        gateway.stop(timeout=10)
     result["load_before"], result["load_after"] = load_before, os.getloadavg()[0]
     result["hit_ratio"] = ratio(start, end)
     result["coalesced"] = end[2] - start[2]

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import bench_env as common_env  # noqa: E402
 from bench import machine  # noqa: E402
+from tests.chaos.stack import GatewayFailed, Proc, gateway_start, listening  # noqa: E402
 
 BENCH_DB = "marketdata_bench_latency"
 BENCH_REDIS_DB = 5
@@ -94,12 +94,6 @@ def write_trades(path: Path, symbols: dict[str, int], seconds: int, rate: int) -
                                       side=dbn.Side.BID, flags=0, depth=0, ts_in_delta=0, sequence=k)))  # fmt: skip
     path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(out)))
     return n
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentiles(values: list[float]) -> SimpleNamespace:
@@ -233,21 +227,12 @@ def main() -> None:
         f"Symbol.objects.bulk_create([Symbol(ticker=t, dataset='XNAS.ITCH') for t in {list(symbols)!r}])"
     )
     subprocess.run([sys.executable, "manage.py", "shell", "-c", create], cwd=ROOT, env=env, check=True, timeout=120)
-    port = free_port()
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or gateway.poll() is not None:
-                    raise SystemExit("the gateway did not start") from None
-                time.sleep(0.2)
+        gateway: Proc = gateway_start(env, None, ready=listening, timeout=60)
+    except GatewayFailed:
+        raise SystemExit("the gateway did not start") from None
+    port = gateway.port
+    try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "latency.trades.dbn.zst"
 
@@ -274,8 +259,7 @@ def main() -> None:
                     feed.proc.terminate()
                     feed.proc.wait(timeout=30)
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=30)
+        gateway.stop(timeout=30)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import pytest
 from django.conf import settings
 
 from tests.browser.chromium import headless_chromium
+from tests.chaos.stack import GatewayFailed, Proc, gateway_start, http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,22 +79,12 @@ def _production(argv: list[str], **extra: str) -> subprocess.CompletedProcess[st
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
-class Server:
+class Server(Proc):
     """A gateway subprocess (``python -m streaming.server``) on a loopback port; its output in a file."""
 
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.log.read_text(errors="replace") if self.log is not None else ""
 
     def request(self, path: str, headers: dict[str, str] | None = None, port: int | None = None) -> tuple[int, bytes]:
         """GET ``path``: (status, body), error statuses included."""
@@ -107,38 +96,10 @@ class Server:
         except urllib.error.HTTPError as error:
             return int(error.code), bytes(error.read())
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
 
 def start_server(env: dict[str, str], log: Path, args: tuple[str, ...] = (), ready: str = "/healthz") -> Server:
     """Start the gateway as the image does (``python -m streaming.server``) and wait until ``ready`` answers."""
-    for _ in range(3):  # a port taken between choosing and binding it: another one
-        port = free_port()
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), *args,
-                 "config.asgi:application"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        server = Server(port, proc, log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                server.request(ready, {"Host": "localhost"})
-                return server
-            except OSError:
-                time.sleep(0.1)
-        server.stop()
-        if "Address already in use" not in server.output():
-            break
-    raise AssertionError(f"the gateway did not start:\n{server.output()[-3000:]}")
+    return gateway_start(env, log, args=args, ready=http_ok(ready, {"Host": "localhost"}), timeout=60, kind=Server)
 
 
 CHECK_DEPLOY = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
@@ -165,7 +126,7 @@ def test_production_refuses_to_start_without_the_static_manifest(tmp_path):
     empty.mkdir()
     plain = {"DJANGO_ALLOWED_HOSTS": "localhost", "DJANGO_SECURE_SSL_REDIRECT": "false"}
     env = production_env(**plain, DJANGO_STATIC_ROOT=str(empty))
-    with pytest.raises(AssertionError, match="did not start") as refused:
+    with pytest.raises(GatewayFailed, match="did not start") as refused:
         start_server(env, tmp_path / "gateway.log", ready="/login/")
     assert E_STATIC_MANIFEST in str(refused.value)
     assert STATIC_MANIFEST_HINT in str(refused.value)

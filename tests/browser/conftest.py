@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,25 +12,21 @@ import pytest
 from django.conf import settings
 
 from tests.browser.chromium import headless_chromium
+from tests.chaos.servers import free_port
+from tests.chaos.stack import Proc, gateway_start
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gateway:
     """The gateway as it is deployed (streaming.server: daphne) on the test database, restartable on one port."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Proc | None = None
         db = settings.DATABASES["default"]
         self.env = {
             **os.environ,
@@ -49,45 +41,27 @@ class Gateway:
             "STREAMING_ALLOW_ANONYMOUS": "true",
         }
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.process is not None
+        return self.process.proc
+
     def start(self) -> None:
-        """Start the server and wait until /healthz answers."""
-        with self.log_path.open("ab") as log:
-            # As deployed: streaming.server is daphne with the slow-client extension.
-            argv = ["-m", "streaming.server", "-b", "127.0.0.1", "-p", str(self.port), "config.asgi:application"]
-            self.proc = subprocess.Popen(
-                [sys.executable, *argv], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:  # noqa: S310 (loopback)
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"the gateway did not answer /healthz within {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        """Start the server on its port (its log appended to) and wait until /healthz answers."""
+        self.process = gateway_start(self.env, self.log_path, port=self.port, append=True, timeout=START_TIMEOUT_S)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
-        if self.proc is None:
+        if self.process is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
+        self.process.stop(timeout=10)
+        self.process = None
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): its sockets stay open but nothing is sent."""
-        assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:

@@ -2,6 +2,10 @@
 
 Shared by tests/chaos and bench/chaos.py. Every process runs the real commands
 (``python -m streaming.server``, ``manage.py ingest``) on loopback ports; every wait is bounded.
+
+Also the one way every test and bench starts a gateway process (on any servers):
+``gateway_start`` (or ``gateway_spawn`` then ``gateway_up``, to start several at once),
+with the caller's environment, arguments, log and readiness probe.
 """
 
 from __future__ import annotations
@@ -9,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -23,6 +29,8 @@ from .servers import PrivateServices, free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 READY_S = 30.0
+GATEWAY_APP = "config.asgi:application"
+GATEWAY_ATTEMPTS = 3  # a port taken between choosing and binding it: another one, this many times in all
 
 
 @dataclass
@@ -31,7 +39,7 @@ class Proc:
 
     name: str
     proc: subprocess.Popen[bytes]
-    log: Path
+    log: Path | None
     port: int = 0
 
     @property
@@ -46,7 +54,7 @@ class Proc:
         return self.proc.poll() is None
 
     def log_tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+        return self.log.read_text(errors="replace")[-n:] if self.log is not None and self.log.exists() else ""
 
     def kill9(self) -> None:
         if self.alive():
@@ -151,18 +159,13 @@ class Stack:
 
     def gateway(self, name: str = "gateway", extra: dict[str, str] | None = None) -> Proc:
         """A gateway process on a free loopback port, once /healthz answers."""
-        for _ in range(3):  # a port taken between choosing and binding it: another one
-            port = free_port()
-            argv = [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port),
-                    "config.asgi:application"]  # fmt: skip
-            p = self._spawn(name, argv, extra, port)
-            deadline = time.monotonic() + READY_S
-            while time.monotonic() < deadline and p.alive():
-                with contextlib.suppress(OSError), urllib.request.urlopen(p.http + "/healthz", timeout=1):  # noqa: S310
-                    return p
-                time.sleep(0.05)
-            p.stop(timeout=2)
-        raise RuntimeError(f"gateway {name} did not start:\n{p.log_tail()}")
+
+        def spawn() -> Proc:
+            p: Proc = gateway_spawn(self.env(extra), self.log_dir / f"{name}-{len(self.procs)}.log", name=name)
+            self.procs.append(p)
+            return p
+
+        return gateway_up(spawn(), spawn)
 
     def ingest(self, *args: str, name: str = "ingester", extra: dict[str, str] | None = None) -> Proc:
         """``manage.py ingest ARGS`` in its own process."""
@@ -189,3 +192,119 @@ class Stack:
             "JOIN marketdata_symbol s ON s.id = b.symbol_id WHERE s.ticker = %s AND b.timeframe = %s ORDER BY b.ts",
             (ticker, timeframe),
         )
+
+
+# THE GATEWAY PROCESS, for every test and bench
+
+P = TypeVar("P", bound=Proc)
+Probe = Callable[[Proc], bool]
+
+
+class GatewayFailed(RuntimeError):
+    """A gateway process that exited before it was ready, or was not ready in time; the tail of its log says why."""
+
+
+def gateway_argv(port: int, *args: str, app: str = GATEWAY_APP) -> list[str]:
+    """The gateway as the image runs it (``python -m streaming.server``: daphne with its scope extension)."""
+    return [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), *args, app]
+
+
+def gateway_spawn(
+    env: Mapping[str, str],
+    log: Path | None,
+    *,
+    name: str = "gateway",
+    port: int | None = None,
+    args: Sequence[str] = (),
+    app: str = GATEWAY_APP,
+    argv: Callable[[int], list[str]] | None = None,
+    append: bool = False,
+    new_session: bool = False,
+    kind: type[P] = Proc,  # type: ignore[assignment]
+) -> P:
+    """Start a gateway on ``port`` (a free loopback one when None) without waiting for it.
+
+    Its output goes to ``log`` (appended to with ``append``; None: nowhere). ``argv`` puts
+    another server in the gateway's place (bench/fanout.py's baselines); ``kind`` is the
+    Proc subclass to return.
+    """
+    port = port or free_port()
+    command = argv(port) if argv is not None else gateway_argv(port, *args, app=app)
+    popen: dict[str, Any] = {"cwd": ROOT, "env": dict(env), "start_new_session": new_session}
+    if log is None:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    else:
+        with log.open("ab" if append else "wb") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **popen)
+    return kind(name, proc, log, port)
+
+
+def http_ok(path: str = "/healthz", headers: Mapping[str, str] | None = None) -> Probe:
+    """A probe: ``path`` answers with a 2xx status."""
+
+    def probe(p: Proc) -> bool:
+        request = urllib.request.Request(p.http + path, headers=dict(headers or {}))  # noqa: S310 (loopback)
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=1):  # noqa: S310
+            return True
+        return False
+
+    return probe
+
+
+HEALTHZ = http_ok()
+
+
+def listening(p: Proc) -> bool:
+    """A probe: the gateway's port accepts a connection."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", p.port), timeout=1):
+        return True
+    return False
+
+
+def gateway_up(p: P, again: Callable[[], P] | None = None, *, ready: Probe = HEALTHZ, timeout: float = READY_S) -> P:
+    """``p`` once ``ready`` holds, within ``timeout`` seconds.
+
+    One that exits because its port was taken meanwhile is replaced by ``again()`` (on
+    another port), at most GATEWAY_ATTEMPTS in all. Anything else (it exits for another
+    reason, or is not ready in time: then it is stopped) raises GatewayFailed with the
+    tail of its log.
+    """
+    for _ in range(GATEWAY_ATTEMPTS):
+        deadline = time.monotonic() + timeout
+        while p.alive():
+            if ready(p):
+                return p
+            if time.monotonic() >= deadline:
+                p.stop(timeout=2)
+                raise GatewayFailed(f"gateway {p.name} did not start within {timeout:g} s:\n{p.log_tail()}")
+            time.sleep(0.05)
+        if again is None or (p.log is not None and "Address already in use" not in p.log_tail()):
+            break
+        p = again()
+    raise GatewayFailed(f"gateway {p.name} did not start (exit {p.proc.returncode}):\n{p.log_tail()}")
+
+
+def gateway_start(
+    env: Mapping[str, str],
+    log: Path | None,
+    *,
+    ready: Probe = HEALTHZ,
+    timeout: float = READY_S,
+    kind: type[P] = Proc,  # type: ignore[assignment]
+    **spawn: Any,
+) -> P:
+    """A gateway process (``gateway_spawn``'s arguments) once ``ready`` holds (``gateway_up``)."""
+
+    def again() -> P:
+        return gateway_spawn(env, log, kind=kind, **spawn)
+
+    return gateway_up(again(), None if spawn.get("port") else again, ready=ready, timeout=timeout)
+
+
+def gateways_stop(procs: Sequence[Proc], timeout: float = 10) -> None:
+    """SIGTERM every process at once, then wait for each (SIGKILL past ``timeout``)."""
+    for p in procs:
+        if p.alive():
+            p.proc.terminate()
+    for p in procs:
+        p.stop(timeout=timeout)

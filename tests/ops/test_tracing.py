@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from urllib.parse import quote
 import pytest
 from django.conf import settings
 
+from tests.chaos.stack import Proc, gateway_start, http_ok
 from tests.ingest.dbnfile import bar, metadata, write
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -103,12 +103,6 @@ def collector() -> Iterator[Collector]:
     c.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(**extra: str) -> dict[str, str]:
     """The test database and Redis for a child process; no OTEL_* from outside."""
     db = settings.DATABASES["default"]  # pytest-django's test database by now
@@ -137,23 +131,9 @@ def _get(url: str, headers: dict[str, str]) -> int:
 
 @pytest.mark.django_db
 def test_gateway_exports_django_psycopg_and_redis_spans_continuing_the_traceparent(collector, tmp_path):
-    port = _free_port()
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=ROOT, env=_otel_env(collector), stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    gateway: Proc = gateway_start(_otel_env(collector), tmp_path / "gateway.log", ready=http_ok("/metrics"))
+    port = gateway.port
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _get(f"http://127.0.0.1:{port}/metrics", {})
-                break
-            except OSError:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.1)
         traceparent = f"00-{TRACE_ID}-{PARENT}-01"
         assert _get(f"http://127.0.0.1:{port}/healthz?token={SECRET}&x=1", {"traceparent": traceparent}) == 200
         assert _get(f"http://127.0.0.1:{port}/readyz", {"traceparent": traceparent}) == 200
@@ -173,8 +153,7 @@ def test_gateway_exports_django_psycopg_and_redis_spans_continuing_the_tracepare
         assert db[0]["parent_span_id"] == cache[0]["parent_span_id"] == ready["span_id"]
         assert collector.paths[0] == "/v1/traces"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        gateway.stop(timeout=10)
 
 
 @pytest.mark.django_db(transaction=True)

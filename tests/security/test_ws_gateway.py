@@ -24,7 +24,8 @@ from marketdata.models import ApiToken, Entitlement, Symbol
 from marketdata.services.api_tokens import api_token_create
 from streaming import protocol
 from streaming.consumers import ERR_CREDENTIALS_GONE, ERR_USER_SOCKETS
-from tests.streaming.test_e2e import READY_S, Gateway, _ready, _spawn, _stop, ws_connect
+from tests.chaos.stack import gateway_start
+from tests.streaming.test_e2e import READY_S, Gateway, subprocess_env, ws_connect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("redis_client")]
 
@@ -34,12 +35,11 @@ ENV = {"STREAMING_ALLOW_ANONYMOUS": "false", "WS_MAX_CONNECTIONS_PER_USER": str(
 
 @pytest.fixture
 def gateway(django_db_setup: None, tmp_path: Any) -> Iterator[Gateway]:
-    started = _spawn("limits", ENV, tmp_path)
+    started = gateway_start(subprocess_env(ENV), tmp_path / "limits.log", name="limits", timeout=READY_S, kind=Gateway)
     try:
-        assert _ready(started, time.monotonic() + READY_S), started.log_tail()
         yield started
     finally:
-        _stop([started])
+        started.stop(timeout=10)
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ async def test_a_gateway_shutting_down_leaves_no_subscription(gateway, token):
         await client.send({"op": "subscribe", "id": 1, "streams": ["bars:1m:AAPL"]})
         await client.recv_type("subscribed")
     assert len(channels() - before) >= LIMIT + 1  # each socket's channel and the stream's group
-    await asyncio.to_thread(_stop, [gateway])
+    await asyncio.to_thread(gateway.stop, 10)
     # The process has exited: Redis holds none of its subscriptions.
     assert gateway.proc.poll() is not None
     assert channels() <= before

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,6 +45,7 @@ from marketdata.services.api_tokens import api_token_create
 from marketdata.wire import trade_json
 from streaming import protocol
 from streaming.publish import Message, Publisher
+from tests.chaos.stack import Proc, gateway_spawn, gateway_up, gateways_stop
 from tests.ingest.dbnfile import bar as dbn_bar
 from tests.ingest.dbnfile import metadata, write
 from tests.streaming.wsclient import T0, bar_data
@@ -72,13 +74,8 @@ GATEWAYS: dict[str, dict[str, str]] = {
 
 
 @dataclass
-class Gateway:
+class Gateway(Proc):
     """One gateway subprocess on a loopback port."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
 
     @property
     def url(self) -> str:
@@ -95,15 +92,6 @@ class Gateway:
             if key == name:
                 return float(value)
         return 0.0
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _database_url() -> str:
@@ -128,62 +116,22 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _spawn(name: str, extra: dict[str, str], log_dir: Path) -> Gateway:
-    port = _free_port()
-    log = log_dir / f"{name}-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streaming.server", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=ROOT, env=subprocess_env(extra), stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return Gateway(name, port, proc, log)
-
-
-def _ready(gateway: Gateway, deadline: float) -> bool:
-    """Poll /healthz until it answers; False if the process exited (its port was taken, say)."""
-    while time.monotonic() < deadline:
-        if gateway.proc.poll() is not None:
-            return False
-        with contextlib.suppress(OSError):
-            if json.loads(gateway.get("/healthz")) == {"status": "ok"}:
-                return True
-        time.sleep(0.05)
-    raise AssertionError(f"gateway {gateway.name} not ready after {READY_S} s:\n{gateway.log_tail()}")
-
-
-def _stop(gateways: list[Gateway]) -> None:
-    """SIGTERM every gateway at once, then wait (SIGKILL past a bound)."""
-    for gateway in gateways:
-        if gateway.proc.poll() is None:
-            gateway.proc.terminate()
-    for gateway in gateways:
-        try:
-            gateway.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            gateway.proc.kill()
-            gateway.proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def gateways(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Gateway]]:
     """Every gateway of GATEWAYS, started in parallel; stopped at the end of the module."""
     log_dir = tmp_path_factory.mktemp("gateways")
-    running: dict[str, Gateway] = {}
-    pending: dict[str, Gateway] = {}
+    spawned: list[Gateway] = []
+
+    def spawn(name: str) -> Gateway:
+        log = log_dir / f"{name}-{len(spawned)}.log"
+        spawned.append(gateway_spawn(subprocess_env(GATEWAYS[name]), log, name=name, kind=Gateway))
+        return spawned[-1]
+
     try:
-        for name, extra in GATEWAYS.items():
-            pending[name] = _spawn(name, extra, log_dir)
-        deadline = time.monotonic() + READY_S
-        for attempt in range(3):
-            for name, gateway in list(pending.items()):
-                if _ready(gateway, deadline):
-                    running[name] = pending.pop(name)
-                elif attempt < 2:  # it exited: its port was taken between choosing and binding it
-                    pending[name] = _spawn(name, GATEWAYS[name], log_dir)
-        assert not pending, "gateways did not start:\n" + "\n".join(g.log_tail() for g in pending.values())
-        yield running
+        first = [spawn(name) for name in GATEWAYS]
+        yield {g.name: gateway_up(g, partial(spawn, g.name), timeout=READY_S) for g in first}
     finally:
-        _stop([*running.values(), *pending.values()])
+        gateways_stop(spawned)
 
 
 # -- clients -------------------------------------------------------------------------
