@@ -6,7 +6,9 @@ revokes what a role holds on the schema's tables and grants again, in one transa
 so the result depends only on the code, never on what an earlier version granted.
 
 Writer (``ingest``, ``retention_apply``): reads the market-data tables; writes only what
-the ingest path writes. It cannot read users, sessions or API tokens.
+the ingest path writes; on TimescaleDB it may call ``marketdata_retention_drop``, the
+owner's function through which retention drops whole chunks (drop_chunks itself needs the
+owner). It cannot read users, sessions or API tokens.
 
 Gateway (daphne: WebSocket, REST, the page, admin logins): reads every table, and writes
 exactly three things, each because a request it serves must:
@@ -36,6 +38,7 @@ from django.db import connections, transaction
 from psycopg import sql
 
 from .errors import MarketDataError
+from .storage import RETENTION_DROP
 
 ROLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 ERR_ROLE_NAME = "role name {name!r}: use lower-case letters, digits and _ (at most 63, not starting with a digit)"
@@ -52,6 +55,7 @@ WRITER_TABLES: dict[str, tuple[str, ...]] = {
     "marketdata_retentionpolicy": (),  # read by retention_apply
 }
 WRITER_VIEWS = ("daily_ohlcv_summary",)  # the TimescaleDB continuous aggregate, where it exists
+RETENTION_DROP_SIGNATURE = f"{RETENTION_DROP}(timestamptz, timestamptz)"
 
 # table -> {privilege: columns or None for the whole table}, on top of SELECT on every table.
 READER_WRITES: dict[str, dict[str, tuple[str, ...] | None]] = {
@@ -155,6 +159,13 @@ def db_roles_apply(*, writer: RoleSpec, reader: RoleSpec, using: str = "default"
             done.append(f"{writer.name}: {', '.join(privileges)} on {table}")
 
         r = q(reader.name)
+        cursor.execute("SELECT to_regprocedure(%s) IS NOT NULL", [RETENTION_DROP_SIGNATURE])
+        if cursor.fetchone()[0]:  # TimescaleDB: retention's chunk drops (marketdata.storage)
+            drop = sql.SQL(RETENTION_DROP_SIGNATURE)
+            cursor.execute(sql.SQL("REVOKE ALL ON FUNCTION {} FROM {}, {}").format(drop, w, r))
+            cursor.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(drop, w))
+            done.append(f"{writer.name}: EXECUTE on {RETENTION_DROP_SIGNATURE}")
+
         cursor.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(sch, r))
         done.append(f"{reader.name}: SELECT on every table of schema {schema}")
         for table in _existing(cursor, tuple(READER_WRITES)):

@@ -1,10 +1,11 @@
 """Storage paths: TimescaleDB where the extension is installed, plain PostgreSQL otherwise.
 
 Both paths have the same tables and keys. TimescaleDB adds hypertables (created by the
-backend, see marketdata/db), native compression segmented by symbol, retention policies
-and the continuous aggregate ``daily_ohlcv_summary``. Plain PostgreSQL gets a partial
-index for regular hours, retention by ``manage.py retention_apply`` and daily summaries
-by query; these functions are what both the migrations and the admin call.
+backend, see marketdata/db), native compression segmented by symbol, whole chunks dropped
+by retention, and the continuous aggregate ``daily_ohlcv_summary``. Plain PostgreSQL gets
+a partial index for regular hours and daily summaries by query. Retention is
+``manage.py retention_apply`` on both paths; these functions are what both the
+migrations and the admin call.
 """
 
 from __future__ import annotations
@@ -47,6 +48,37 @@ TIMESCALE_SETUP_SQL = [
         schedule_interval => INTERVAL '5 minutes', if_not_exists => true)""",
 ]
 
+# Retention drops the chunks wholly past the longest window of their hypertable in
+# retention_apply, not in a TimescaleDB policy: a background job cannot tell the hot cache
+# what it dropped, and a cached page would go on showing it. drop_chunks needs the
+# hypertable's owner, so the writer role that runs retention_apply calls it through this
+# function of the owner's (EXECUTE granted by db_roles), which drops only these two
+# tables' chunks and says, per symbol and timeframe (trades: none), how many rows went.
+RETENTION_DROP = "marketdata_retention_drop"
+RETENTION_DROP_SQL = f"""
+CREATE OR REPLACE FUNCTION {RETENTION_DROP}(bars_before timestamptz, trades_before timestamptz)
+RETURNS TABLE (hypertable text, symbol_id bigint, timeframe text, dropped bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $fn$
+DECLARE
+    chunk regclass;
+BEGIN
+    -- Each chunk is locked before it is counted: a write into it waits, and the count is all it holds.
+    FOR chunk IN SELECT show_chunks('{BAR_TABLE}', older_than => bars_before) LOOP
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', chunk);
+        RETURN QUERY EXECUTE format(
+            'SELECT %L::text, symbol_id, timeframe::text, count(*) FROM %s GROUP BY 2, 3', '{BAR_TABLE}', chunk);
+    END LOOP;
+    FOR chunk IN SELECT show_chunks('{TRADE_TABLE}', older_than => trades_before) LOOP
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', chunk);
+        RETURN QUERY EXECUTE format(
+            'SELECT %L::text, symbol_id, NULL::text, count(*) FROM %s GROUP BY 2', '{TRADE_TABLE}', chunk);
+    END LOOP;
+    PERFORM drop_chunks('{BAR_TABLE}', older_than => bars_before);
+    PERFORM drop_chunks('{TRADE_TABLE}', older_than => trades_before);
+END
+$fn$
+"""
+
 TIMESCALE_TEARDOWN_SQL = [
     f"DROP MATERIALIZED VIEW IF EXISTS {CAGG}",
 ]
@@ -77,6 +109,29 @@ def storage_setup(*, using: str = "default") -> None:
     policies_sync(using=using)
 
 
+def retention_drop_setup(*, using: str = "default") -> None:
+    """On TimescaleDB, create the owner's function that drops retention's chunks (migration 0005)."""
+    if not timescaledb_enabled(using):
+        return
+    with connections[using].cursor() as cursor:
+        cursor.execute(RETENTION_DROP_SQL)
+        cursor.execute(f"REVOKE ALL ON FUNCTION {RETENTION_DROP}(timestamptz, timestamptz) FROM PUBLIC")
+
+
+def retention_drop_teardown(*, using: str = "default") -> None:
+    """Undo retention_drop_setup: TimescaleDB's own retention policies again, at each table's longest window."""
+    if not timescaledb_enabled(using):
+        return
+    from .models import RetentionPolicy
+
+    rows = RetentionPolicy.objects.using(using).values_list("dataset", "schema", "keep_days", "compress_after_days")
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"DROP FUNCTION IF EXISTS {RETENTION_DROP}(timestamptz, timestamptz)")
+        for table, (keep, _) in table_policies(list(rows)).items():
+            cursor.execute("SELECT add_retention_policy(%s, make_interval(days => %s), if_not_exists => true)",
+                           [table, keep])  # fmt: skip
+
+
 def storage_teardown(*, using: str = "default") -> None:
     """Undo storage_setup (migration 0002 backwards)."""
     with connections[using].cursor() as cursor:
@@ -91,9 +146,9 @@ def table_policies(
 ) -> dict[str, tuple[int, int]]:
     """Fold (dataset, schema, keep_days, compress_after_days) rows into one pair per table.
 
-    A hypertable holds every dataset, so its retention policy keeps the longest window
-    any (dataset, schema) asks for (shorter ones are trimmed row by row by
-    retention_apply) and compresses as early as the earliest asks.
+    A hypertable holds every dataset, so its chunks are dropped past the longest window
+    any (dataset, schema) asks for (shorter ones are trimmed row by row; both by
+    retention_apply) and compressed as early as the earliest asks.
     """
     default_keep = settings.MARKETDATA_DEFAULT_RETENTION_DAYS
     default_compress = settings.MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS
@@ -107,7 +162,11 @@ def table_policies(
 
 
 def policies_sync(*, using: str = "default") -> dict[str, tuple[int, int]]:
-    """Make the TimescaleDB retention and compression policies match the admin's values."""
+    """Make the TimescaleDB compression policies match the admin's values; each table's (keep, compress) days.
+
+    Retention is retention_apply's on both paths (see RETENTION_DROP_SQL): a TimescaleDB
+    retention policy, which an earlier version made, is removed.
+    """
     from .models import RetentionPolicy
 
     rows = list(
@@ -117,12 +176,8 @@ def policies_sync(*, using: str = "default") -> dict[str, tuple[int, int]]:
     if not timescaledb_enabled(using):
         return wanted
     with connections[using].cursor() as cursor:
-        for table, (keep, compress) in wanted.items():
+        for table, (_, compress) in wanted.items():
             cursor.execute("SELECT remove_retention_policy(%s, if_exists => true)", [table])
-            cursor.execute(
-                "SELECT add_retention_policy(%s, make_interval(days => %s))",
-                [table, keep],
-            )
             cursor.execute("SELECT remove_compression_policy(%s, if_exists => true)", [table])
             cursor.execute(
                 "SELECT add_compression_policy(%s, make_interval(days => %s))",

@@ -1,8 +1,8 @@
-"""Retention: deleting the bars and trades past their (dataset, schema) policy; saving a policy."""
+"""Retention: removing the bars and trades past their (dataset, schema) policy; saving a policy."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -14,7 +14,15 @@ from ops import metrics
 
 from ..cache.versions import versions_bump
 from ..models import RetentionPolicy
-from ..storage import BAR_TABLE, SCHEMA_TABLES, TRADE_TABLE, policies_sync
+from ..storage import (
+    BAR_TABLE,
+    RETENTION_DROP,
+    SCHEMA_TABLES,
+    TRADE_TABLE,
+    policies_sync,
+    table_policies,
+    timescaledb_enabled,
+)
 from ..timeframes import SCHEMA_TIMEFRAMES
 from .bars_trades import check_aware
 
@@ -42,17 +50,26 @@ SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
 """
 
 
+RETENTION_DROP_CALL = f"SELECT hypertable, symbol_id, timeframe, dropped FROM {RETENTION_DROP}(%s, %s)"
+
+
 def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
     """Delete every bar and trade older than its (dataset, schema) policy; default keep applies elsewhere.
 
-    Each symbol that lost rows has its cache version bumped after the commit, so no cached
-    answer keeps showing what was deleted.
+    On TimescaleDB the chunks wholly past their hypertable's longest window are dropped
+    first, whole (storage.RETENTION_DROP_SQL); then, on both paths, rows are deleted. Each
+    symbol that lost rows either way has its cache version bumped after the commit, so no
+    cached answer (a page, a leaderboard row) keeps showing what retention removed.
+    Returns the rows removed per schema.
     """
     now = now or timezone.now()
     check_aware("now", now)
-    deleted: dict[str, int] = {}
+    deleted = dict.fromkeys(SCHEMA_TABLES, 0)
     params: dict[str, Any] = {"now": now, "default": settings.MARKETDATA_DEFAULT_RETENTION_DAYS}
     with connection.cursor() as cursor:
+        if timescaledb_enabled():
+            for schema, count in _chunks_drop(cursor, now).items():
+                deleted[schema] += count
         for schema, table in SCHEMA_TABLES.items():
             with transaction.atomic():
                 if table == BAR_TABLE:
@@ -62,13 +79,33 @@ def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
                 counts = dict(cursor.fetchall())
                 if counts:
                     transaction.on_commit(partial(versions_bump, symbol_ids=list(counts)))
-            deleted[schema] = sum(counts.values())
+            deleted[schema] += sum(counts.values())
             metrics.RETENTION_DELETED.labels(table).inc(deleted[schema])
     return deleted
 
 
+def _chunks_drop(cursor: Any, now: datetime) -> dict[str, int]:
+    """Drop the chunks wholly past each hypertable's longest window (one transaction); the rows dropped per schema."""
+    policies = RetentionPolicy.objects.values_list("dataset", "schema", "keep_days", "compress_after_days")
+    keep = {table: days for table, (days, _) in table_policies(list(policies)).items()}
+    schema_of = {timeframe: schema for schema, timeframe in SCHEMA_TIMEFRAMES.items()}
+    dropped: dict[str, int] = {}
+    with transaction.atomic():
+        cursor.execute(
+            RETENTION_DROP_CALL, [now - timedelta(days=keep[BAR_TABLE]), now - timedelta(days=keep[TRADE_TABLE])]
+        )
+        symbols: set[int] = set()
+        for table, symbol_id, timeframe, count in cursor.fetchall():
+            schema = schema_of[timeframe] if table == BAR_TABLE else "trades"
+            dropped[schema] = dropped.get(schema, 0) + count
+            symbols.add(symbol_id)
+        if symbols:
+            transaction.on_commit(partial(versions_bump, symbol_ids=sorted(symbols)))
+    return dropped
+
+
 def retention_policy_save(*, policy: RetentionPolicy) -> dict[str, tuple[int, int]]:
-    """Save a retention policy and apply it to the storage (TimescaleDB policies where present)."""
+    """Save a retention policy and apply it to the storage (TimescaleDB compression policies where present)."""
     with transaction.atomic():
         policy.full_clean()
         policy.save()

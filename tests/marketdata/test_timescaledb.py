@@ -20,6 +20,7 @@ from marketdata.selectors.bars import bar_list
 from marketdata.selectors.trades import trade_list
 from marketdata.services import bars_trades
 from marketdata.services.bars_trades import BarIn, TradeIn, bars_upsert, trades_insert
+from marketdata.services.retention import retention_apply
 from marketdata.storage import BAR_TABLE, CAGG, TRADE_TABLE
 
 pytestmark = [pytest.mark.timescaledb, pytest.mark.django_db(transaction=True)]
@@ -218,7 +219,7 @@ def test_a_late_and_a_repeated_trade_in_a_compressed_chunk_are_stored_once(times
 
 
 def _policies(table: str) -> dict[str, list[str]]:
-    """The retention and compression jobs of ``table``: their intervals, per kind."""
+    """The jobs of ``table`` that drop or compress data: their intervals, per kind."""
     jobs = _rows(
         "SELECT proc_name, coalesce(config->>'drop_after', config->>'compress_after') "
         "FROM timescaledb_information.jobs WHERE hypertable_name = %s ORDER BY job_id",
@@ -230,22 +231,46 @@ def _policies(table: str) -> dict[str, list[str]]:
     return found
 
 
-def test_the_admin_sets_the_retention_and_compression_policies_and_changes_them(timescaledb, admin_client):
+def test_the_admin_sets_the_compression_policies_and_changes_them(timescaledb, admin_client):
     add = reverse("admin:marketdata_retentionpolicy_add")
     form = {"dataset": "XNAS.ITCH", "schema": "ohlcv-1m", "keep_days": 400, "compress_after_days": 2}
     assert admin_client.post(add, form).status_code == 302
-    assert _policies(BAR_TABLE) == {"policy_retention": ["400 days"], "policy_compression": ["2 days"]}
+    # No retention job: retention_apply drops the chunks (see the next test), and bumps the cache.
+    assert _policies(BAR_TABLE) == {"policy_compression": ["2 days"]}
 
     policy = RetentionPolicy.objects.get(dataset="XNAS.ITCH", schema="ohlcv-1m")
     change = reverse("admin:marketdata_retentionpolicy_change", args=[policy.pk])
     assert admin_client.post(change, {**form, "keep_days": 500, "compress_after_days": 5}).status_code == 302
-    # Replaced, not added beside the old ones; trades keep the defaults.
-    assert _policies(BAR_TABLE) == {"policy_retention": ["500 days"], "policy_compression": ["5 days"]}
-    assert _policies(TRADE_TABLE) == {"policy_retention": ["365 days"], "policy_compression": ["7 days"]}
+    # Replaced, not added beside the old one; trades keep the default.
+    assert _policies(BAR_TABLE) == {"policy_compression": ["5 days"]}
+    assert _policies(TRADE_TABLE) == {"policy_compression": ["7 days"]}
 
     delete = reverse("admin:marketdata_retentionpolicy_delete", args=[policy.pk])
     assert admin_client.post(delete, {"post": "yes"}).status_code == 302
-    assert _policies(BAR_TABLE) == {"policy_retention": ["365 days"], "policy_compression": ["7 days"]}
+    assert _policies(BAR_TABLE) == {"policy_compression": ["7 days"]}
+
+
+def test_retention_drops_whole_chunks_past_the_longest_window_and_trims_the_shorter_ones(timescaledb, make_symbol):
+    RetentionPolicy.objects.create(dataset="XNAS.ITCH", schema="ohlcv-1m", keep_days=400)
+    RetentionPolicy.objects.create(dataset="GLBX.MDP3", schema="ohlcv-1m", keep_days=30)
+    nasdaq, cme = make_symbol("AAPL", dataset="XNAS.ITCH"), make_symbol("ESH4", dataset="GLBX.MDP3")
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    bars_upsert(bars=[_bar(s, now - timedelta(days=age), P) for s in (nasdaq, cme) for age in (450, 100, 5)])
+    _compress(BAR_TABLE)
+
+    assert retention_apply(now=now)["ohlcv-1m"] == 3
+
+    def ages(symbol: Symbol) -> list[int]:
+        rows = _rows(f"SELECT ts FROM {BAR_TABLE} WHERE symbol_id = %s ORDER BY ts", [symbol.pk])
+        return [(now - ts).days for (ts,) in rows]
+
+    assert ages(nasdaq) == [100, 5]  # 400 days kept: the bars hypertable's window
+    assert ages(cme) == [5]  # 30 days: trimmed row by row
+    # The chunks past 400 days went whole (compressed ones too), not row by row.
+    assert _rows(
+        "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = %s AND range_end <= %s",
+        [BAR_TABLE, now - timedelta(days=400)],
+    ) == [(0,)]
 
 
 def test_the_daily_summary_is_refreshed_every_five_minutes(timescaledb):
