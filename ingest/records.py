@@ -101,7 +101,14 @@ class Stats:
 
 
 class Normaliser:
-    """Turns decoded DBN records into store rows; keeps symbology and per-stream order state."""
+    """Turns decoded DBN records into store rows; keeps symbology and per-stream order state.
+
+    It is longer than a class should be because it normalises two ways, a record at a time
+    (``__call__``) and a run of records as columns (``bar_columns``, ``trade_columns``),
+    which must follow the same rules over the same state (each stream's last time, trade
+    ordinals, the anomaly norms, symbology): held by one object, a run may follow single
+    records and be followed by them with nothing handed between two.
+    """
 
     def __init__(self, resolver: Resolver, stats: Stats) -> None:
         self.resolver = resolver
