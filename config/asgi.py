@@ -9,7 +9,7 @@ from django.core.wsgi import get_wsgi_application
 
 from marketdata.cache.redis_client import COUNTED_KEY
 from ops import tracing
-from ops.runtime import interpreter_tune
+from ops.runtime import interpreter_tune, warm_up
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 # Before Django loads its middleware: the Django instrumentation adds its own (a no-op
@@ -121,6 +121,7 @@ from ops.admission import Admission  # noqa: E402
 from streaming.auth import SessionUserMiddleware  # noqa: E402
 from streaming.routing import websocket_urlpatterns  # noqa: E402
 
+warm_up()
 interpreter_tune()  # everything long-lived is loaded by now
 
 # Per client address, a bounded number of requests and handshakes served at once; the rest

@@ -9,6 +9,19 @@ GC_THRESHOLD = 50_000  # allocations between young-generation collections (Pytho
 SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the interpreter lock while others wait (default 5 ms)
 
 
+def warm_up() -> None:
+    """Load now what Django loads on a process's first request: the URLconf with every view module.
+
+    Call once Django is set up. Without it the first request after a start imported the
+    URLconf and the views it names in its worker thread, holding the interpreter lock
+    ~30 ms while every socket waited (py-spy on bench/abuse.py's first REST phase); loaded
+    here, it is also frozen with the rest by ``interpreter_tune``.
+    """
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 (the property imports the URLconf and its views)
+
+
 def interpreter_tune() -> None:
     """Call once everything long-lived is loaded (Django, the modules, the settings).
 
