@@ -1,4 +1,4 @@
-"""Bars and trades as columns: a batch held as numpy arrays and written by one binary COPY.
+"""Bars, trades and quotes as columns: a batch held as numpy arrays and written by one binary COPY.
 
 A replay or a historical download hands the ingester thousands of records at once. As
 rows, each trade cost about 5 us of the ingester's Python: two datetimes, a tuple, a COPY
@@ -10,7 +10,8 @@ columns, so every bar and trade reaches its table by the same path.
 
 Times are integer microseconds since the Unix epoch: what PostgreSQL keeps (DBN's
 nanoseconds are truncated, as for rows). Timeframes are their two-byte text (every
-stored timeframe is two characters).
+stored timeframe is two characters). A column that may be NULL (a quote's absent side)
+holds NULL_INT there, and the COPY payload says NULL.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, Self, TypeVar
 import numpy as np
 
 from .errors import ERR_OUT_OF_COLUMN, ValidationError
+from .timeframes import QUOTE_SCHEMAS
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = timedelta(microseconds=1)
@@ -34,6 +36,7 @@ STORED = (b"1s", b"1m", b"1h", b"1d")  # marketdata.timeframes.STORED_TIMEFRAMES
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 COPY_TRAILER = b"\xff\xff"
 
+NULL_INT = -(2**63)  # a NULL in a nullable column (Columns.NULLABLE); no value stored there is int64's minimum
 C = TypeVar("C", bound="Columns")
 Field = tuple[str, str, str]  # name, in-memory dtype, PostgreSQL binary form (big-endian, fixed width)
 
@@ -45,6 +48,7 @@ class Columns:
     FIELDS: ClassVar[tuple[Field, ...]]
     TIMES: ClassVar[tuple[str, ...]]  # fields holding Unix microseconds
     TEXTS: ClassVar[tuple[str, ...]]  # fields holding bytes, text to the row type
+    NULLABLE: ClassVar[tuple[str, ...]] = ()  # fields holding NULL_INT for NULL, None to the row type
 
     def __len__(self) -> int:
         return len(getattr(self, self.FIELDS[0][0]))
@@ -58,7 +62,9 @@ class Columns:
         values = []
         for name, _, _ in self.FIELDS:
             value = getattr(self, name)[i].item()
-            if name in self.TIMES:
+            if name in self.NULLABLE and value == NULL_INT:
+                value = None
+            elif name in self.TIMES:
                 value = utc(value)
             elif name in self.TEXTS:
                 value = value.decode()
@@ -132,6 +138,50 @@ class BarColumns(Columns):
     anomalies: np.ndarray
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class QuoteColumns(Columns):
+    """Quotes: QuoteIn's fields, times in microseconds, NULL_INT for what is absent."""
+
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        ("symbol_id", "i8", ">i8"),
+        ("ts_recv", "i8", ">i8"),
+        ("ts_event", "i8", ">i8"),
+        ("publisher_id", "i8", ">i4"),
+        ("schema", "i8", ">i2"),
+        ("sequence", "i8", ">i8"),
+        ("ordinal", "i8", ">i2"),
+        ("bid_px", "i8", ">i8"),
+        ("ask_px", "i8", ">i8"),
+        ("bid_sz", "i8", ">i8"),
+        ("ask_sz", "i8", ">i8"),
+        ("bid_ct", "i8", ">i8"),
+        ("ask_ct", "i8", ">i8"),
+        ("bid_publisher_id", "i8", ">i4"),
+        ("ask_publisher_id", "i8", ">i4"),
+    )
+    TIMES: ClassVar[tuple[str, ...]] = ("ts_recv", "ts_event")
+    TEXTS: ClassVar[tuple[str, ...]] = ()
+    NULLABLE: ClassVar[tuple[str, ...]] = (
+        "ts_event", "bid_px", "ask_px", "bid_sz", "ask_sz", "bid_ct", "ask_ct", "bid_publisher_id", "ask_publisher_id",
+    )  # fmt: skip
+
+    symbol_id: np.ndarray
+    ts_recv: np.ndarray
+    ts_event: np.ndarray
+    publisher_id: np.ndarray
+    schema: np.ndarray
+    sequence: np.ndarray
+    ordinal: np.ndarray
+    bid_px: np.ndarray
+    ask_px: np.ndarray
+    bid_sz: np.ndarray
+    ask_sz: np.ndarray
+    bid_ct: np.ndarray
+    ask_ct: np.ndarray
+    bid_publisher_id: np.ndarray
+    ask_publisher_id: np.ndarray
+
+
 def utc(micros: int) -> datetime:
     """The aware UTC datetime of Unix microseconds."""
     return EPOCH + timedelta(0, 0, micros)
@@ -149,7 +199,9 @@ def columns_of(kind: type[C], rows: Sequence[Sequence[Any]]) -> C:
         return kind.empty()
     columns: list[list[Any]] = [list(values) for values in zip(*rows, strict=True)]
     for i, (name, dtype, _) in enumerate(kind.FIELDS):
-        if name in kind.TIMES:
+        if name in kind.NULLABLE:
+            columns[i] = [NULL_INT if v is None else (micros(v) if name in kind.TIMES else v) for v in columns[i]]
+        elif name in kind.TIMES:
             columns[i] = [micros(ts) for ts in columns[i]]
         elif name in kind.TEXTS:
             width = np.dtype(dtype).itemsize
@@ -177,15 +229,20 @@ def _narrow(kind: type[Columns]) -> dict[str, tuple[int, int, int]]:
 
 
 _NARROW: dict[type[Columns], dict[str, tuple[int, int, int]]] = {
-    kind: _narrow(kind) for kind in (TradeColumns, BarColumns)
+    kind: _narrow(kind) for kind in (TradeColumns, BarColumns, QuoteColumns)
 }
 
 
 def first_invalid(cols: Columns) -> int | None:
     """The index of the first row the table must not take, or None: an undefined or out-of-range
-    number, a side other than A, B or N, a timeframe not stored, a high below the low."""
+    number, a side other than A, B or N, a timeframe not stored, a high below the low, a quote
+    schema code unknown."""
     if isinstance(cols, TradeColumns):
         bad = (cols.price == UNDEF_PRICE) | (cols.size == UNDEF_PRICE) | ~np.isin(cols.side, SIDES)
+    elif isinstance(cols, QuoteColumns):
+        bad = ~np.isin(cols.schema, list(QUOTE_SCHEMAS.values()))
+        for values in (cols.bid_px, cols.ask_px):
+            bad |= values == UNDEF_PRICE  # an absent side is NULL_INT, never Databento's undefined price
     else:
         assert isinstance(cols, BarColumns)
         bad = ~np.isin(timeframe_codes(cols.timeframe), _STORED_CODES) | (cols.low > cols.high)
@@ -193,7 +250,10 @@ def first_invalid(cols: Columns) -> int | None:
             bad |= values == UNDEF_PRICE
     for name, (lo, hi, _) in _NARROW[type(cols)].items():
         values = getattr(cols, name)
-        bad |= (values < lo) | (values > hi)
+        out = (values < lo) | (values > hi)
+        if name in cols.NULLABLE:
+            out &= values != NULL_INT
+        bad |= out
     found = np.flatnonzero(bad)
     return int(found[0]) if len(found) else None
 
@@ -202,7 +262,7 @@ def narrow_check(cols: Columns, i: int) -> None:
     """Raise the ValidationError for a narrow column of row ``i`` past its PostgreSQL type."""
     for name, (lo, hi, bits) in _NARROW[type(cols)].items():
         value = int(getattr(cols, name)[i])
-        if not lo <= value <= hi:
+        if not lo <= value <= hi and not (name in cols.NULLABLE and value == NULL_INT):
             raise ValidationError(ERR_OUT_OF_COLUMN.format(field=name, value=value, bits=bits), field=name)
 
 
@@ -263,14 +323,37 @@ def last_per_key(cols: BarColumns) -> BarColumns:
 
 
 def copy_payload(cols: Columns) -> bytes:
-    """The rows as a whole binary COPY payload (header, rows, trailer), columns in FIELDS order."""
+    """The rows as a whole binary COPY payload (header, rows, trailer), columns in FIELDS order.
+
+    Rows with NULLs (a nullable column holding NULL_INT) have another layout: a NULL is its
+    length, -1, and no bytes. Rows are laid out per pattern of NULLs (an array operation
+    each) and written pattern after pattern: COPY does not care in which order rows come.
+    """
+    nullable = [name for name, _, _ in cols.FIELDS if name in cols.NULLABLE]
+    if not nullable:
+        return COPY_HEADER + _rows(cols, frozenset()) + COPY_TRAILER
+    patterns = np.zeros(len(cols), dtype=np.int64)
+    for bit, name in enumerate(nullable):
+        patterns |= (getattr(cols, name) == NULL_INT).astype(np.int64) << bit
+    parts = []
+    for pattern, where in groups(patterns):
+        nulls = frozenset(name for bit, name in enumerate(nullable) if pattern >> bit & 1)
+        parts.append(_rows(cols[where], nulls))
+    return COPY_HEADER + b"".join(parts) + COPY_TRAILER
+
+
+def _rows(cols: Columns, nulls: frozenset[str]) -> bytes:
+    """The rows of ``cols`` in binary COPY's wire format, the fields in ``nulls`` as NULL."""
     layout = [("count", ">i2")]
     for name, _, wire in cols.FIELDS:
-        layout += [(f"{name}_len", ">i4"), (name, wire)]
+        layout += [(f"{name}_len", ">i4")] if name in nulls else [(f"{name}_len", ">i4"), (name, wire)]
     rows = np.empty(len(cols), dtype=layout)
     rows["count"] = len(cols.FIELDS)
     for name, _, wire in cols.FIELDS:
+        if name in nulls:
+            rows[f"{name}_len"] = -1
+            continue
         rows[f"{name}_len"] = np.dtype(wire).itemsize
         values = getattr(cols, name)
         rows[name] = values - PG_EPOCH_US if name in cols.TIMES else values
-    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
+    return rows.tobytes()

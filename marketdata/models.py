@@ -8,7 +8,7 @@ from django.db import models
 from django.db.models import Q
 from timescale.db.models.fields import TimescaleDateTimeField
 
-from .timeframes import SCHEMAS, STORED_TIMEFRAMES
+from .timeframes import QUOTE_SCHEMAS, RETAINED_SCHEMAS, STORED_SCHEMAS, STORED_TIMEFRAMES
 
 # Any Databento raw symbol: printable ASCII, inner spaces allowed (OPRA pads the root,
 # ICE has "BRN FMJ0024!"), no leading or trailing blank. DBN allows 70 characters.
@@ -20,7 +20,9 @@ ticker_validator = RegexValidator(
 dataset_validator = RegexValidator(r"^[A-Z0-9]+\.[A-Z0-9]+$", "A dataset looks like XNAS.ITCH or GLBX.MDP3.")
 
 TIMEFRAME_CHOICES = [(tf, tf) for tf in STORED_TIMEFRAMES]
-SCHEMA_CHOICES = [(s, s) for s in SCHEMAS]
+SCHEMA_CHOICES = [(s, s) for s in STORED_SCHEMAS]
+RETAINED_SCHEMA_CHOICES = [(s, s) for s in RETAINED_SCHEMAS]
+QUOTE_SCHEMA_CHOICES = [(code, name) for name, code in QUOTE_SCHEMAS.items()]
 
 
 class ClockTimestamp(models.Func):
@@ -135,11 +137,77 @@ class Trade(models.Model):
         return f"{self.symbol_id} {self.ts_event:%Y-%m-%dT%H:%M:%S.%fZ}"
 
 
+class Quote(models.Model):
+    """One top-of-book record (mbp-1, tbbo, bbo-1s/1m, cbbo-1s/1m) as Databento sent it.
+
+    Keyed on ``ts_recv``: Databento's own index of these schemas, always defined (a BBO's
+    ``ts_event``, the time of its last book update, is undefined before the first one and
+    repeats from interval to interval). A side the book does not have (Databento's
+    undefined price) is NULL in its price, size and count, never zero. ``ordinal``
+    numbers records of one (symbol, publisher, schema) that share ``ts_recv`` and
+    ``sequence`` (a venue packet can carry several updates).
+    """
+
+    pk = models.CompositePrimaryKey("symbol", "ts_recv", "publisher_id", "schema", "sequence", "ordinal")
+    symbol = models.ForeignKey(
+        Symbol,
+        on_delete=models.PROTECT,
+        db_constraint=False,  # as Bar: no per-row trigger on the ingest path
+        db_index=False,
+        related_name="+",
+    )
+    ts_recv = TimescaleDateTimeField(interval="1 day")
+    ts_event = models.DateTimeField(null=True, blank=True, help_text="Empty where Databento sent none.")
+    publisher_id = models.IntegerField()
+    schema = models.SmallIntegerField(choices=QUOTE_SCHEMA_CHOICES)
+    sequence = models.BigIntegerField(default=0, help_text="The venue's; 0 for cbbo, which carries none.")
+    ordinal = models.SmallIntegerField(default=0)
+    bid_px = models.BigIntegerField(null=True, blank=True)
+    ask_px = models.BigIntegerField(null=True, blank=True)
+    bid_sz = models.BigIntegerField(null=True, blank=True)
+    ask_sz = models.BigIntegerField(null=True, blank=True)
+    bid_ct = models.BigIntegerField(null=True, blank=True, help_text="Orders at the best bid; cbbo has none.")
+    ask_ct = models.BigIntegerField(null=True, blank=True, help_text="Orders at the best ask; cbbo has none.")
+    # cbbo consolidates the venues of one instrument: the venue of each side.
+    bid_publisher_id = models.IntegerField(null=True, blank=True)
+    ask_publisher_id = models.IntegerField(null=True, blank=True)
+    ingested_at = models.DateTimeField(db_default=ClockTimestamp())  # volatile on purpose: see Bar
+
+    def __str__(self) -> str:
+        return f"{self.symbol_id} {self.ts_recv:%Y-%m-%dT%H:%M:%S.%fZ}"
+
+
+class StatusChange(models.Model):
+    """A change of an instrument's trading status (Databento's ``status`` schema), as sent.
+
+    ``action``, ``reason`` and ``trading_event`` are Databento's codes (databento_dbn's
+    StatusAction, StatusReason, TradingEvent); the three flags are NULL where Databento
+    says it does not know.
+    """
+
+    pk = models.CompositePrimaryKey("symbol", "ts_recv", "publisher_id", "ordinal")
+    symbol = models.ForeignKey(Symbol, on_delete=models.PROTECT, db_constraint=False, db_index=False, related_name="+")
+    ts_recv = models.DateTimeField()
+    ts_event = models.DateTimeField(null=True, blank=True)
+    publisher_id = models.IntegerField()
+    ordinal = models.SmallIntegerField(default=0)
+    action = models.IntegerField()
+    reason = models.IntegerField()
+    trading_event = models.IntegerField()
+    is_trading = models.BooleanField(null=True, blank=True)
+    is_quoting = models.BooleanField(null=True, blank=True)
+    is_short_sell_restricted = models.BooleanField(null=True, blank=True)
+    ingested_at = models.DateTimeField(db_default=ClockTimestamp())
+
+    def __str__(self) -> str:
+        return f"{self.symbol_id} {self.ts_recv:%Y-%m-%dT%H:%M:%S.%fZ} action {self.action}"
+
+
 class RetentionPolicy(models.Model):
     """How long a (dataset, schema) is kept, and when its chunks are compressed."""
 
     dataset = models.CharField(max_length=32, validators=[dataset_validator])
-    schema = models.CharField(max_length=16, choices=SCHEMA_CHOICES)
+    schema = models.CharField(max_length=16, choices=RETAINED_SCHEMA_CHOICES)
     keep_days = models.PositiveIntegerField(default=365, validators=[MinValueValidator(1)])
     compress_after_days = models.PositiveIntegerField(default=7, validators=[MinValueValidator(1)])
     updated_at = models.DateTimeField(auto_now=True)

@@ -38,7 +38,7 @@ from django.db import connections, transaction
 from psycopg import sql
 
 from .errors import MarketDataError
-from .storage import RETENTION_DROP
+from .storage import RETENTION_DROP_SIGNATURE
 
 ROLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 ERR_ROLE_NAME = "role name {name!r}: use lower-case letters, digits and _ (at most 63, not starting with a digit)"
@@ -49,13 +49,14 @@ ERR_CURRENT_ROLE = "{name!r} is the role this command runs as: give the writer a
 WRITER_TABLES: dict[str, tuple[str, ...]] = {
     "marketdata_bar": ("INSERT", "UPDATE", "DELETE"),  # bars_upsert (COPY, ON CONFLICT UPDATE); retention_apply
     "marketdata_trade": ("INSERT", "DELETE"),  # trades_insert (COPY, ON CONFLICT DO NOTHING); retention_apply
+    "marketdata_quote": ("INSERT", "DELETE"),  # quotes_insert (COPY, ON CONFLICT DO NOTHING); retention_apply
+    "marketdata_statuschange": ("INSERT",),  # status_changes_insert (ON CONFLICT DO NOTHING)
     "marketdata_symbol": ("INSERT",),  # a symbol first seen in a feed (ingest.symbology)
     "marketdata_instrumentmapping": ("INSERT", "UPDATE"),  # instrument ids over time (ingest.symbology)
     "marketdata_feedstatus": ("INSERT", "UPDATE"),  # the feed's status row (update_or_create locks it: UPDATE)
     "marketdata_retentionpolicy": (),  # read by retention_apply
 }
 WRITER_VIEWS = ("daily_ohlcv_summary",)  # the TimescaleDB continuous aggregate, where it exists
-RETENTION_DROP_SIGNATURE = f"{RETENTION_DROP}(timestamptz, timestamptz)"
 
 # table -> {privilege: columns or None for the whole table}, on top of SELECT on every table.
 READER_WRITES: dict[str, dict[str, tuple[str, ...] | None]] = {

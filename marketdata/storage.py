@@ -1,7 +1,7 @@
 """Storage paths: TimescaleDB where the extension is installed, plain PostgreSQL otherwise.
 
-Both paths have the same tables and keys. TimescaleDB adds hypertables (created by the
-backend, see marketdata/db), native compression segmented by symbol, whole chunks dropped
+Both paths have the same tables and keys. TimescaleDB adds hypertables (bars, trades,
+quotes; created by the backend, see marketdata/db), native compression segmented by symbol, whole chunks dropped
 by retention, and the continuous aggregate ``daily_ohlcv_summary``. Plain PostgreSQL gets
 a partial index for regular hours and daily summaries by query. Retention is
 ``manage.py retention_apply`` on both paths; these functions are what both the
@@ -15,8 +15,13 @@ from typing import Any
 from django.conf import settings
 from django.db import connections
 
+from .timeframes import QUOTE_SCHEMAS
+
 BAR_TABLE = "marketdata_bar"
 TRADE_TABLE = "marketdata_trade"
+QUOTE_TABLE = "marketdata_quote"
+STATUS_TABLE = "marketdata_statuschange"
+HYPERTABLES = (BAR_TABLE, TRADE_TABLE, QUOTE_TABLE)
 CAGG = "daily_ohlcv_summary"
 
 REGULAR_HOURS_INDEX_SQL = """
@@ -24,6 +29,10 @@ CREATE INDEX IF NOT EXISTS bar_regular_hours ON marketdata_bar (symbol_id, timef
 WHERE (timezone('America/New_York', ts))::time >= '09:30'
   AND (timezone('America/New_York', ts))::time < '16:00'
 """
+
+QUOTES_COMPRESSION_SQL = f"""ALTER TABLE {QUOTE_TABLE} SET (timescaledb.compress,
+    timescaledb.compress_segmentby = 'symbol_id',
+    timescaledb.compress_orderby = 'ts_recv DESC, publisher_id, schema, sequence, ordinal')"""
 
 TIMESCALE_SETUP_SQL = [
     f"""ALTER TABLE {BAR_TABLE} SET (timescaledb.compress,
@@ -55,8 +64,12 @@ TIMESCALE_SETUP_SQL = [
 # function of the owner's (EXECUTE granted by db_roles), which drops only these two
 # tables' chunks and says, per symbol and timeframe (trades: none), how many rows went.
 RETENTION_DROP = "marketdata_retention_drop"
+RETENTION_DROP_SIGNATURE = f"{RETENTION_DROP}(timestamptz, timestamptz, timestamptz)"
+# Before quotes (migration 0006) it took two arguments; migration 0006 drops that one.
+RETENTION_DROP_SIGNATURE_0005 = f"{RETENTION_DROP}(timestamptz, timestamptz)"
 RETENTION_DROP_SQL = f"""
-CREATE OR REPLACE FUNCTION {RETENTION_DROP}(bars_before timestamptz, trades_before timestamptz)
+CREATE OR REPLACE FUNCTION {RETENTION_DROP}(
+    bars_before timestamptz, trades_before timestamptz, quotes_before timestamptz)
 RETURNS TABLE (hypertable text, symbol_id bigint, timeframe text, dropped bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $fn$
 DECLARE
@@ -73,8 +86,15 @@ BEGIN
         RETURN QUERY EXECUTE format(
             'SELECT %L::text, symbol_id, NULL::text, count(*) FROM %s GROUP BY 2', '{TRADE_TABLE}', chunk);
     END LOOP;
+    -- Quotes say per symbol and schema (its code, as text, in the timeframe column).
+    FOR chunk IN SELECT show_chunks('{QUOTE_TABLE}', older_than => quotes_before) LOOP
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', chunk);
+        RETURN QUERY EXECUTE format(
+            'SELECT %L::text, symbol_id, schema::text, count(*) FROM %s GROUP BY 2, 3', '{QUOTE_TABLE}', chunk);
+    END LOOP;
     PERFORM drop_chunks('{BAR_TABLE}', older_than => bars_before);
     PERFORM drop_chunks('{TRADE_TABLE}', older_than => trades_before);
+    PERFORM drop_chunks('{QUOTE_TABLE}', older_than => quotes_before);
 END
 $fn$
 """
@@ -90,6 +110,7 @@ SCHEMA_TABLES = {
     "ohlcv-1h": BAR_TABLE,
     "ohlcv-1d": BAR_TABLE,
     "trades": TRADE_TABLE,
+    **dict.fromkeys(QUOTE_SCHEMAS, QUOTE_TABLE),
 }
 
 
@@ -110,12 +131,22 @@ def storage_setup(*, using: str = "default") -> None:
 
 
 def retention_drop_setup(*, using: str = "default") -> None:
-    """On TimescaleDB, create the owner's function that drops retention's chunks (migration 0005)."""
+    """On TimescaleDB, create the owner's function that drops retention's chunks (migrations 0005, 0006)."""
     if not timescaledb_enabled(using):
         return
     with connections[using].cursor() as cursor:
+        cursor.execute(f"DROP FUNCTION IF EXISTS {RETENTION_DROP_SIGNATURE_0005}")
         cursor.execute(RETENTION_DROP_SQL)
-        cursor.execute(f"REVOKE ALL ON FUNCTION {RETENTION_DROP}(timestamptz, timestamptz) FROM PUBLIC")
+        cursor.execute(f"REVOKE ALL ON FUNCTION {RETENTION_DROP_SIGNATURE} FROM PUBLIC")
+
+
+def quotes_storage_setup(*, using: str = "default") -> None:
+    """On TimescaleDB, compress the quotes hypertable by symbol and let retention drop its chunks (migration 0006)."""
+    if timescaledb_enabled(using):
+        with connections[using].cursor() as cursor:
+            cursor.execute(QUOTES_COMPRESSION_SQL)
+        retention_drop_setup(using=using)
+    policies_sync(using=using)
 
 
 def retention_drop_teardown(*, using: str = "default") -> None:
@@ -126,8 +157,12 @@ def retention_drop_teardown(*, using: str = "default") -> None:
 
     rows = RetentionPolicy.objects.using(using).values_list("dataset", "schema", "keep_days", "compress_after_days")
     with connections[using].cursor() as cursor:
-        cursor.execute(f"DROP FUNCTION IF EXISTS {RETENTION_DROP}(timestamptz, timestamptz)")
+        cursor.execute(f"DROP FUNCTION IF EXISTS {RETENTION_DROP_SIGNATURE}")
+        cursor.execute(f"DROP FUNCTION IF EXISTS {RETENTION_DROP_SIGNATURE_0005}")
         for table, (keep, _) in table_policies(list(rows)).items():
+            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [table])
+            if not cursor.fetchone()[0]:
+                continue
             cursor.execute("SELECT add_retention_policy(%s, make_interval(days => %s), if_not_exists => true)",
                            [table, keep])  # fmt: skip
 
@@ -150,15 +185,22 @@ def table_policies(
     any (dataset, schema) asks for (shorter ones are trimmed row by row; both by
     retention_apply) and compressed as early as the earliest asks.
     """
-    default_keep = settings.MARKETDATA_DEFAULT_RETENTION_DAYS
     default_compress = settings.MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS
     result: dict[str, tuple[int, int]] = {}
-    for table in (BAR_TABLE, TRADE_TABLE):
-        rows = [(keep, comp) for _, schema, keep, comp in policies if SCHEMA_TABLES[schema] == table]
+    for table in HYPERTABLES:
+        default_keep = default_keep_days(table)
+        rows = [(keep, comp) for _, schema, keep, comp in policies if SCHEMA_TABLES.get(schema) == table]
         keep = max([default_keep] + [r[0] for r in rows]) if rows else default_keep
         comp = min(r[1] for r in rows) if rows else default_compress
         result[table] = (keep, comp)
     return result
+
+
+def default_keep_days(table: str) -> int:
+    """Days a table's rows are kept where no policy row names their (dataset, schema)."""
+    if table == QUOTE_TABLE:
+        return int(settings.MARKETDATA_DEFAULT_QUOTE_RETENTION_DAYS)
+    return int(settings.MARKETDATA_DEFAULT_RETENTION_DAYS)
 
 
 def policies_sync(*, using: str = "default") -> dict[str, tuple[int, int]]:
@@ -176,7 +218,12 @@ def policies_sync(*, using: str = "default") -> dict[str, tuple[int, int]]:
     if not timescaledb_enabled(using):
         return wanted
     with connections[using].cursor() as cursor:
+        # Only the compressed hypertables that exist: earlier migrations run this before later tables are made.
+        cursor.execute("SELECT hypertable_name FROM timescaledb_information.hypertables WHERE compression_enabled")
+        present = {row[0] for row in cursor.fetchall()}
         for table, (_, compress) in wanted.items():
+            if table not in present:
+                continue
             cursor.execute("SELECT remove_retention_policy(%s, if_exists => true)", [table])
             cursor.execute("SELECT remove_compression_policy(%s, if_exists => true)", [table])
             cursor.execute(

@@ -36,7 +36,14 @@ SCHEMA_TIMEFRAMES = {
     "ohlcv-1h": "1h",
     "ohlcv-1d": "1d",
 }
-SCHEMAS = (*SCHEMA_TIMEFRAMES, "trades")
+# Top of book: each quote schema's code as stored (Quote.schema). tbbo's records are MBP-1
+# records (a trade with the book before it), so a quote's schema comes from its feed.
+QUOTE_SCHEMAS = {"mbp-1": 1, "tbbo": 2, "bbo-1s": 3, "bbo-1m": 4, "cbbo-1s": 5, "cbbo-1m": 6}
+STATUS_SCHEMA = "status"
+# What retention keeps per (dataset, schema); status changes are few and always kept.
+RETAINED_SCHEMAS = (*SCHEMA_TIMEFRAMES, "trades", *QUOTE_SCHEMAS)
+STORED_SCHEMAS = (*RETAINED_SCHEMAS, STATUS_SCHEMA)
+SCHEMAS = (*SCHEMA_TIMEFRAMES, "trades")  # what the ingester takes
 
 # Anomaly flags, a bit each, kept on the bar.
 ANOMALY_HALT_ZERO_VOLUME = 1

@@ -309,6 +309,8 @@ DATABENTO_LIVE_GATEWAY = env("DATABENTO_LIVE_GATEWAY", default="")
 # MARKET DATA
 # Days kept when no retention policy row exists for a (dataset, schema).
 MARKETDATA_DEFAULT_RETENTION_DAYS = 365
+# Quotes are many: their schemas keep this many days unless a policy row says otherwise.
+MARKETDATA_DEFAULT_QUOTE_RETENTION_DAYS = 30
 MARKETDATA_DEFAULT_COMPRESS_AFTER_DAYS = 7
 
 # OPERATIONS

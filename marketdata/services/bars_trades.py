@@ -1,4 +1,8 @@
-"""Writes of bars and trades (rows or columns): checked, then an appending COPY or a staged upsert, a batch at once."""
+"""Writes of bars and trades (rows or columns): checked, then an appending COPY or a staged upsert, a batch at once.
+
+The COPY machinery here (the session's staging tables, the appending copy and its hints)
+is also what services.quotes writes quotes with.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ops import metrics
 from ..columns import (
     BarColumns,
     C,
+    QuoteColumns,
     TradeColumns,
     bar_spans,
     columns_of,
@@ -37,7 +42,7 @@ from ..errors import (
     ERR_UNDEFINED_PRICE,
     ValidationError,
 )
-from ..storage import BAR_TABLE, TRADE_TABLE
+from ..storage import BAR_TABLE, QUOTE_TABLE, TRADE_TABLE
 from ..timeframes import STORED_TIMEFRAMES
 
 UNDEF_PRICE = 2**63 - 1
@@ -109,8 +114,14 @@ TRADE_NEWEST_SQL = f"""
 SELECT k.symbol_id, (SELECT max(t.ts_event) FROM {TRADE_TABLE} t WHERE t.symbol_id = k.symbol_id)
 FROM unnest(%s::bigint[]) AS k(symbol_id)
 """
-# The series of a symbol's trades in the append hints, beside its bars' timeframes.
+QUOTE_NEWEST_SQL = f"""
+SELECT k.symbol_id, (SELECT max(q.ts_recv) FROM {QUOTE_TABLE} q WHERE q.symbol_id = k.symbol_id)
+FROM unnest(%s::bigint[]) AS k(symbol_id)
+"""
+# The series of a symbol's trades and of its quotes in the append hints, beside its bars' timeframes.
 TRADE_SERIES = "trades"
+QUOTE_SERIES = "quotes"
+SERIES_NEWEST_SQL = {TRADE_SERIES: TRADE_NEWEST_SQL, QUOTE_SERIES: QUOTE_NEWEST_SQL}
 BAR_UPSERT_SQL = f"""
 WITH written AS (
     INSERT INTO {BAR_TABLE} AS t ({_cols(BAR_COLUMNS)})
@@ -131,6 +142,7 @@ _TIMEFRAMES = frozenset(STORED_TIMEFRAMES)
 STAGES = {
     "bar_stage": (BAR_TABLE, BAR_COLUMNS),
     "trade_stage": (TRADE_TABLE, TRADE_COLUMNS),
+    "quote_stage": (QUOTE_TABLE, tuple(name for name, _, _ in QuoteColumns.FIELDS)),
 }
 
 
@@ -250,20 +262,21 @@ _NOTHING = datetime.min.replace(tzinfo=UTC)
 
 
 def _appends_only(cursor: Any, spans: dict[tuple[int, str], tuple[datetime, datetime]]) -> bool:
-    """Tell whether every row is newer than anything stored for its (symbol, timeframe or TRADE_SERIES)."""
+    """Tell whether every row is newer than anything stored for its (symbol, timeframe or a SERIES_NEWEST_SQL name)."""
     alias = connection.alias
     unknown = [key for key in spans if (alias, *key) not in _newest]
-    bar_keys = [key for key in unknown if key[1] != TRADE_SERIES]
+    bar_keys = [key for key in unknown if key[1] not in SERIES_NEWEST_SQL]
     if bar_keys:
         ids, tfs = zip(*bar_keys, strict=True)
         cursor.execute(BAR_NEWEST_SQL, [list(ids), list(tfs)])
         for symbol_id, timeframe, newest in cursor.fetchall():
             _newest[(alias, symbol_id, timeframe)] = newest or _NOTHING
-    trade_ids = [symbol_id for symbol_id, series in unknown if series == TRADE_SERIES]
-    if trade_ids:
-        cursor.execute(TRADE_NEWEST_SQL, [trade_ids])
-        for symbol_id, newest in cursor.fetchall():
-            _newest[(alias, symbol_id, TRADE_SERIES)] = newest or _NOTHING
+    for name, sql in SERIES_NEWEST_SQL.items():
+        series_ids = [symbol_id for symbol_id, series in unknown if series == name]
+        if series_ids:
+            cursor.execute(sql, [series_ids])
+            for symbol_id, newest in cursor.fetchall():
+                _newest[(alias, symbol_id, name)] = newest or _NOTHING
     return all(first > _newest[(alias, *key)] for key, (first, _) in spans.items())
 
 

@@ -1,4 +1,4 @@
-"""Retention: removing the bars and trades past their (dataset, schema) policy; saving a policy."""
+"""Retention: removing the bars, trades and quotes past their (dataset, schema) policy; saving a policy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -16,14 +15,16 @@ from ..cache.versions import versions_bump
 from ..models import RetentionPolicy
 from ..storage import (
     BAR_TABLE,
+    QUOTE_TABLE,
     RETENTION_DROP,
     SCHEMA_TABLES,
     TRADE_TABLE,
+    default_keep_days,
     policies_sync,
     table_policies,
     timescaledb_enabled,
 )
-from ..timeframes import SCHEMA_TIMEFRAMES
+from ..timeframes import QUOTE_SCHEMAS, SCHEMA_TIMEFRAMES
 from .bars_trades import check_aware
 
 RETENTION_BARS_SQL = f"""
@@ -48,13 +49,24 @@ WITH deleted AS (
 )
 SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
 """
+RETENTION_QUOTES_SQL = f"""
+WITH deleted AS (
+    DELETE FROM {QUOTE_TABLE} q USING marketdata_symbol s
+    WHERE q.symbol_id = s.id AND q.schema = %(code)s
+      AND q.ts_recv < %(now)s - make_interval(days => COALESCE(
+          (SELECT keep_days FROM marketdata_retentionpolicy p WHERE p.dataset = s.dataset AND p.schema = %(schema)s),
+          %(default)s))
+    RETURNING q.symbol_id
+)
+SELECT symbol_id, count(*) FROM deleted GROUP BY symbol_id
+"""
 
-
-RETENTION_DROP_CALL = f"SELECT hypertable, symbol_id, timeframe, dropped FROM {RETENTION_DROP}(%s, %s)"
+RETENTION_DROP_CALL = f"SELECT hypertable, symbol_id, timeframe, dropped FROM {RETENTION_DROP}(%s, %s, %s)"
 
 
 def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
-    """Delete every bar and trade older than its (dataset, schema) policy; default keep applies elsewhere.
+    """Delete every bar, trade and quote older than its (dataset, schema) policy; default keep applies elsewhere
+    (MARKETDATA_DEFAULT_QUOTE_RETENTION_DAYS for quotes, MARKETDATA_DEFAULT_RETENTION_DAYS for the rest).
 
     On TimescaleDB the chunks wholly past their hypertable's longest window are dropped
     first, whole (storage.RETENTION_DROP_SQL); then, on both paths, rows are deleted. Each
@@ -65,17 +77,20 @@ def retention_apply(*, now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     check_aware("now", now)
     deleted = dict.fromkeys(SCHEMA_TABLES, 0)
-    params: dict[str, Any] = {"now": now, "default": settings.MARKETDATA_DEFAULT_RETENTION_DAYS}
+    params: dict[str, Any] = {"now": now}
     with connection.cursor() as cursor:
         if timescaledb_enabled():
             for schema, count in _chunks_drop(cursor, now).items():
                 deleted[schema] += count
         for schema, table in SCHEMA_TABLES.items():
             with transaction.atomic():
+                values = {**params, "schema": schema, "default": default_keep_days(table)}
                 if table == BAR_TABLE:
-                    cursor.execute(RETENTION_BARS_SQL, {**params, "schema": schema, "tf": SCHEMA_TIMEFRAMES[schema]})
+                    cursor.execute(RETENTION_BARS_SQL, {**values, "tf": SCHEMA_TIMEFRAMES[schema]})
+                elif table == QUOTE_TABLE:
+                    cursor.execute(RETENTION_QUOTES_SQL, {**values, "code": QUOTE_SCHEMAS[schema]})
                 else:
-                    cursor.execute(RETENTION_TRADES_SQL, {**params, "schema": schema})
+                    cursor.execute(RETENTION_TRADES_SQL, values)
                 counts = dict(cursor.fetchall())
                 if counts:
                     transaction.on_commit(partial(versions_bump, symbol_ids=list(counts)))
@@ -89,14 +104,20 @@ def _chunks_drop(cursor: Any, now: datetime) -> dict[str, int]:
     policies = RetentionPolicy.objects.values_list("dataset", "schema", "keep_days", "compress_after_days")
     keep = {table: days for table, (days, _) in table_policies(list(policies)).items()}
     schema_of = {timeframe: schema for schema, timeframe in SCHEMA_TIMEFRAMES.items()}
+    quote_schema_of = {str(code): schema for schema, code in QUOTE_SCHEMAS.items()}
     dropped: dict[str, int] = {}
     with transaction.atomic():
-        cursor.execute(
-            RETENTION_DROP_CALL, [now - timedelta(days=keep[BAR_TABLE]), now - timedelta(days=keep[TRADE_TABLE])]
-        )
+        windows = [now - timedelta(days=keep[table]) for table in (BAR_TABLE, TRADE_TABLE, QUOTE_TABLE)]
+        cursor.execute(RETENTION_DROP_CALL, windows)
         symbols: set[int] = set()
         for table, symbol_id, timeframe, count in cursor.fetchall():
-            schema = schema_of[timeframe] if table == BAR_TABLE else "trades"
+            # (the timeframe column holds a bar's timeframe, or a quote's schema code)
+            if table == BAR_TABLE:
+                schema = schema_of[timeframe]
+            elif table == QUOTE_TABLE:
+                schema = quote_schema_of[timeframe]
+            else:
+                schema = "trades"
             dropped[schema] = dropped.get(schema, 0) + count
             symbols.add(symbol_id)
         if symbols:

@@ -90,12 +90,15 @@ def test_retention_apply_deletes_only_past_the_policy(make_symbol):
     assert ages_left(nasdaq, "1h") == [5, 29, 31, 200, 364]  # no policy for ohlcv-1h: 365 days
     assert ages_left(cme, "1m") == [5, 29, 31, 200, 364]  # no policy for GLBX.MDP3: 365 days
     assert [(NOW - t.ts_event).days for t in Trade.objects.all()] == [9]
-    assert deleted == {"ohlcv-1s": 0, "ohlcv-1m": 5, "ohlcv-1h": 2, "ohlcv-1d": 0, "trades": 1}
+    quotes = dict.fromkeys(("mbp-1", "tbbo", "bbo-1s", "bbo-1m", "cbbo-1s", "cbbo-1m"), 0)
+    assert deleted == {"ohlcv-1s": 0, "ohlcv-1m": 5, "ohlcv-1h": 2, "ohlcv-1d": 0, "trades": 1, **quotes}
 
 
 def test_table_policies_keep_the_longest_and_compress_the_earliest():
     rows = [("XNAS.ITCH", "ohlcv-1m", 30, 3), ("GLBX.MDP3", "ohlcv-1h", 800, 10), ("XNAS.ITCH", "trades", 10, 2)]
-    assert table_policies(rows) == {"marketdata_bar": (800, 3), "marketdata_trade": (365, 2)}
+    assert table_policies(rows) == {
+        "marketdata_bar": (800, 3), "marketdata_trade": (365, 2), "marketdata_quote": (30, 7),
+    }  # fmt: skip
 
 
 @pytest.mark.django_db(transaction=True)
