@@ -1,7 +1,8 @@
 """The batcher: one thread that drains the record queue into batches for the writers.
 
-A batch is up to ``batch_bars`` bars / ``batch_trades`` trades, or what came within
-``flush_seconds`` of its first record; each goes to the writers numbered, in order. Once
+A batch is up to ``batch_bars`` bars / ``batch_trades`` trades, quotes or status changes
+(each), or what came within ``flush_seconds`` of its first record; each goes to the
+writers numbered, in order. Once
 the queue is closed and drained, the batcher hands on its last batch and stops the
 stages behind it (``drained``: Supervisor.drained); if it fails, it stops them too (``abort``).
 """
@@ -15,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import connections
 
-from marketdata.columns import BarColumns, TradeColumns
+from marketdata.columns import BarColumns, QuoteColumns, TradeColumns
 from marketdata.services.bars_trades import BarIn, TradeIn
+from marketdata.services.status import StatusIn
 from ops import metrics
 
 from .record_queue import CLOSED, RecordQueue
 from .records import Stats
-from .writers import Writers, failed
+from .writers import KINDS, Batch, Writers, failed
 
 if TYPE_CHECKING:
     from marketdata.cache.leaderboards import LeaderboardRefresher
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
     from .failure import RunFailure
 
 FEED_STATUS_EVERY_S = 1.0
+# The part of a batch each queued item (columns) or row goes to.
+KIND_OF: dict[type, str] = {
+    BarColumns: "bars", BarIn: "bars", TradeColumns: "trades", TradeIn: "trades",
+    QuoteColumns: "quotes", StatusIn: "statuses",
+}  # fmt: skip
 
 
 class Batcher:
@@ -65,10 +72,10 @@ class Batcher:
         self._thread.join()
 
     def _loop(self) -> None:
-        # Each in its order: columns, and runs of rows between them.
-        bars: list[BarColumns | list[BarIn]] = []
-        trades: list[TradeColumns | list[TradeIn]] = []
-        counts = [0, 0]  # bars, trades held
+        # Each kind in its order: columns, and runs of rows between them.
+        batch: Batch = {kind: [] for kind in KINDS}
+        counts = dict.fromkeys(KINDS, 0)
+        limits = {kind: self.batch_bars if kind == "bars" else self.batch_trades for kind in KINDS}
         deadline: float | None = None
         last_status = 0.0
         try:
@@ -76,28 +83,27 @@ class Batcher:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 item = self.queue.get(timeout=timeout)
                 if item is CLOSED:
-                    self.writers.submit(bars, trades)
+                    self.writers.submit(batch)
                     self.drained()
                     return
-                if type(item) is TradeColumns:
-                    trades.append(item)
-                    counts[1] += len(item)
-                elif type(item) is BarColumns:
-                    bars.append(item)
-                    counts[0] += len(item)
+                kind = KIND_OF.get(type(item))
+                if kind is not None:
+                    batch[kind].append(item)
+                    counts[kind] += len(item)
                 else:
                     for row in item or ():
-                        parts: list[Any] = bars if type(row) is BarIn else trades
+                        kind = KIND_OF[type(row)]
+                        parts: list[Any] = batch[kind]
                         if not parts or type(parts[-1]) is not list:
                             parts.append([])
                         parts[-1].append(row)
-                        counts[parts is trades] += 1
+                        counts[kind] += 1
                 if deadline is None and item is not None:
                     deadline = time.monotonic() + self.flush_seconds
                 metrics.INGEST_QUEUE_DEPTH.set(self.queue.qsize())
-                if item is None or counts[0] >= self.batch_bars or counts[1] >= self.batch_trades:
-                    self.writers.submit(bars, trades)
-                    bars, trades, counts, deadline = [], [], [0, 0], None
+                if item is None or any(counts[k] >= limits[k] for k in KINDS):
+                    self.writers.submit(batch)
+                    batch, counts, deadline = {kind: [] for kind in KINDS}, dict.fromkeys(KINDS, 0), None
                     now = time.monotonic()
                     if now - last_status >= FEED_STATUS_EVERY_S:
                         self.feed_status()

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import connection
 
 from marketdata.cache.leaderboards import LeaderboardRefresher
-from marketdata.columns import Columns, TradeColumns
+from marketdata.columns import BarColumns, Columns
 from marketdata.services.feeds import feed_status_record
 from ops import metrics
 
@@ -37,7 +37,7 @@ from .batcher import Batcher
 from .feed_lock import FeedLock, IngestLockedError, advisory_key
 from .publisher_hosts import ProcessHost, PublisherHost, ThreadHost
 from .record_queue import RecordQueue
-from .records import Normaliser, RawRecords, Stats
+from .records import QUOTE_RECORDS, Normaliser, RawRecords, Stats
 from .retry import TRANSIENT
 from .source import FeedStart, Mappings, Shift, SourceErrors
 from .supervisor import Supervisor, stop_on_signals
@@ -123,19 +123,26 @@ class Pipeline:
     def feed(self, record: object) -> None:
         """Normalise one decoded record and enqueue it (blocks while the queue is full)."""
         row = self.normalise(record)
-        if row is not None:
+        if isinstance(row, Columns):  # a quote
+            self._put_columns(row)
+        elif row is not None:
             self._put([row])
 
     def feed_many(self, records: Iterable[object]) -> None:
         """Normalise decoded records and enqueue them in chunks (blocks while the queue is full).
 
         Runs of COLUMNS_MIN bar or trade records or more are normalised as columns, the rest
-        one by one; either way they are queued in their order.
+        one by one; quotes always as columns. Either way they are queued in their order.
         """
         normalise = self.normalise
         for kind, group in groupby(records, type):
             run: list[Any] = list(group)
             columns: Columns | None = None
+            if kind in QUOTE_RECORDS:
+                quotes = normalise.quote_columns(run)
+                if quotes is not None:
+                    self._put_columns(quotes)
+                continue
             if len(run) >= COLUMNS_MIN:
                 if kind is dbn.TradeMsg:
                     columns = normalise.trade_columns(run)
@@ -144,7 +151,7 @@ class Pipeline:
             if columns is not None:
                 self._put_columns(columns)
                 continue
-            rows = [row for row in map(normalise, run) if row is not None]
+            rows: list[Any] = [row for row in map(normalise, run) if row is not None]
             for start in range(0, len(rows), self.feed_chunk):
                 self._put(rows[start : start + self.feed_chunk])
 
@@ -161,7 +168,7 @@ class Pipeline:
 
     def _put_columns(self, columns: Columns) -> None:
         """Enqueue columns in pieces of at most a batch (and a quarter of the queue)."""
-        batch = self.batch_trades if type(columns) is TradeColumns else self.batch_bars
+        batch = self.batch_bars if type(columns) is BarColumns else self.batch_trades
         step = max(1, min(batch, self.queue.max_rows // 4))
         for start in range(0, len(columns), step):
             self._put(columns[start : start + step])
@@ -260,6 +267,7 @@ def _drive(
                         dataset=item.dataset, source=source.name, symbols=symbols, publish=publish, progress=progress
                     )
                 current.schemas.add(item.schema)
+                current.normalise.feed_schema = item.schema
                 current.resolver.add_metadata_mappings(item.mappings)
             elif isinstance(item, SourceErrors):
                 target = pipelines[item.dataset].stats if item.dataset is not None else unread

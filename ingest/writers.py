@@ -1,7 +1,8 @@
 """The writers: WRITERS threads, each with its own database session, writing numbered batches in commit order.
 
-Each batch is one COPY-based upsert transaction per table (marketdata.services.bars_trades); batch i
-runs its statements while batch i-1 commits, and commits after it (CommitOrder), so what
+Each batch is one transaction per table it writes (bars, trades and quotes COPY-based:
+marketdata.services.bars_trades and .quotes; status changes: .status); batch i runs its
+statements while batch i-1 commits, and commits after it (CommitOrder), so what
 is stored is always a prefix of the batches and they reach the after-commit thread in
 order. While PostgreSQL is unreachable a writer retries the batch it holds
 (retry.retry_until_success): the queue fills and the source waits; nothing is dropped.
@@ -14,22 +15,22 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from django.db import connections
 from django.utils import timezone
 
-from marketdata.columns import BarColumns, TradeColumns, concat, utc
+from marketdata.columns import BarColumns, QuoteColumns, TradeColumns, concat, utc
 from marketdata.services.bars_trades import (
-    BarIn,
-    TradeIn,
     WriteResult,
     bars_checked,
     bars_upsert,
     trades_checked,
     trades_insert,
 )
+from marketdata.services.quotes import quotes_insert
+from marketdata.services.status import StatusIn, status_changes_insert
 from ops import metrics, tracing
 
 from .publisher_hosts import PUT_WAIT_S
@@ -48,7 +49,10 @@ WRITERS = 2
 ORDER_WAIT_S = 2.0
 ORDER_POLL_S = 0.5  # a writer waiting its turn looks for a failed run this often
 T = TypeVar("T")
-Batch = tuple[int, list[BarColumns | list[BarIn]], list[TradeColumns | list[TradeIn]]]
+# A batch's parts by kind, each in its order: columns, and runs of rows between them (quotes
+# come as columns only, status changes as rows only). Written in this order, a transaction each.
+KINDS = ("bars", "trades", "quotes", "statuses")
+Batch = dict[str, list[Any]]
 
 
 class OutOfTurnError(Exception):
@@ -144,7 +148,7 @@ class Writers:
         self.dataset, self.stats, self.run, self.after_commit = dataset, stats, run, after_commit
         self.warn, self.closing = warn, closing
         self.order = CommitOrder(lambda: run.failure)
-        self._batches: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self._batches: queue.Queue[tuple[int, Batch] | None] = queue.Queue(maxsize=1)
         self.dispatched = 0
         self._threads = [
             threading.Thread(target=self._loop, name=f"ingest-writer-{n}", daemon=True) for n in range(WRITERS)
@@ -154,11 +158,11 @@ class Writers:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, bars: list[BarColumns | list[BarIn]], trades: list[TradeColumns | list[TradeIn]]) -> None:
-        """Hand a batch to the next free writer (waits while both are busy and one batch is waiting)."""
-        if not bars and not trades:
+    def submit(self, batch: Batch) -> None:
+        """Hand a batch (its parts by KINDS) to the next free writer (waits while both are busy and one is waiting)."""
+        if not any(batch.values()):
             return
-        job = (self.dispatched, bars, trades)
+        job = (self.dispatched, batch)
         while True:
             self.run.check()
             try:
@@ -196,16 +200,13 @@ class Writers:
 
     @tracing.traced(
         "ingest.batch",
-        lambda self, i, bars, trades: {
+        lambda self, i, batch: {
             "dataset": self.dataset,
             "batch": i,
-            "bars": sum(len(part) for part in bars),
-            "trades": sum(len(part) for part in trades),
+            **{kind: sum(len(part) for part in batch.get(kind, ())) for kind in KINDS},
         },
     )
-    def _write_batch(
-        self, i: int, bars: list[BarColumns | list[BarIn]], trades: list[TradeColumns | list[TradeIn]]
-    ) -> None:
+    def _write_batch(self, i: int, batch: Batch) -> None:
         order = self.order
         changed: set[int] = set()
         # Per symbol whose bars alone changed: the earliest bar time per timeframe, so the
@@ -213,38 +214,50 @@ class Writers:
         since: dict[int, dict[str, datetime]] = {}
         publish_bars: BarColumns | None = None
         publish_trades: TradeColumns | None = None
+        bars, trades = batch.get("bars", []), batch.get("trades", [])
+        quotes: list[QuoteColumns] = batch.get("quotes", [])
+        statuses: list[StatusIn] = [row for part in batch.get("statuses", []) for row in part]
         # Rows are made columns here (checked: a bad row raises its ValidationError); columns
-        # are checked once, by bars_upsert / trades_insert.
+        # are checked once, by bars_upsert / trades_insert / quotes_insert.
         bar_columns = concat([p if type(p) is BarColumns else bars_checked(p) for p in bars]) if bars else None
         trade_columns = (
             concat([p if type(p) is TradeColumns else trades_checked(p) for p in trades]) if trades else None
         )
+        quote_columns = concat(quotes) if quotes else None
+        # One transaction per kind, in KINDS order; (name, write(before_commit), rows).
+        writes: list[tuple[str, Callable[[Callable[[], None] | None], WriteResult], int]] = []
+        if bar_columns is not None and len(bar_columns):
+            bcols = bar_columns
+            writes.append(("bars", lambda gate: bars_upsert(bars=bcols, before_commit=gate), len(bcols)))
+        if trade_columns is not None and len(trade_columns):
+            tcols = trade_columns
+            writes.append(("trades", lambda gate: trades_insert(trades=tcols, before_commit=gate), len(tcols)))
+        if quote_columns is not None and len(quote_columns):
+            qcols = quote_columns
+            writes.append(("quotes", lambda gate: quotes_insert(quotes=qcols, before_commit=gate), len(qcols)))
+        if statuses:
+            writes.append(
+                ("statuses", lambda gate: status_changes_insert(changes=statuses, before_commit=gate), len(statuses))
+            )
         order.start(i)
-        # Two transactions (bars, then trades): the batch begins after the one before is done,
-        # and the next batch may begin once its second has run its statements.
-        both = bar_columns is not None and len(bar_columns) > 0 and trade_columns is not None and len(trade_columns) > 0
-        if both:
+        # Several transactions: the batch begins after the one before is done, and the next batch
+        # may begin once its last has run its statements (only the last goes through the gate).
+        if len(writes) > 1:
             order.wait_done(i - 1)
         results: list[WriteResult] = []
-        if bar_columns is not None and len(bar_columns):
-            cols = bar_columns
-            result, retried = self._write(
-                i, "bars", lambda gate: bars_upsert(bars=cols, before_commit=gate), len(cols), gated=not both
-            )
+        for k, (name, write, count) in enumerate(writes):
+            result, retried = self._write(i, name, write, count, gated=k == len(writes) - 1)
             results.append(result)
-            if result.inserted + result.updated or retried:
+            if name == "bars" and (result.inserted + result.updated or retried):
                 for (symbol_id, tf), (first, _) in result.spans.items():
                     since.setdefault(symbol_id, {})[tf] = first
                 publish_bars = bar_columns
-        if trade_columns is not None and len(trade_columns):
-            tcols = trade_columns
-            result, retried = self._write(
-                i, "trades", lambda gate: trades_insert(trades=tcols, before_commit=gate), len(tcols)
-            )
-            results.append(result)
-            if result.inserted or retried:
+            elif name == "trades" and (result.inserted or retried):
+                assert trade_columns is not None
                 changed.update(np.unique(trade_columns.symbol_id).tolist())
                 publish_trades = trade_columns
+            # Quotes and status changes: no cached answer reads them yet, and they are not
+            # published yet (ingest/publisher.py publishes bars and trades).
         for symbol_id in changed:
             since.pop(symbol_id, None)  # its trades changed too: everything of it is invalidated
         changed.update(since)
@@ -255,7 +268,11 @@ class Writers:
         self.after_commit.put((changed, since, publish_bars, publish_trades, tracing.current_context()))
         newest = [int(c.ts.max()) for c in (bar_columns,) if c is not None and len(c)]
         newest += [int(c.ts_event.max()) for c in (trade_columns,) if c is not None and len(c)]
+        newest += [int(c.ts_recv.max()) for c in (quote_columns,) if c is not None and len(c)]
         last = utc(max(newest)) if newest else None
+        if statuses:
+            latest_status = max(change.ts_recv for change in statuses)
+            last = latest_status if last is None else max(last, latest_status)
         if last is not None and (self.stats.last_ts is None or last > self.stats.last_ts):
             self.stats.last_ts = last
             metrics.INGEST_LAG.labels(self.dataset).set((timezone.now() - last).total_seconds())

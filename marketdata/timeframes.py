@@ -43,7 +43,7 @@ STATUS_SCHEMA = "status"
 # What retention keeps per (dataset, schema); status changes are few and always kept.
 RETAINED_SCHEMAS = (*SCHEMA_TIMEFRAMES, "trades", *QUOTE_SCHEMAS)
 STORED_SCHEMAS = (*RETAINED_SCHEMAS, STATUS_SCHEMA)
-SCHEMAS = (*SCHEMA_TIMEFRAMES, "trades")  # what the ingester takes
+SCHEMAS = STORED_SCHEMAS  # what the ingester takes
 
 # Anomaly flags, a bit each, kept on the bar.
 ANOMALY_HALT_ZERO_VOLUME = 1

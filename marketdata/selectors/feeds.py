@@ -9,8 +9,8 @@ from django.conf import settings
 from django.db.models import Max
 from django.utils import timezone
 
-from ..models import Bar, FeedStatus, Symbol, Trade
-from ..timeframes import SCHEMA_TIMEFRAMES
+from ..models import Bar, FeedStatus, Quote, StatusChange, Symbol, Trade
+from ..timeframes import QUOTE_SCHEMAS, SCHEMA_TIMEFRAMES, STATUS_SCHEMA
 
 
 def feed_ages() -> dict[str, str]:
@@ -46,6 +46,14 @@ def feed_stored_until(
     if timeframe is not None:
         bars = Bar.objects.filter(symbol_id__in=ids, timeframe=timeframe, ts__gte=start, ts__lt=end)
         latest = [row["last"] for row in bars.values("symbol_id").annotate(last=Max("ts"))]
+    elif schema in QUOTE_SCHEMAS or schema == STATUS_SCHEMA:  # (their time is ts_recv)
+        rows = (
+            Quote.objects.filter(schema=QUOTE_SCHEMAS[schema])
+            if schema in QUOTE_SCHEMAS
+            else StatusChange.objects.all()
+        )
+        rows = rows.filter(symbol_id__in=ids, ts_recv__gte=start, ts_recv__lt=end)
+        latest = [row["last"] for row in rows.values("symbol_id").annotate(last=Max("ts_recv"))]
     else:
         trades = Trade.objects.filter(symbol_id__in=ids, ts_event__gte=start, ts_event__lt=end)
         latest = [row["last"] for row in trades.values("symbol_id").annotate(last=Max("ts_event"))]
@@ -61,6 +69,12 @@ def feed_last_stored(*, schema: str, symbols: Sequence[str]) -> datetime | None:
         if schema == "trades":
             trades = Trade.objects.filter(symbol_id=symbol_id)
             last = trades.order_by("-ts_event").values_list("ts_event", flat=True).first()
+        elif schema in QUOTE_SCHEMAS:
+            quotes = Quote.objects.filter(symbol_id=symbol_id, schema=QUOTE_SCHEMAS[schema])
+            last = quotes.order_by("-ts_recv").values_list("ts_recv", flat=True).first()
+        elif schema == STATUS_SCHEMA:
+            changes = StatusChange.objects.filter(symbol_id=symbol_id)
+            last = changes.order_by("-ts_recv").values_list("ts_recv", flat=True).first()
         else:
             bars = Bar.objects.filter(symbol_id=symbol_id, timeframe=SCHEMA_TIMEFRAMES[schema])
             last = bars.order_by("-ts").values_list("ts", flat=True).first()

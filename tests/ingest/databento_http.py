@@ -62,7 +62,7 @@ class Recorded:
 
     ticker: str
     index_ts: int
-    record: dbn.OHLCVMsg | dbn.TradeMsg
+    record: Any  # OHLCVMsg, TradeMsg, MBP1Msg, ...
 
 
 @dataclass
@@ -77,11 +77,12 @@ class Catalogue:
         """Say that ``ticker`` is ``instrument_id`` on ``day``."""
         self.ids[(ticker, day)] = instrument_id
 
-    def add(self, schema: str, ticker: str, record: dbn.OHLCVMsg | dbn.TradeMsg) -> None:
+    def add(self, schema: str, ticker: str, record: Any) -> None:
         """Record one record of ``ticker`` (its instrument_id must be the ticker's on that day)."""
         day = ns_date(record.ts_event)
         assert self.ids.get((ticker, day)) == record.instrument_id, (ticker, day, record.instrument_id)
-        index_ts = record.ts_recv if isinstance(record, dbn.TradeMsg) else record.ts_event
+        # Databento indexes (and filters) every schema but OHLCV by ts_recv.
+        index_ts = record.ts_event if isinstance(record, dbn.OHLCVMsg) else record.ts_recv
         self.records.setdefault(schema, []).append(Recorded(ticker, index_ts, record))
 
     def served(self, schema: str, start_ns: int, end_ns: int, tickers: Iterable[str] | None = None) -> list[Recorded]:
@@ -418,6 +419,27 @@ def minute_bars(
                 )  # fmt: skip
                 catalogue.add("ohlcv-1m", ticker, msg)
                 price = c
+
+
+def tbbo(catalogue: Catalogue, tickers: list[str], days: list[dt.date], *, per_day: int = 50) -> None:
+    """Trades with the book before each (tbbo's MBP-1 records), every fifth without a bid."""
+    sequence = 5000
+    for i, ticker in enumerate(tickers):
+        for day in days:
+            instrument_id = catalogue.ids[(ticker, day)]
+            start = date_ns(day) + 14 * 3600 * NS + 30 * 60 * NS
+            for n in range(per_day):
+                sequence += 1
+                ts = start + n * 60 * NS + i * 1000
+                bid = 2**63 - 1 if n % 5 == 4 else (100 + n) * P
+                msg = dbn.MBP1Msg(
+                    publisher_id=2, instrument_id=instrument_id, ts_event=ts, price=(101 + n) * P, size=5,
+                    action=dbn.Action.TRADE, side=dbn.Side.ASK, depth=0, ts_recv=ts + 250, sequence=sequence,
+                    levels=dbn.BidAskPair(  # type: ignore[arg-type]
+                        bid_px=bid, ask_px=(101 + n) * P, bid_sz=10, ask_sz=20, bid_ct=1, ask_ct=2,
+                    ),
+                )  # fmt: skip
+                catalogue.add("tbbo", ticker, msg)
 
 
 def trades(

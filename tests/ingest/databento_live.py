@@ -57,6 +57,11 @@ SCHEMA_RTYPES = {
     "ohlcv-1h": int(dbn.RType.OHLCV_1H),
     "ohlcv-1d": int(dbn.RType.OHLCV_1D),
 }
+# Schemas served by record type (tbbo sends MBP-1 records, as Databento does).
+SCHEMA_KINDS: dict[str, type] = {
+    "trades": dbn.TradeMsg, "mbp-1": dbn.MBP1Msg, "tbbo": dbn.MBP1Msg, "bbo-1s": dbn.BBOMsg, "bbo-1m": dbn.BBOMsg,
+    "cbbo-1s": dbn.CBBOMsg, "cbbo-1m": dbn.CBBOMsg, "status": dbn.StatusMsg,
+}  # fmt: skip
 
 
 def cram_response(challenge: str, key: str) -> str:
@@ -274,7 +279,7 @@ class LiveGateway:
 
     @staticmethod
     def _subscription(message: dict[str, str], raw: str) -> Subscription:
-        if message["schema"] not in (*SCHEMA_RTYPES, "trades"):
+        if message["schema"] not in (*SCHEMA_RTYPES, *SCHEMA_KINDS):
             raise ValueError(f"unsupported schema {message['schema']!r}")
         start = message.get("start")
         return Subscription(
@@ -396,6 +401,6 @@ class LiveGateway:
 
 
 def _of_schema(record: Any, schema: str) -> bool:
-    if schema == "trades":
-        return isinstance(record, dbn.TradeMsg)
+    if schema in SCHEMA_KINDS:
+        return isinstance(record, SCHEMA_KINDS[schema])
     return isinstance(record, dbn.OHLCVMsg) and int(record.rtype) == SCHEMA_RTYPES[schema]

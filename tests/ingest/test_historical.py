@@ -15,9 +15,9 @@ from ingest.sources import historical
 from ingest.sources.historical import HistoricalStats, run_historical
 from ingest.sources.keys import ApiKeyError
 from marketdata.errors import ValidationError
-from marketdata.models import Bar, Symbol, Trade
+from marketdata.models import Bar, Quote, Symbol, Trade
 
-from .databento_http import Catalogue, DatabentoHistoricalServer, Recorded, daily_ids, minute_bars, trades
+from .databento_http import Catalogue, DatabentoHistoricalServer, Recorded, daily_ids, minute_bars, tbbo, trades
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.e2e, pytest.mark.usefixtures("publish_host")]
 
@@ -44,6 +44,7 @@ def catalogue() -> Catalogue:
     daily_ids(recorded, TICKERS, DAYS)
     minute_bars(recorded, TICKERS, DAYS)
     trades(recorded, TICKERS, DAYS)
+    tbbo(recorded, TICKERS, DAYS)
     return recorded
 
 
@@ -138,6 +139,31 @@ def test_three_days_of_minute_bars_in_daily_chunks_store_exactly_what_was_served
     assert again.resumed_from == datetime(2024, 1, 4, 20, 59, tzinfo=UTC)
     assert (again.written, again.duplicates) == (0, len(TICKERS))
     assert sorted(stored("ohlcv-1m")) == expected
+
+
+def test_tbbo_is_stored_as_quotes_and_a_rerun_resumes_from_the_last_stored_quote(server, catalogue):
+    stats = fetch(server, schema="tbbo")
+
+    tickers = dict(Symbol.objects.values_list("pk", "ticker"))
+    stored_quotes = sorted(
+        (tickers[q.symbol_id], q.ts_recv, q.sequence, q.schema, q.bid_px, q.bid_sz, q.ask_px, q.ask_sz)
+        for q in Quote.objects.all()
+    )
+    undef = 2**63 - 1
+    expected = sorted(
+        (r.ticker, us(m.ts_recv), m.sequence, 2, None if m.levels[0].bid_px == undef else m.levels[0].bid_px,
+         None if m.levels[0].bid_px == undef else 10, m.levels[0].ask_px, 20)
+        for r in served(catalogue, "tbbo") for m in [r.record]
+    )  # fmt: skip
+    assert stored_quotes == expected
+    assert len(expected) == 3 * 50 * len(TICKERS)
+    assert (stats.written, stats.complete, dict(stats.skipped)) == (len(expected), True, {})
+
+    again = fetch(server, schema="tbbo")
+    last = max(q[1] for q in stored_quotes if q[0] == "AAPL")
+    assert again.resumed_from == min(last, max(q[1] for q in stored_quotes if q[0] == "MSFT"))
+    assert again.written == 0
+    assert Quote.objects.count() == len(expected)
 
 
 @pytest.mark.parametrize(("schema", "first_chunk"), [("ohlcv-1m", BARS_A_DAY), ("trades", TRADES_A_DAY - len(TICKERS))])
@@ -252,7 +278,7 @@ def test_missing_or_malformed_key_fails_before_any_request(server, monkeypatch, 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"schema": "mbp-1"}, "schema"),
+        ({"schema": "mbo"}, "schema"),
         ({"dataset": "xnas"}, "dataset"),
         ({"symbols": [" ", ""]}, "symbols"),
         ({"start": datetime(2024, 1, 2)}, "start"),  # naive

@@ -23,7 +23,7 @@ from ingest.records import BAR_RTYPES, Stats
 from ingest.sources import live_records
 from ingest.sources.live import LiveAuthError, parse_gateway, reconnect_backoff, run_live
 from marketdata.errors import ValidationError
-from marketdata.models import Bar, FeedStatus, InstrumentMapping, Symbol, Trade
+from marketdata.models import Bar, FeedStatus, InstrumentMapping, Quote, StatusChange, Symbol, Trade
 from ops import metrics
 
 from .databento_live import LiveGateway, Plan, cram_response, parse_line
@@ -225,6 +225,64 @@ def test_records_stream_through_the_real_client_and_are_stored_exactly():
     # The live symbol mappings made the symbols and their instrument ids.
     assert set(InstrumentMapping.objects.values_list("symbol__ticker", "instrument_id")) == set(SYMBOLS.items())
     assert FeedStatus.objects.get(dataset="XNAS.ITCH", schema="ohlcv-1m").source == "live"
+
+
+def test_quotes_and_status_stream_through_the_real_client_and_are_stored_exactly():
+    t0 = time.time_ns() - 3600 * NS
+    undef = 2**63 - 1
+    quotes = [
+        dbn.MBP1Msg(
+            publisher_id=2, instrument_id=list(SYMBOLS.values())[i % 2], ts_event=t0 + i * NS, price=100 * P, size=1,
+            action=dbn.Action.ADD, side=dbn.Side.BID, depth=0, ts_recv=t0 + i * NS + 900, sequence=100 + i,
+            levels=dbn.BidAskPair(  # type: ignore[arg-type]
+                bid_px=undef if i % 4 == 1 else (100 + i) * P, ask_px=(101 + i) * P, bid_sz=3, ask_sz=4, bid_ct=1,
+                ask_ct=2,
+            ),
+        )
+        for i in range(20)
+    ]  # fmt: skip
+    with (
+        LiveGateway(keys=[KEY], symbols=SYMBOLS, records=quotes, heartbeat_s=0.2) as gateway,
+        Ingester(schema="mbp-1", start=start_of(quotes), gateway=gateway.address) as ingester,
+    ):
+        wait_for(lambda: Quote.objects.count() == len(quotes))
+        stats = ingester.stop()
+
+    tickers = dict(Symbol.objects.values_list("pk", "ticker"))
+    stored = sorted(
+        (tickers[q.symbol_id], us(q.ts_recv), q.sequence, q.bid_px, q.bid_sz, q.ask_px, q.ask_sz, q.schema)
+        for q in Quote.objects.all()
+    )
+    names = {v: k for k, v in SYMBOLS.items()}
+    assert stored == sorted(
+        (names[r.instrument_id], r.ts_recv // 1000, r.sequence,
+         None if r.levels[0].bid_px == undef else r.levels[0].bid_px,
+         None if r.levels[0].bid_px == undef else 3, r.levels[0].ask_px, 4, 1)
+        for r in quotes
+    )  # fmt: skip
+    assert (stats.written, stats.duplicates, dict(stats.errors)) == (len(quotes), 0, {})
+
+    changes = [
+        dbn.StatusMsg(
+            publisher_id=2, instrument_id=7, ts_event=t0 + i * NS, ts_recv=t0 + i * NS + 5, action=action,
+            reason=dbn.StatusReason.NONE, trading_event=dbn.TradingEvent.NONE, is_trading=trading,
+            is_quoting=dbn.TriState.NOT_AVAILABLE, is_short_sell_restricted=dbn.TriState.NOT_AVAILABLE,
+        )
+        for i, (action, trading) in enumerate(
+            [(dbn.StatusAction.HALT, dbn.TriState.NO), (dbn.StatusAction.TRADING, dbn.TriState.YES)]
+        )
+    ]  # fmt: skip
+    with (
+        LiveGateway(keys=[KEY], symbols=SYMBOLS, records=changes, heartbeat_s=0.2) as gateway,
+        Ingester(schema="status", start=start_of(changes), gateway=gateway.address) as ingester,
+    ):
+        wait_for(lambda: StatusChange.objects.count() == 2)
+        ingester.stop()
+
+    assert list(StatusChange.objects.order_by("ts_recv").values_list("action", "is_trading", "is_quoting")) == [
+        (8, False, None), (7, True, None),
+    ]  # fmt: skip
+    assert FeedStatus.objects.get(dataset="XNAS.ITCH", schema="status").source == "live"
 
 
 def test_cram_response_is_sha256_of_challenge_and_key_then_bucket_id():

@@ -166,7 +166,14 @@ def test_ingester_exports_an_ingest_batch_span_around_write_and_publish(collecto
         cwd=ROOT, env=_otel_env(collector), check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     batch = collector.wait_for(lambda s: s["name"] == "ingest.batch", "ingest.batch")[0]
-    assert batch["attributes"] == {"dataset": "XNAS.ITCH", "batch": 0, "bars": 5, "trades": 0}
+    assert batch["attributes"] == {
+        "dataset": "XNAS.ITCH",
+        "batch": 0,
+        "bars": 5,
+        "trades": 0,
+        "quotes": 0,
+        "statuses": 0,
+    }
     assert batch["service"] == "marketdata-ingest"
     inside = lambda s: s["trace_id"] == batch["trace_id"] and s["parent_span_id"] == batch["span_id"]  # noqa: E731
     collector.wait_for(lambda s: inside(s) and s["attributes"].get("db.system") == "postgresql", "write in the batch")
