@@ -22,7 +22,7 @@ from marketdata.services.status import StatusIn
 from ops import metrics
 
 from .record_queue import CLOSED, RecordQueue
-from .records import Stats
+from .stats import Stats
 from .writers import KINDS, Batch, Writers, failed
 
 if TYPE_CHECKING:

@@ -34,12 +34,14 @@ from ops import metrics
 
 from .after_commit import AfterCommit
 from .batcher import Batcher
+from .book_records import QUOTE_RECORDS
 from .feed_lock import FeedLock, IngestLockedError, advisory_key
 from .publisher_hosts import ProcessHost, PublisherHost, ThreadHost
 from .record_queue import RecordQueue
-from .records import QUOTE_RECORDS, Normaliser, RawRecords, Stats
+from .records import Normaliser, RawRecords
 from .retry import TRANSIENT
 from .source import FeedStart, Mappings, Shift, SourceErrors
+from .stats import Stats
 from .supervisor import Supervisor, stop_on_signals
 from .symbology import Resolver
 from .writers import Writers

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from .records import Stats
 from .sources.keys import api_key_get
 from .sources.replay import FileRead, run_replay
+from .stats import Stats
 
 Write = Callable[[str], None]
 

@@ -14,7 +14,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .records import Stats
+from .stats import Stats
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,9 @@ from marketdata.models import InstrumentMapping, Symbol
 NS_PER_S = 1_000_000_000
 OPEN_END_NS = 2**63 - 1
 UNDEF_TIMESTAMP = 2**64 - 1
+# Record times past this (year 2116) are normalised one by one, where a time past what a
+# datetime holds is dealt with as it always was; below it, shifted times stay in int64.
+COLUMN_TS_LIMIT = 2**62
 DAY_NS = 86400 * NS_PER_S
 
 

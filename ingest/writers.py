@@ -34,8 +34,8 @@ from marketdata.services.status import StatusIn, status_changes_insert
 from ops import metrics, tracing
 
 from .publisher_hosts import PUT_WAIT_S
-from .records import Stats
 from .retry import retry_until_success
+from .stats import Stats
 
 if TYPE_CHECKING:
     from .after_commit import AfterCommit

@@ -39,9 +39,9 @@ from marketdata.selectors.feeds import feed_stored_until
 from marketdata.timeframes import SCHEMAS
 
 from ..pipeline import run
-from ..records import Stats
 from ..retry import Backoff
 from ..source import FeedStart, Mappings
+from ..stats import Stats
 from .keys import api_key_get
 from .replay import FileStart, decode_error, file_records
 

@@ -62,9 +62,9 @@ from marketdata.services.feeds import feed_status_errors_add
 from marketdata.timeframes import SCHEMAS
 
 from ..pipeline import run
-from ..records import Stats
 from ..retry import Backoff
 from ..source import FeedStart
+from ..stats import Stats
 from ..symbology import NS_PER_S, date_or_dt_ns, ns_datetime
 from .live_records import Connection, Recent
 

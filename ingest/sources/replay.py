@@ -15,8 +15,9 @@ import numpy as np
 import zstandard
 
 from ..pipeline import run
-from ..records import RAW_SIZES, UPGRADE, RawRecords, Stats
+from ..records import RAW_SIZES, UPGRADE, RawRecords
 from ..source import FeedStart, Shift, SourceErrors
+from ..stats import Stats
 
 CHUNK = 1 << 16  # compressed input expands ~20x: keep the decoded batch small
 ERR_TRUNCATED = "{path}: file ends inside a record ({count} bytes after the last whole record)"

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from ingest import pipeline as pipeline_module
 from ingest.pipeline import Pipeline
 from ingest.publisher import TradeMessages, trades_out
-from ingest.records import Normaliser, Stats
+from ingest.records import Normaliser
 from ingest.sources.replay import run_replay
+from ingest.stats import Stats
 from ingest.symbology import Resolver
 from marketdata.columns import BarColumns, TradeColumns, bar_spans, columns_of, concat, utc
 from marketdata.errors import ValidationError

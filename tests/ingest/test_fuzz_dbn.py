@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from ingest.records import RAW_SIZES, RawRecords, Stats
+from ingest.records import RAW_SIZES, RawRecords
 from ingest.sources.replay import FileStart, file_records
+from ingest.stats import Stats
 from tests.conftest import SAMPLES
 
 # Real files: bars and trades in DBN v1-v3, definitions (large records), and a live session.

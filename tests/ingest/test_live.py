@@ -19,9 +19,10 @@ from django.db import connection
 
 from ingest import pipeline, writers
 from ingest.pipeline import FeedLock
-from ingest.records import BAR_RTYPES, Stats
+from ingest.records import BAR_RTYPES
 from ingest.sources import live_records
 from ingest.sources.live import LiveAuthError, parse_gateway, reconnect_backoff, run_live
+from ingest.stats import Stats
 from marketdata.errors import ValidationError
 from marketdata.models import Bar, FeedStatus, InstrumentMapping, Quote, StatusChange, Symbol, Trade
 from ops import metrics

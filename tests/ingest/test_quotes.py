@@ -13,8 +13,9 @@ import databento
 import databento_dbn as dbn
 import pytest
 
-from ingest.records import Normaliser, Stats
+from ingest.records import Normaliser
 from ingest.sources.replay import run_replay
+from ingest.stats import Stats
 from ingest.symbology import Resolver
 from marketdata.columns import concat
 from marketdata.models import FeedStatus, Quote, StatusChange, Symbol

@@ -17,8 +17,9 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from ingest.pipeline import FeedLock, IngestLockedError, advisory_key
-from ingest.records import BAR_RTYPES, RAW_SIZES, RawRecords, Stats
+from ingest.records import BAR_RTYPES, RAW_SIZES, RawRecords
 from ingest.sources.replay import FileStart, file_records, run_replay
+from ingest.stats import Stats
 from marketdata.models import Bar, FeedStatus, Symbol, Trade
 from tests.conftest import SAMPLES, dbn_records
 
