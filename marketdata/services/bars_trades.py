@@ -381,21 +381,41 @@ def trades_insert(
     started = time.perf_counter()
     cols = trades_checked(trades)
     series = {(symbol_id, TRADE_SERIES): span for symbol_id, span in spans(cols.symbol_id, cols.ts_event).items()}
+    return insert_once(
+        cols, series, TRADE_TABLE, TRADE_COLUMNS, "trade_stage", TRADE_INSERT_SQL, before_commit, started
+    )
+
+
+def insert_once(
+    cols: Any,
+    series: dict[tuple[int, str], tuple[datetime, datetime]],
+    table: str,
+    columns: Sequence[str],
+    stage: str,
+    insert_sql: str,
+    before_commit: Callable[[], None] | None,
+    started: float,
+) -> WriteResult:
+    """Checked columns into ``table``, a row already stored kept once: trades' and quotes' write.
+
+    The appending COPY when every row of ``series`` is newer than what is stored, else a COPY
+    to ``stage`` and ``insert_sql`` (INSERT ... ON CONFLICT DO NOTHING); counted in the metrics.
+    """
     payload = copy_payload(cols)
 
     def copy(cursor: Any, end: Callable[[], None] | None) -> None:
-        _copy_payload(cursor, TRADE_TABLE, TRADE_COLUMNS, payload, end)
+        _copy_payload(cursor, table, columns, payload, end)
 
     if _append(series, copy, before_commit):
         inserted = len(cols)
     else:
-        with _staged("trade_stage") as cursor:
-            _copy_payload(cursor.cursor, "trade_stage", TRADE_COLUMNS, payload)
-            cursor.execute(TRADE_INSERT_SQL)
+        with _staged(stage) as cursor:
+            _copy_payload(cursor.cursor, stage, columns, payload)
+            cursor.execute(insert_sql)
             inserted = cursor.rowcount
             if before_commit is not None:
                 before_commit()
     transaction.on_commit(partial(_remember, series))
-    metrics.DB_WRITE_ROWS.labels(TRADE_TABLE).inc(inserted)
-    metrics.DB_WRITE_LATENCY.labels(TRADE_TABLE).observe(time.perf_counter() - started)
+    metrics.DB_WRITE_ROWS.labels(table).inc(inserted)
+    metrics.DB_WRITE_LATENCY.labels(table).observe(time.perf_counter() - started)
     return WriteResult(received=len(cols), inserted=inserted, updated=0)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from functools import partial
-from typing import Any, NamedTuple
-
-from django.db import transaction
-
-from ops import metrics
+from typing import NamedTuple
 
 from ..columns import QuoteColumns, spans
 from ..errors import ERR_UNDEFINED_PRICE, ValidationError
@@ -20,13 +15,9 @@ from .bars_trades import (
     QUOTE_SERIES,
     UNDEF_PRICE,
     WriteResult,
-    _append,
     _checked,
-    _copy_payload,
-    _remember,
-    _staged,
     check_aware,
-    copy_payload,
+    insert_once,
 )
 
 ERR_BAD_QUOTE_SCHEMA = "schema code {value!r} is not a quote schema: expected one of {codes}"
@@ -96,21 +87,6 @@ def quotes_insert(
     started = time.perf_counter()
     cols = quotes_checked(quotes)
     series = {(symbol_id, QUOTE_SERIES): span for symbol_id, span in spans(cols.symbol_id, cols.ts_recv).items()}
-    payload = copy_payload(cols)
-
-    def copy(cursor: Any, end: Callable[[], None] | None) -> None:
-        _copy_payload(cursor, QUOTE_TABLE, QUOTE_COLUMNS, payload, end)
-
-    if _append(series, copy, before_commit):
-        inserted = len(cols)
-    else:
-        with _staged("quote_stage") as cursor:
-            _copy_payload(cursor.cursor, "quote_stage", QUOTE_COLUMNS, payload)
-            cursor.execute(QUOTE_INSERT_SQL)
-            inserted = cursor.rowcount
-            if before_commit is not None:
-                before_commit()
-    transaction.on_commit(partial(_remember, series))
-    metrics.DB_WRITE_ROWS.labels(QUOTE_TABLE).inc(inserted)
-    metrics.DB_WRITE_LATENCY.labels(QUOTE_TABLE).observe(time.perf_counter() - started)
-    return WriteResult(received=len(cols), inserted=inserted, updated=0)
+    return insert_once(
+        cols, series, QUOTE_TABLE, QUOTE_COLUMNS, "quote_stage", QUOTE_INSERT_SQL, before_commit, started
+    )

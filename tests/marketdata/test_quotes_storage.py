@@ -58,7 +58,7 @@ def _copies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         tables.append(table)
         real(cursor, table, *args, **kwargs)
 
-    monkeypatch.setattr("marketdata.services.quotes._copy_payload", spy)
+    monkeypatch.setattr(bars_trades, "_copy_payload", spy)  # the COPY that quotes_insert makes, through insert_once
     return tables
 
 
